@@ -1,0 +1,388 @@
+"""Validated configuration: the robot (limits, poses), the policy (stages, sampling) and the runtime.
+
+Configs are YAML files checked by the pydantic models below. A bad file is reported as one sentence
+naming the file, the field and the allowed range (`ConfigError`), never as a traceback.
+
+Safety limits live only in the robot config, and even there they cannot be loosened past the
+hard ceilings of the robot model (`HARD_LIMITS`): a config can tighten a limit or choose between
+clamping and rejecting, but it cannot switch the limiter off.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlm2vla_edge.runtime.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default); values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Interval(StrictModel):
+    """A closed interval [min, max] in the unit of the field that holds it."""
+
+    min: FiniteFloat
+    max: FiniteFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Interval":
+        if not self.min < self.max:
+            raise ValueError(f"min ({self.min}) must be smaller than max ({self.max})")
+        return self
+
+    def contains(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
+    def clamp(self, value: float) -> float:
+        return min(max(value, self.min), self.max)
+
+    def within(self, outer: "Interval") -> bool:
+        return outer.min <= self.min and self.max <= outer.max
+
+
+class WorkspaceBox(StrictModel):
+    """Axis-aligned box, in metres, in the robot base frame, that the end effector must stay inside."""
+
+    x: Interval
+    y: Interval
+    z: Interval
+
+
+class RuleMode(str, Enum):
+    """What a safety rule does with a command that breaks it."""
+
+    clamp = "clamp"  # change the command to the nearest allowed one, and record that it was changed
+    reject = "reject"  # refuse the command (and, for chunk rules, the rest of the chunk)
+
+
+class SafetyRules(StrictModel):
+    """Per rule: clamp or reject. There is deliberately no 'off'."""
+
+    workspace: RuleMode = Field(RuleMode.clamp, description="End-effector target outside the workspace box.")
+    table_floor: RuleMode = Field(RuleMode.clamp, description="Target below table_z + min_clearance_m.")
+    action_translation: RuleMode = Field(
+        RuleMode.clamp, description="One action moves farther than max_translation_per_action_m."
+    )
+    chunk_translation: RuleMode = Field(
+        RuleMode.clamp,
+        description="A chunk's path is longer than max_translation_per_chunk_m (clamp: the moves past the budget are shortened).",
+    )
+    chunk_length: RuleMode = Field(
+        RuleMode.reject, description="A chunk has more than max_chunk_length actions (clamp: truncate)."
+    )
+    gripper: RuleMode = Field(
+        RuleMode.reject, description="A gripper value that is neither open nor closed (clamp: snap to nearest)."
+    )
+    rate: RuleMode = Field(
+        RuleMode.clamp,
+        description="Commands faster than max_commands_per_s (clamp: the command is delayed; reject: refused).",
+    )
+    # Unreachable targets (inverse kinematics fails within joint limits) are always rejected: there is no
+    # safe way to 'clamp' a pose the arm cannot reach.
+
+
+class StepLimits(StrictModel):
+    """Bounds on motion per command, per chunk and per second."""
+
+    max_translation_per_action_m: float = Field(0.05, gt=0, description="Longest single end-effector move, metres.")
+    max_translation_per_chunk_m: float = Field(0.20, gt=0, description="Longest path of one chunk, metres.")
+    max_chunk_length: int = Field(10, ge=1, description="Most actions in one chunk.")
+    max_commands_per_s: float = Field(10.0, gt=0, description="Most arm commands per second.")
+
+
+class GripperValues(StrictModel):
+    """The action language's gripper values (what the model writes); the parser maps them to the
+    canonical `Action.gripper` (1.0 = open, 0.0 = closed)."""
+
+    open: float = Field(1.0, description="Value meaning 'open' in an action.")
+    closed: float = Field(0.0, description="Value meaning 'closed' in an action.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "GripperValues":
+        if self.open == self.closed:
+            raise ValueError("open and closed gripper values must differ")
+        return self
+
+
+class GripperHardware(StrictModel):
+    """How the robot's gripper is driven (the action's gripper value is always 1 = open, 0 = closed)."""
+
+    pressure: float = Field(0.5, ge=0.0, le=1.0, description="Interbotix gripper pressure (effort fraction).")
+    settle_s: float = Field(0.4, ge=0.0, le=5.0, description="Time to wait for the fingers after a gripper command.")
+
+
+class HardLimits(StrictModel):
+    """Ceilings of a robot model that no config may exceed (physical reach and sane speeds)."""
+
+    workspace: WorkspaceBox
+    max_translation_per_action_m: float
+    max_translation_per_chunk_m: float
+    max_chunk_length: int
+    max_commands_per_s: float
+    joint_names: tuple[str, ...]
+
+
+# WidowX 250 6DOF: 650 mm reach from the shoulder; the base sits on the table (table z = 0).
+HARD_LIMITS: dict[str, HardLimits] = {
+    "wx250s": HardLimits(
+        workspace=WorkspaceBox(
+            x=Interval(min=-0.70, max=0.70), y=Interval(min=-0.70, max=0.70), z=Interval(min=-0.30, max=0.90)
+        ),
+        max_translation_per_action_m=0.10,
+        max_translation_per_chunk_m=0.50,
+        max_chunk_length=64,
+        max_commands_per_s=50.0,
+        joint_names=("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate"),
+    ),
+}
+
+
+class RobotConfig(StrictModel):
+    """One robot: its geometry limits, poses and safety rules. The only source of safety limits."""
+
+    name: str = Field(description="Human-readable name of this robot setup.")
+    model: Literal["wx250s"] = Field(description="Robot model; selects the hard limits and kinematics.")
+    workspace: WorkspaceBox = Field(description="Box the end effector must stay in (metres, base frame).")
+    table_z: FiniteFloat = Field(0.0, description="Height of the table surface in the base frame (metres).")
+    min_clearance_m: float = Field(
+        0.01, ge=0, le=0.2, description="Lowest allowed end-effector height above the table (metres)."
+    )
+    joint_limits: dict[str, Interval] = Field(description="Joint limits in radians, by joint name.")
+    limits: StepLimits = Field(default_factory=StepLimits)
+    rules: SafetyRules = Field(default_factory=SafetyRules)
+    gripper: GripperHardware = Field(default_factory=GripperHardware)
+    home_joints: tuple[float, ...] = Field(description="Joint positions (rad) of the home pose, in joint order.")
+    sleep_joints: tuple[float, ...] = Field(description="Joint positions (rad) of the sleep (rest) pose.")
+
+    @property
+    def hard_limits(self) -> HardLimits:
+        return HARD_LIMITS[self.model]
+
+    @property
+    def z_floor(self) -> float:
+        """Lowest end-effector z a command may reach: the table plus the clearance."""
+        return self.table_z + self.min_clearance_m
+
+    @model_validator(mode="after")
+    def _within_hard_limits(self) -> "RobotConfig":
+        hard = self.hard_limits
+        for axis in ("x", "y", "z"):
+            mine: Interval = getattr(self.workspace, axis)
+            ceiling: Interval = getattr(hard.workspace, axis)
+            if not mine.within(ceiling):
+                raise ValueError(
+                    f"workspace.{axis} [{mine.min}, {mine.max}] must lie within [{ceiling.min}, {ceiling.max}] "
+                    f"for a {self.model}"
+                )
+        for field in (
+            "max_translation_per_action_m",
+            "max_translation_per_chunk_m",
+            "max_chunk_length",
+            "max_commands_per_s",
+        ):
+            value = getattr(self.limits, field)
+            ceiling_value = getattr(hard, field)
+            if value > ceiling_value:
+                raise ValueError(f"limits.{field} = {value} must be at most {ceiling_value} for a {self.model}")
+        if self.limits.max_translation_per_action_m > self.limits.max_translation_per_chunk_m:
+            raise ValueError("limits.max_translation_per_action_m must not exceed limits.max_translation_per_chunk_m")
+        if self.z_floor >= self.workspace.z.max:
+            raise ValueError(
+                f"table_z + min_clearance_m ({self.z_floor}) must be below workspace.z.max ({self.workspace.z.max})"
+            )
+        names = set(self.joint_limits)
+        expected = set(hard.joint_names)
+        if names != expected:
+            missing = sorted(expected - names)
+            unknown = sorted(names - expected)
+            raise ValueError(f"joint_limits must name exactly {list(hard.joint_names)} (missing {missing}, unknown {unknown})")
+        for pose_name in ("home_joints", "sleep_joints"):
+            pose = getattr(self, pose_name)
+            if len(pose) != len(hard.joint_names):
+                raise ValueError(f"{pose_name} must have {len(hard.joint_names)} values, one per joint")
+            for joint, value in zip(hard.joint_names, pose):
+                interval = self.joint_limits[joint]
+                if not (math.isfinite(value) and interval.contains(value)):
+                    raise ValueError(
+                        f"{pose_name}: {joint} = {value} is outside its joint limits [{interval.min}, {interval.max}]"
+                    )
+        return self
+
+    def joint_intervals(self) -> list[Interval]:
+        """Joint limits in the robot's joint order."""
+        return [self.joint_limits[name] for name in self.hard_limits.joint_names]
+
+
+class Sampling(StrictModel):
+    """Sampling settings of one generation stage (llama.cpp's native sampler chain)."""
+
+    temperature: float = Field(ge=0.0, le=2.0, description="0 means greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    max_tokens: int = Field(ge=1, le=4096, description="Upper bound on generated tokens for the stage.")
+    seed: int | None = Field(None, ge=0, description="Fixed seed for reproducible runs; None draws one per call.")
+
+
+class StageSampling(StrictModel):
+    """Per-stage sampling, defaults from the paper (top-p 0.95; temperatures 0.5 / 0.1 / 0.5, 1.0 on retries)."""
+
+    subtasks: Sampling = Sampling(temperature=0.5, max_tokens=256)
+    motion: Sampling = Sampling(temperature=0.1, max_tokens=64)
+    action: Sampling = Sampling(temperature=0.5, max_tokens=384)
+    retry: Sampling = Field(
+        Sampling(temperature=1.0, max_tokens=384),
+        description="Used for motion and action stages after a failed step (out-of-distribution retry).",
+    )
+
+
+class PostProcess(StrictModel):
+    """The paper's re-aggregation of tiny moves into meaningful ones."""
+
+    enabled: bool = True
+    per_direction_threshold_m: float = Field(0.025, gt=0, le=0.2, description="Flush when any axis reaches this.")
+    absolute_threshold_m: float = Field(0.05, gt=0, le=0.5, description="Flush when the accumulated norm reaches this.")
+
+
+class ActionLanguage(StrictModel):
+    """How actions are written as text. Part of a model bundle: training and runtime must agree."""
+
+    grammar_version: str = Field("1", description="Version of grammars/ the model was trained with.")
+    units: Literal["m"] = Field("m", description="Unit of dx, dy, dz in the text.")
+    decimals: int = Field(3, ge=1, le=3, description="Decimals written by the formatter (the grammar admits 1-3).")
+    max_abs_value_m: float = Field(0.2, gt=0, lt=1.0, description="Parser rejects any |dx|, |dy|, |dz| above this.")
+    max_steps: int = Field(16, ge=1, le=64, description="Parser rejects chunks with more actions than this.")
+    gripper: GripperValues = Field(default_factory=GripperValues)
+    postprocess: PostProcess = Field(default_factory=PostProcess)
+
+
+class PolicyConfig(StrictModel):
+    """The policy engine's settings that are not part of the model bundle."""
+
+    sampling: StageSampling = Field(default_factory=StageSampling)
+    action_language: ActionLanguage = Field(default_factory=ActionLanguage)
+    n_ctx: int = Field(4096, ge=256, le=131072, description="Context length (tokens).")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads; None uses all cores.")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1: all).")
+    n_batch: int = Field(512, ge=32)
+    n_ubatch: int = Field(512, ge=32, description="Must hold one image's tokens (256 for Gemma-3).")
+    constraint: Literal["check", "mask"] = Field(
+        "check", description="check: sample then validate (mask only on rejection); mask: mask every step."
+    )
+    fast_forward: bool = Field(True, description="Append grammar-forced tokens without sampling.")
+
+    @model_validator(mode="after")
+    def _batches(self) -> "PolicyConfig":
+        if self.n_ubatch > self.n_batch:
+            raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
+        return self
+
+
+class RuntimeConfig(StrictModel):
+    """Top-level runtime settings: which robot and policy configs, where episodes go."""
+
+    robot: str = Field("widowx250s", description="Robot config: a preset name or a path to a YAML file.")
+    policy: str = Field("policy", description="Policy config: a preset name or a path to a YAML file.")
+    bundle: Path | None = Field(None, description="Model bundle folder; None uses the demo bundle.")
+    episodes_dir: Path = Field(Path("~/.local/share/vlm2vla-edge/episodes"), description="Where episodes are recorded.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("episodes_dir", "bundle")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+_PRESET_FOLDERS: dict[type[BaseModel], str] = {RobotConfig: "robots", PolicyConfig: "", RuntimeConfig: ""}
+
+
+def packaged_configs_dir() -> Path:
+    """The `configs/` folder shipped with the package."""
+    return Path(str(resources.files("vlm2vla_edge.configs")))
+
+
+def preset_names(model: type[BaseModel]) -> list[str]:
+    folder = packaged_configs_dir() / _PRESET_FOLDERS.get(model, "")
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path, model: type[BaseModel]) -> Path:
+    """A path to an existing file, or a preset name looked up in the packaged configs."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+        raise ConfigError(f"config file {candidate} does not exist or is not a file")
+    names = preset_names(model)
+    if str(name_or_path) in names:
+        return packaged_configs_dir() / _PRESET_FOLDERS.get(model, "") / f"{name_or_path}.yaml"
+    close = difflib.get_close_matches(str(name_or_path), names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known presets: {', '.join(names) or 'none'}"
+    raise ConfigError(f"no {model.__name__} preset named '{name_or_path}'{hint}")
+
+
+def _describe_validation_error(path: Path, error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (typo?)"
+        value = item.get("input")
+        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"field '{field}': {message}{shown}")
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_config(name_or_path: str | Path, model: type[ModelT]) -> ModelT:
+    """Read and validate a YAML config; every failure is a `ConfigError` naming file, field and range."""
+    path = resolve_config_path(name_or_path, model)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(path, exc)) from exc
+
+
+def load_robot_config(name_or_path: str | Path = "widowx250s") -> RobotConfig:
+    return load_config(name_or_path, RobotConfig)
+
+
+def load_policy_config(name_or_path: str | Path = "policy") -> PolicyConfig:
+    return load_config(name_or_path, PolicyConfig)
+
+
+def load_runtime_config(name_or_path: str | Path = "runtime") -> RuntimeConfig:
+    return load_config(name_or_path, RuntimeConfig)
