@@ -1,0 +1,282 @@
+"""The `vlm2vla-edge` command line.
+
+Exit codes (DESIGN.md §6): 0 success, 1 the task or check failed, 2 usage or input error. A user
+mistake ends in one sentence on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from pydantic import BaseModel
+
+from vlm2vla_edge.runtime import __version__
+from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+
+app = typer.Typer(
+    name="vlm2vla-edge",
+    help="On-robot runtime and toolchain for 'actions as language' robot policies (VLM2VLA on llama.cpp).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Validate and show configuration files (robot, policy, runtime).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+episode_app = typer.Typer(help="Inspect recorded episodes.", no_args_is_help=True)
+app.add_typer(episode_app, name="episode")
+
+
+def _mount_optional_subapps() -> None:
+    """Sub-apps that live with their subsystem; mounted here so `--help` lists them."""
+    from vlm2vla_edge.runtime.sim.cli import app as sim_app
+
+    app.add_typer(sim_app, name="sim")
+
+
+class ConfigKind(str, Enum):
+    auto = "auto"
+    robot = "robot"
+    policy = "policy"
+    runtime = "runtime"
+
+
+class Stage(str, Enum):
+    action = "action"
+    motion = "motion"
+    subtasks = "subtasks"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"vlm2vla-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", help="Print the version and exit.", callback=_version_callback, is_eager=True),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+) -> None:
+    from vlm2vla_edge.runtime.logs import configure_logging
+
+    level = log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UserError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not '{log_level}'")
+    configure_logging(level)
+
+
+def _config_model(kind: ConfigKind, path: str) -> type[BaseModel]:
+    from vlm2vla_edge.runtime import config
+
+    models = {"robot": config.RobotConfig, "policy": config.PolicyConfig, "runtime": config.RuntimeConfig}
+    if kind != ConfigKind.auto:
+        return models[kind.value]
+    as_path = Path(path)
+    if as_path.parent.name == "robots" or (as_path.suffix == "" and path in config.preset_names(config.RobotConfig)):
+        return config.RobotConfig
+    if as_path.is_file():
+        try:
+            data = yaml.safe_load(as_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None  # load_config reports the precise problem
+        if isinstance(data, dict):
+            if "model" in data or "workspace" in data:
+                return config.RobotConfig
+            if "sampling" in data or "action_language" in data:
+                return config.PolicyConfig
+            if "episodes_dir" in data or "robot" in data:
+                return config.RuntimeConfig
+    if as_path.stem in ("policy", "runtime"):
+        return models[as_path.stem]
+    raise UserError(f"cannot tell what kind of config '{path}' is; pass --kind robot|policy|runtime")
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[str, typer.Argument(help="A YAML file, or a preset name such as 'widowx250s'.")],
+    kind: Annotated[ConfigKind, typer.Option(help="What the file configures; auto guesses from its fields.")] = ConfigKind.auto,
+) -> None:
+    """Validate a config file; exit 0 if valid, 2 with the file, field and allowed range if not."""
+    from vlm2vla_edge.runtime.config import load_config, resolve_config_path
+
+    model = _config_model(kind, path)
+    load_config(path, model)
+    typer.echo(f"ok: {resolve_config_path(path, model)} is a valid {model.__name__}")
+
+
+@config_app.command("show")
+def config_show(
+    path: Annotated[str, typer.Argument(help="A YAML file, or a preset name such as 'widowx250s'.")] = "widowx250s",
+    kind: Annotated[ConfigKind, typer.Option(help="What the file configures; auto guesses from its fields.")] = ConfigKind.auto,
+) -> None:
+    """Print a config with every default filled in, as the runtime sees it."""
+    from vlm2vla_edge.runtime.config import load_config
+
+    loaded = load_config(path, _config_model(kind, path))
+    typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False).rstrip())
+
+
+def _parse_start(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UserError(f"--start must be three comma-separated numbers in metres (x,y,z), not '{text}'")
+    return values  # type: ignore[return-value]
+
+
+@app.command("check")
+def check(
+    text: Annotated[str, typer.Argument(help="Model output to check; '-' reads it from standard input.")],
+    stage: Annotated[Stage, typer.Option(help="Which stage's language the text is in.")] = Stage.action,
+    robot: Annotated[str, typer.Option(help="Robot config (preset name or YAML file).")] = "widowx250s",
+    policy: Annotated[str, typer.Option(help="Policy config (preset or YAML) with the action language.")] = "policy",
+    start: Annotated[
+        Optional[str], typer.Option(help="End-effector position x,y,z in metres; default: the home pose.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Parse model output, post-process it and run it through the safety limiter, without moving anything.
+
+    Exit 0 when the text parses and every action passes (possibly clamped), 1 when it is rejected.
+    """
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+    from vlm2vla_edge.runtime.parser import ParseError, parse_action_chunk, parse_motion_plan, parse_subtasks
+
+    if text == "-":
+        text = sys.stdin.read()
+    policy_config = load_policy_config(policy)
+    try:
+        if stage == Stage.subtasks:
+            subtasks = parse_subtasks(text)
+            _emit({"stage": "subtasks", "ok": True, "subtasks": list(subtasks)}, as_json)
+            return
+        if stage == Stage.motion:
+            plan = parse_motion_plan(text)
+            _emit({"stage": "motion", "ok": True, "motion_plan": plan.text}, as_json)
+            return
+        chunk = parse_action_chunk(text, policy_config.action_language)
+    except ParseError as exc:
+        _emit({"stage": stage.value, "ok": False, "rejected_by": "parser", "code": exc.code, "reason": str(exc)}, as_json)
+        raise typer.Exit(1) from exc
+
+    from vlm2vla_edge.runtime.postprocess import reaggregate
+    from vlm2vla_edge.runtime.safety import SafetyLimiter
+
+    robot_config = load_robot_config(robot)
+    start_xyz = _parse_start(start) if start else _home_position(robot_config)
+    processed = reaggregate(chunk, policy_config.action_language.postprocess)
+    verdict = SafetyLimiter(robot_config, reachable=_reachability(robot_config)).check_chunk(processed, start_xyz)
+    result = {
+        "stage": "action",
+        "ok": not verdict.rejected,
+        "parsed": chunk.as_lists(),
+        "postprocessed": processed.as_lists(),
+        "start": list(start_xyz),
+        "commands": [c.to_dict() for c in verdict.commands],
+        "decisions": [d.to_dict() for d in verdict.decisions],
+        "reason": verdict.reason,
+    }
+    _emit(result, as_json)
+    if verdict.rejected:
+        raise typer.Exit(1)
+
+
+def _home_position(robot_config) -> tuple[float, float, float]:
+    """The end-effector position of the home pose, from the simulator's kinematics."""
+    try:
+        from vlm2vla_edge.runtime.sim.kinematics import home_position
+    except ImportError:  # pragma: no cover - the simulator is part of the package
+        return (0.458, 0.0, 0.361)
+    return home_position(robot_config)
+
+
+def _reachability(robot_config):
+    try:
+        from vlm2vla_edge.runtime.sim.kinematics import reachability_checker
+    except ImportError:  # pragma: no cover
+        return None
+    return reachability_checker(robot_config)
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    if not result["ok"]:
+        typer.echo(f"rejected by the {result.get('rejected_by', 'safety limiter')}: {result['reason']}")
+    if "subtasks" in result:
+        typer.echo("subtasks: " + " | ".join(result["subtasks"]))
+    if "motion_plan" in result:
+        typer.echo(f"motion plan: {result['motion_plan']}")
+    if "parsed" in result:
+        typer.echo(f"parsed:        {result['parsed']}")
+        typer.echo(f"post-processed: {result['postprocessed']}")
+        for decision in result["decisions"]:
+            where = "chunk" if decision["index"] is None else f"action {decision['index']}"
+            typer.echo(f"  {decision['verdict']:<6} {decision['rule']:<20} {where}: {decision['reason']}")
+        for i, command in enumerate(result["commands"]):
+            target = ", ".join(f"{v:.3f}" for v in command["target"])
+            grip = "open" if command["gripper_open"] else "closed"
+            typer.echo(f"  command {i}: to ({target}) gripper {grip}")
+        if result["ok"]:
+            typer.echo(f"ok: {len(result['commands'])} command(s) would be sent to the arm")
+
+
+@episode_app.command("show")
+def episode_show(
+    path: Annotated[Path, typer.Argument(help="An episode folder (with meta.json and steps.jsonl).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise a recorded episode: instruction, outcome, steps, and whether its tail was cut by a crash."""
+    from vlm2vla_edge.runtime.episode import EpisodeReader
+
+    reader = EpisodeReader(path)
+    steps = list(reader.steps())
+    summary = {
+        "path": str(path),
+        "instruction": reader.meta.instruction,
+        "outcome": reader.outcome,
+        "steps": len(steps),
+        "truncated": reader.truncated,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            typer.echo(f"{key:>12}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: runs the app and turns our errors into one-line messages."""
+    try:
+        _mount_optional_subapps()
+    except ImportError:  # a broken optional subsystem must not take the whole CLI down
+        pass
+    try:
+        app(args=argv, prog_name="vlm2vla-edge")  # standalone: usage errors exit 2, --help exits 0
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except Vlm2VlaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The CLI: help on everything, exit codes 0/1/2, one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlm2vla_edge.runtime import __version__
+from vlm2vla_edge.runtime.cli import main
+
+CLI = [sys.executable, "-m", "vlm2vla_edge.runtime.cli"]
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, input=stdin, timeout=60)
+
+
+def test_help_lists_implemented_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("check", "config", "episode", "sim"):
+        assert command in result.stdout
+    for planned in ("serve", "demo", "train"):  # not implemented yet: not listed
+        assert f" {planned} " not in result.stdout
+
+
+@pytest.mark.parametrize("command", [["config"], ["config", "check"], ["config", "show"], ["check"], ["episode", "show"], ["sim"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert __version__ in result.stdout
+
+
+def test_config_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", "widowx250s"]) == 0
+    bad = tmp_path / "robot.yaml"
+    bad.write_text("name: x\nmodel: wx250s\nworkspace: {x: {min: 1, max: 0}}\n")
+    assert main(["config", "check", str(bad), "--kind", "robot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_user_mistakes_never_print_tracebacks(tmp_path: Path) -> None:
+    cases = [
+        ["config", "check", "/no/such/file.yaml"],
+        ["config", "show", "widowx2"],
+        ["check", "[[0, 0, 0, 1]]", "--start", "a,b"],
+        ["check", "[[0, 0, 0, 1]]", "--robot", str(tmp_path / "missing.yaml")],
+        ["episode", "show", str(tmp_path / "nothing-here")],
+        ["--log-level", "LOUD", "config", "show"],
+        ["no-such-command"],
+    ]
+    for args in cases:
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, args
+
+
+def test_check_accepts_and_rejects(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "[[0.01, 0, -0.02, 1], [0, 0.01, 0, 0]]", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["commands"]
+    assert main(["check", "[[NaN, 0, 0, 1]]", "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["rejected_by"] == "parser" and result["code"] == "nan"
+
+
+def test_check_reads_stdin() -> None:
+    result = run("check", "-", "--stage", "subtasks", stdin='["Move to the carrot", "Grasp the carrot"]')
+    assert result.returncode == 0, result.stderr
+    assert "Grasp the carrot" in result.stdout
