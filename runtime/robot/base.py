@@ -40,6 +40,9 @@ class ArmState:
     gripper_open: bool  # True when the gripper is (commanded) open
     joints: tuple[float, ...] = ()  # joint positions, radians, in the robot's joint order
     timestamp: float = 0.0  # time.monotonic() when read
+    # Measured finger opening, 0 = fully closed, 1 = fully open; None when the driver cannot measure it.
+    # A closed command that stops well above 0 means the fingers closed on something (a grasp).
+    gripper_opening: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
