@@ -1,1 +1,111 @@
-"""placeholder"""
+"""The action language's grammars, read as package resources so they work from an installed wheel.
+
+The GBNF files are the single source the decoder loads (llguidance reads GBNF, and llama.cpp's own
+server takes them as they are); `action_language.lark` is the parser's grammar for the same language,
+and tests/test_grammars.py checks on generated strings that the two accept exactly the same strings.
+llguidance is an optional dependency of the runtime (the `llm` extra), so it is imported only inside
+`validate_gbnf`.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Literal, get_args
+
+from vlm2vla_edge.runtime.errors import Vlm2VlaError
+
+GbnfName = Literal["action_chunk", "subtasks", "motion_plan"]
+GBNF_NAMES: tuple[str, ...] = get_args(GbnfName)
+
+# Start rules of action_language.lark, by the GBNF file each one mirrors.
+LARK_START_RULES: dict[str, str] = {
+    "action_chunk": "action_chunk",
+    "subtasks": "subtask_list",
+    "motion_plan": "motion_plan",
+}
+
+_PACKAGE = "vlm2vla_edge.grammars"
+
+
+class GrammarError(Vlm2VlaError):
+    """A grammar is missing, unknown or does not compile; the message names the file or rule."""
+
+
+def _read(filename: str) -> str:
+    try:
+        return resources.files(_PACKAGE).joinpath(filename).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise GrammarError(f"grammar file {filename} is missing from the {_PACKAGE} package") from exc
+
+
+GRAMMAR_VERSION: str = _read("VERSION").strip()
+
+
+def load_gbnf(name: GbnfName) -> str:
+    """The text of grammars/<name>.gbnf, exactly as the decoder should load it."""
+    if name not in GBNF_NAMES:
+        raise GrammarError(f"unknown grammar '{name}'; known grammars: {', '.join(GBNF_NAMES)}")
+    return _read(f"{name}.gbnf")
+
+
+def load_lark() -> str:
+    """The text of action_language.lark (start rules: action_chunk, subtask_list, motion_plan)."""
+    return _read("action_language.lark")
+
+
+def _gbnf_rule_names(text: str) -> list[str]:
+    return re.findall(r"(?m)^\s*([A-Za-z][A-Za-z0-9_-]*)\s*::=", text)
+
+
+def _lark_name_to_gbnf(lark_name: str, gbnf_text: str) -> str:
+    """Map a rule name from llguidance's GBNF-to-Lark conversion back to the GBNF rule name.
+
+    The conversion renames `root` to `start`, turns `fooBar-baz` into `foo_bar_baz`, and upper-cases
+    rules that are pure terminals; error messages quote the converted names.
+    """
+    if lark_name == "start":
+        return "root"
+    for original in _gbnf_rule_names(gbnf_text):
+        converted = re.sub(r"([a-z])([A-Z])", r"\1_\2", original.replace("-", "_")).lower()
+        if converted == lark_name.lower():
+            return original
+    return lark_name
+
+
+def _rule_in_message(message: str, gbnf_text: str) -> str | None:
+    """The rule named on the line an llguidance validation message points at ("at 4(4): ...")."""
+    where = re.match(r"at (\d+)\(", message)
+    if where is None:
+        return None
+    line = re.search(rf"(?m)^\s*{where.group(1)} \| \s*([A-Za-z_][A-Za-z0-9_]*)\s*:", message)
+    return _lark_name_to_gbnf(line.group(1), gbnf_text) if line else None
+
+
+def validate_gbnf(text: str, name: str = "grammar") -> None:
+    """Compile a GBNF grammar with llguidance, as the decoder will, and raise `GrammarError` if it fails.
+
+    llama.cpp's own grammar sampler silently returns NULL for a grammar it cannot parse, so every grammar
+    is validated when it is loaded. Two stages can fail: the GBNF-to-Lark conversion (unknown rule,
+    syntax) raises `ValueError`, and semantic problems (an empty repetition range, ...) only show in
+    `LLMatcher.validate_grammar`, which returns a message instead of raising.
+    """
+    try:
+        import llguidance
+    except ImportError as exc:
+        raise GrammarError(
+            "llguidance is not installed, so grammars cannot be validated; install vlm2vla-edge[llm]"
+        ) from exc
+    try:
+        compiled = llguidance.grammar_from("gbnf", text)
+    except ValueError as exc:
+        detail = str(exc).removeprefix("Failed to convert the grammar from GBNF to Lark: ")
+        quoted = re.search(r"Rule '([^']+)'", detail)
+        rule = f" (rule '{quoted.group(1)}')" if quoted else ""
+        raise GrammarError(f"{name} is not a valid GBNF grammar{rule}: {detail.splitlines()[0]}") from exc
+    message = llguidance.LLMatcher.validate_grammar(compiled)
+    if message:
+        rule_name = _rule_in_message(message, text)
+        rule = f" in rule '{rule_name}'" if rule_name else ""
+        first = message.splitlines()[0]
+        raise GrammarError(f"{name} does not compile with llguidance{rule}: {first}")

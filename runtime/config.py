@@ -266,7 +266,7 @@ class ActionLanguage(StrictModel):
     units: Literal["m"] = Field("m", description="Unit of dx, dy, dz in the text.")
     decimals: int = Field(3, ge=1, le=3, description="Decimals written by the formatter (the grammar admits 1-3).")
     max_abs_value_m: float = Field(0.2, gt=0, lt=1.0, description="Parser rejects any |dx|, |dy|, |dz| above this.")
-    max_steps: int = Field(16, ge=1, le=64, description="Parser rejects chunks with more actions than this.")
+    max_steps: int = Field(16, ge=1, le=16, description="Parser rejects chunks with more actions than this (v1 grammar: at most 16).")
     gripper: GripperValues = Field(default_factory=GripperValues)
     postprocess: PostProcess = Field(default_factory=PostProcess)
 

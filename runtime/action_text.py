@@ -1,0 +1,130 @@
+"""Writing actions, subtasks and motion plans as action-language text (version 1).
+
+The training annotator writes its targets with these functions and the runtime parses the model's
+text with `vlm2vla_edge.runtime.parser`, so the two must agree exactly: for every chunk whose values
+fit the language, `parse_action_chunk(format_action_chunk(chunk, lang), lang)` equals the chunk with
+its translations rounded to `lang.decimals` (tests/test_parser.py checks this property).
+
+Numbers are canonical: "0" for zero, otherwise a signed decimal below 1 with trailing zeros stripped
+("0.05", "-0.125"), so one value has one spelling and costs the fewest tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from vlm2vla_edge.runtime.actions import Action, ActionChunk
+from vlm2vla_edge.runtime.config import ActionLanguage
+from vlm2vla_edge.runtime.errors import ConfigError
+
+SEPARATOR = ", "
+# Version 1 writes the gripper as one digit: these are the only texts the grammar admits.
+_GRIPPER_TEXTS: dict[float, str] = {0.0: "0", 1.0: "1"}
+_MAX_DECIMALS = 3  # the v1 grammar admits 1-3 decimals
+
+# Subtask and motion-plan character rules of v1 (grammars/subtasks.gbnf, grammars/motion_plan.gbnf).
+_SUBTASK_FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
+_MAX_SUBTASKS = 8
+_MAX_SUBTASK_CHARS = 96
+_MOTION_PLAN = re.compile(r"[A-Za-z][A-Za-z0-9 ,.;:'()/%+-]{0,159}")
+
+
+def gripper_texts(language: ActionLanguage) -> dict[str, float]:
+    """Map each gripper text of the language to the canonical `Action.gripper` (1.0 open, 0.0 closed).
+
+    A bundle may swap the meanings (open written as "0"), but v1 can only write 0 and 1, so any other
+    configured value is a configuration error rather than something the parser could ever see.
+    """
+    values = language.gripper
+    texts: dict[str, float] = {}
+    for canonical, written in ((1.0, values.open), (0.0, values.closed)):
+        text = _GRIPPER_TEXTS.get(float(written))
+        if text is None:
+            raise ConfigError(
+                f"action language v1 writes gripper values as 0 or 1, but the bundle's gripper "
+                f"{'open' if canonical else 'closed'} value is {written!r}"
+            )
+        texts[text] = canonical
+    return texts
+
+
+def format_number(value: float, decimals: int) -> str:
+    """Canonical text of one translation value: rounded to `decimals`, trailing zeros stripped.
+
+    Rounding is Python's correctly rounded decimal formatting (half-even on the exact binary value), the
+    same as `round(value, decimals)`. Raises `ValueError` for non-finite values and for values whose
+    rounded magnitude is 1 or more, which v1 cannot write.
+    """
+    if not 1 <= decimals <= _MAX_DECIMALS:
+        raise ValueError(f"decimals must be 1 to {_MAX_DECIMALS} in action language v1, got {decimals}")
+    if not math.isfinite(value):
+        raise ValueError(f"cannot write the non-finite value {value!r} as an action-language number")
+    text = f"{value:.{decimals}f}"
+    negative = text.startswith("-")
+    digits = text.lstrip("-")
+    if not digits.startswith("0."):
+        raise ValueError(f"{value!r} rounds to {text}, but action-language numbers must be below 1 in magnitude")
+    digits = digits.rstrip("0").rstrip(".")
+    if digits == "0":
+        return "0"  # also turns a rounded -0.000 into "0"
+    return f"-{digits}" if negative else digits
+
+
+def format_action(action: Action, language: ActionLanguage) -> str:
+    """One action as `[dx, dy, dz, gripper]`."""
+    by_value = {canonical: text for text, canonical in gripper_texts(language).items()}
+    return _format_action(action, language.decimals, by_value)
+
+
+def _format_action(action: Action, decimals: int, gripper_by_value: dict[float, str]) -> str:
+    gripper = gripper_by_value.get(action.gripper)
+    if gripper is None:
+        raise ValueError(f"gripper value {action.gripper!r} is neither open (1.0) nor closed (0.0)")
+    numbers = [format_number(v, decimals) for v in action.translation()]
+    return "[" + SEPARATOR.join([*numbers, gripper]) + "]"
+
+
+def format_action_chunk(chunk: ActionChunk, language: ActionLanguage) -> str:
+    """The canonical text of a chunk, e.g. `[[0.025, -0.01, 0, 1], [0, 0, 0.05, 0]]`.
+
+    Raises `ValueError` for an empty chunk, a chunk longer than `language.max_steps`, a non-canonical
+    gripper value or a translation v1 cannot write (see `format_number`). Translations above
+    `language.max_abs_value_m` are written (the grammar admits them) but the parser will reject them.
+    """
+    if len(chunk) == 0:
+        raise ValueError("cannot write an empty action chunk: the language needs at least one action")
+    if len(chunk) > language.max_steps:
+        raise ValueError(f"the chunk has {len(chunk)} actions, more than max_steps = {language.max_steps}")
+    by_value = {canonical: text for text, canonical in gripper_texts(language).items()}
+    return "[" + SEPARATOR.join(_format_action(a, language.decimals, by_value) for a in chunk) + "]"
+
+
+def format_subtasks(subtasks: Sequence[str]) -> str:
+    """A subtask list as `["Move to the carrot", "Grasp the carrot"]` (v1: 1-8 items of 1-96 characters,
+    no double quote, backslash or control character; no escaping exists, so such text is refused)."""
+    if isinstance(subtasks, str):
+        raise ValueError("format_subtasks takes a list of subtasks, not a single string")
+    if not 1 <= len(subtasks) <= _MAX_SUBTASKS:
+        raise ValueError(f"a subtask list has 1 to {_MAX_SUBTASKS} subtasks, got {len(subtasks)}")
+    for index, subtask in enumerate(subtasks):
+        if not 1 <= len(subtask) <= _MAX_SUBTASK_CHARS:
+            raise ValueError(f"subtask {index} has {len(subtask)} characters; allowed are 1 to {_MAX_SUBTASK_CHARS}")
+        bad = _SUBTASK_FORBIDDEN.search(subtask)
+        if bad is not None:
+            raise ValueError(f"subtask {index} contains {bad.group()!r}, which v1 subtasks cannot hold")
+        if any("\ud800" <= c <= "\udfff" for c in subtask):
+            raise ValueError(f"subtask {index} contains a lone surrogate, which is not valid Unicode text")
+    return "[" + SEPARATOR.join(f'"{s}"' for s in subtasks) + "]"
+
+
+def format_motion_plan(text: str) -> str:
+    """A motion plan as its one line of text, checked against v1 (1-160 characters, starting with a
+    letter; letters, digits, spaces and `,.;:'()/%+-`)."""
+    if _MOTION_PLAN.fullmatch(text) is None:
+        raise ValueError(
+            "a v1 motion plan is one line of 1-160 characters that starts with a letter and holds only "
+            "letters, digits, spaces and ,.;:'()/%+-"
+        )
+    return text

@@ -1,0 +1,156 @@
+"""The GBNF files (as llguidance enforces them) and action_language.lark accept the same language.
+
+Both directions are sampled independently: strings derived from the GBNF rules must parse with Lark,
+strings derived from the compiled Lark rules must be accepted by llguidance, and thousands of near
+misses (one or two characters inserted, deleted or replaced, or a slice duplicated) must get the same
+answer from both. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from lark import Lark
+from lark.exceptions import LarkError
+
+from vlm2vla_edge import grammars
+from vlm2vla_edge.grammars import GBNF_NAMES, LARK_START_RULES, GrammarError, load_gbnf, load_lark, validate_gbnf
+
+from grammar_tools import GbnfReader, LlgAcceptor, derive_gbnf, derive_lark, mutate
+
+pytest.importorskip("llguidance")
+
+SAMPLES_PER_SIDE = 1000
+MUTANTS_PER_GRAMMAR = 3000
+
+
+@pytest.fixture(scope="module")
+def lark_parser() -> Lark:
+    return Lark(load_lark(), parser="lalr", lexer="contextual", start=list(LARK_START_RULES.values()))
+
+
+@pytest.fixture(scope="module", params=GBNF_NAMES)
+def grammar(request: pytest.FixtureRequest, lark_parser: Lark):  # type: ignore[no-untyped-def]
+    name = request.param
+    text = load_gbnf(name)
+    start = LARK_START_RULES[name]
+
+    def lark_accepts(s: str) -> bool:
+        try:
+            lark_parser.parse(s, start=start)
+        except LarkError:
+            return False
+        return True
+
+    return name, GbnfReader(text).read(), LlgAcceptor(text), start, lark_accepts
+
+
+def test_resources_load() -> None:
+    assert grammars.GRAMMAR_VERSION == "1"
+    for name in GBNF_NAMES:
+        assert "root" in load_gbnf(name)
+    assert "action_chunk" in load_lark()
+    with pytest.raises(GrammarError, match="unknown grammar"):
+        load_gbnf("actions")  # type: ignore[arg-type]
+
+
+def test_shipped_gbnf_compile() -> None:
+    for name in GBNF_NAMES:
+        validate_gbnf(load_gbnf(name), name)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ('root ::= "[" item "]"', r"rule 'item'"),
+        ('root ::= "a" (', "not a valid GBNF grammar"),
+        ('root ::= "a" rep\nrep ::= "b"{3,1} [x]', r"in rule 'rep'.*range end"),
+        ('root ::= "a" myRule\nmyRule ::= [b]{5,2} "c"', r"in rule 'myRule'"),
+    ],
+)
+def test_broken_gbnf_named(text: str, pattern: str) -> None:
+    with pytest.raises(GrammarError, match=pattern):
+        validate_gbnf(text, "test.gbnf")
+
+
+def test_examples_agree(grammar) -> None:  # type: ignore[no-untyped-def]
+    """Hand-picked boundary cases, so a regression names a readable string."""
+    name, _, llg, _, lark_accepts = grammar
+    cases = {
+        "action_chunk": {
+            "[[0.025, -0.01, 0, 1], [0, 0, 0.05, 0]]": True,
+            "[[0.0, -0.0, 0.999, 0]]": True,
+            "[" + ", ".join(["[0, 0, 0, 1]"] * 16) + "]": True,
+            "[" + ", ".join(["[0, 0, 0, 1]"] * 17) + "]": False,
+            "[[-0, 0, 0, 1]]": False,
+            "[[0.1234, 0, 0, 1]]": False,
+            "[[0, 0, 0, 0.5]]": False,
+            "[[0,0,0,1]]": False,
+            "[[0, 0, 0, 1]] ": False,
+            "[]": False,
+        },
+        "subtasks": {
+            '["Move to the carrot", "Grasp it"]': True,
+            '["' + "é" * 96 + '"]': True,
+            '["' + "a" * 97 + '"]': False,
+            '[""]': False,
+            '["a\\"b"]': False,
+            "['a']": False,
+            "[" + ", ".join(['"x"'] * 8) + "]": True,
+            "[" + ", ".join(['"x"'] * 9) + "]": False,
+        },
+        "motion_plan": {
+            "Move the gripper primarily down and slightly to the right.": True,
+            "a" * 160: True,
+            "a" * 161: False,
+            "1 down": False,
+            "Move down\nthen left": False,
+            "Move down 5%, (x/y) +- 'z'; ok: done": True,
+        },
+    }[name]
+    for text, expected in cases.items():
+        assert llg.accepts(text) is expected, text
+        assert lark_accepts(text) is expected, text
+
+
+def test_gbnf_samples_parse_with_lark(grammar) -> None:  # type: ignore[no-untyped-def]
+    name, rules, llg, _, lark_accepts = grammar
+    rng = random.Random(f"gbnf-{name}")
+    for _ in range(SAMPLES_PER_SIDE):
+        text = derive_gbnf(rules, rng)
+        assert llg.accepts(text), f"generator bug: llguidance rejects its own grammar's {text!r}"
+        assert lark_accepts(text), f"Lark rejects {text!r}, which {name}.gbnf admits"
+
+
+def test_lark_samples_accepted_by_llguidance(grammar, lark_parser: Lark) -> None:  # type: ignore[no-untyped-def]
+    name, _, llg, start, lark_accepts = grammar
+    rng = random.Random(f"lark-{name}")
+    for _ in range(SAMPLES_PER_SIDE):
+        text = derive_lark(lark_parser, start, rng)
+        assert lark_accepts(text), f"generator bug: Lark rejects its own grammar's {text!r}"
+        assert llg.accepts(text), f"{name}.gbnf (llguidance) rejects {text!r}, which the Lark grammar admits"
+
+
+def test_near_misses_get_the_same_answer(grammar, lark_parser: Lark) -> None:  # type: ignore[no-untyped-def]
+    name, rules, llg, start, lark_accepts = grammar
+    rng = random.Random(f"mutants-{name}")
+    accepted = rejected = 0
+    for i in range(MUTANTS_PER_GRAMMAR):
+        seed = derive_gbnf(rules, rng) if i % 2 else derive_lark(lark_parser, start, rng)
+        text = mutate(seed, rng)
+        verdict = llg.accepts(text)
+        assert lark_accepts(text) is verdict, f"llguidance says {verdict}, Lark says {not verdict}, for {text!r}"
+        accepted += verdict
+        rejected += not verdict
+    # Mutants must exercise both answers, or the comparison proves nothing.
+    assert accepted > MUTANTS_PER_GRAMMAR // 20 and rejected > MUTANTS_PER_GRAMMAR // 4, (accepted, rejected)
+
+
+def test_fast_acceptance_matches_decoder_path(grammar, lark_parser: Lark) -> None:  # type: ignore[no-untyped-def]
+    """`validate_tokens` (used above for speed) gives the same verdict as consuming tokens like a decoder."""
+    name, rules, llg, start, _ = grammar
+    rng = random.Random(f"crosscheck-{name}")
+    for _ in range(100):
+        text = mutate(derive_gbnf(rules, rng), rng)
+        assert llg.accepts(text) is llg.accepts_by_consuming(text), text
