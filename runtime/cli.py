@@ -10,7 +10,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 import yaml
@@ -18,6 +18,9 @@ from pydantic import BaseModel
 
 from vlm2vla_edge.runtime import __version__
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+
+if TYPE_CHECKING:
+    from vlm2vla_edge.runtime.config import RobotConfig
 
 app = typer.Typer(
     name="vlm2vla-edge",
@@ -193,21 +196,18 @@ def check(
         raise typer.Exit(1)
 
 
-def _home_position(robot_config) -> tuple[float, float, float]:
-    """The end-effector position of the home pose, from the simulator's kinematics."""
-    try:
-        from vlm2vla_edge.runtime.sim.kinematics import home_position
-    except ImportError:  # pragma: no cover - the simulator is part of the package
-        return (0.458, 0.0, 0.361)
-    return home_position(robot_config)
+def _home_position(robot_config: "RobotConfig") -> tuple[float, float, float]:
+    """The end-effector position of the robot config's home pose."""
+    from vlm2vla_edge.runtime.sim.kinematics import fk_position
+
+    return fk_position(robot_config.home_joints)
 
 
-def _reachability(robot_config):
-    try:
-        from vlm2vla_edge.runtime.sim.kinematics import reachability_checker
-    except ImportError:  # pragma: no cover
-        return None
-    return reachability_checker(robot_config)
+def _reachability(robot_config: "RobotConfig") -> Callable[[tuple[float, float, float]], bool]:
+    """Inverse kinematics within the config's joint limits (the same check the simulator and drivers use)."""
+    from vlm2vla_edge.runtime.sim.kinematics import WX250sKinematics
+
+    return WX250sKinematics(robot_config).reachable
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         app(args=argv, prog_name="vlm2vla-edge")  # standalone: usage errors exit 2, --help exits 0
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2

@@ -12,12 +12,23 @@ import sys
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-def configure_logging(level: str | int = "INFO", stream=None) -> None:
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record arrives (it may be replaced after set-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.stream = sys.stderr
+        super().flush()
+
+
+def configure_logging(level: str | int = "INFO") -> None:
     """Route the project's logs to stderr (journald captures it under systemd); idempotent."""
     root = logging.getLogger("vlm2vla_edge")
     root.setLevel(level)
-    if not any(getattr(h, "_vlm2vla", False) for h in root.handlers):
-        handler = logging.StreamHandler(stream or sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
-        handler._vlm2vla = True  # type: ignore[attr-defined]
         root.addHandler(handler)
