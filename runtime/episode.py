@@ -542,8 +542,10 @@ class EpisodeWriter:
         if self._broken:
             raise EpisodeWriteError(f"episode {self.path} takes no more steps: {self._broken}")
 
-    def finish(self, outcome: Outcome, detail: str | None = None) -> None:
+    def finish(self, outcome: Outcome, detail: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """Record the outcome and end time by atomically rewriting meta.json, then close the steps file.
+
+        `extra` is merged into `meta.extra` (summary figures known only at the end).
 
         If the rewrite fails (`EpisodeWriteError`) the old meta.json stays intact and `finish` may be retried.
         """
@@ -552,7 +554,10 @@ class EpisodeWriter:
         with self._lock:
             if self.finished:
                 raise EpisodeWriteError(f"episode {self.path} is already finished with outcome {self._meta.outcome!r}")
-            meta = self._meta.model_copy(update={"outcome": outcome, "outcome_detail": detail, "end_wall_time": time.time()})
+            update: dict[str, Any] = {"outcome": outcome, "outcome_detail": detail, "end_wall_time": time.time()}
+            if extra:
+                update["extra"] = {**self._meta.extra, **to_jsonable(extra)}
+            meta = self._meta.model_copy(update=update)
             try:
                 _atomic_write(self.path / META_FILE, _meta_json(meta))
             except OSError as exc:

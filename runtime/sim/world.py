@@ -50,6 +50,10 @@ class Motion:
             raise ValueError("speed_m_s, joint_speed_rad_s and segment_s must be positive")
 
 
+#: Finger gap of the fully open wx250s gripper (metres): measured openings are fractions of it.
+FINGER_SPAN_M = 0.074
+
+
 class SimWorld:
     """Scene, arm joints, gripper and clock; shared by `SimArm` and `SimCamera` (thread-safe)."""
 
@@ -126,12 +130,21 @@ class SimWorld:
     def arm_state(self) -> ArmState:
         with self._lock:
             joints, ee, open_ = self._joints, self._ee, self._gripper_open
+            held = self.scene.held
+            gap = 2 * self.scene.objects[held].kind.semi_minor_m if held is not None else None
+        if open_:
+            opening = 1.0
+        elif gap is None:
+            opening = 0.0  # closed on nothing
+        else:  # the fingers stop on the held object
+            opening = min(1.0, gap / FINGER_SPAN_M)
         return ArmState(
             position=ee,
             rpy=self.kinematics.rpy(fk(joints)),
             gripper_open=open_,
             joints=joints,
             timestamp=time.monotonic(),
+            gripper_opening=opening,
         )
 
     def arm_view(self) -> ArmView:

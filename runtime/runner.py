@@ -1,0 +1,358 @@
+"""The paper's closed loop, one episode at a time.
+
+    capture o0 -> subtasks (fixed for the episode)
+    for each subtask:
+        capture -> motion plan -> action chunk -> parse -> post-process -> safety limiter
+        -> execute on the arm -> capture -> verify -> next subtask, or retry (bounded, hotter sampling)
+
+Policy, arm, camera, verifier and limiter come in through their interfaces; the recorder, the live
+progress printer and the daemon's event stream are subscribers (`EpisodeSubscriber`), so the loop
+itself neither writes files nor prints. Whatever happens, `finally` stops the arm; cancel and
+e-stop are observed between decode steps and between motion segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Protocol
+
+from pydantic import Field
+
+from vlm2vla_edge.runtime.config import StrictModel
+from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.parser import ParseError
+from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, Policy, StepResult
+from vlm2vla_edge.runtime.postprocess import reaggregate
+from vlm2vla_edge.runtime.robot.base import Arm, ArmState, Camera, DeviceError, Frame, MoveResult
+from vlm2vla_edge.runtime.safety import ChunkVerdict, EStopEngaged, SafetyLimiter, SafetyViolation
+from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["success", "failed", "aborted", "error"]
+
+
+class RunnerConfig(StrictModel):
+    """Budgets of one episode."""
+
+    max_retries_per_subtask: int = Field(3, ge=0, le=20, description="Failed attempts allowed before the episode fails.")
+    max_steps: int = Field(40, ge=1, le=1000, description="Policy steps allowed in one episode, all subtasks together.")
+    episode_timeout_s: float = Field(600.0, gt=0, description="Wall-clock budget of one episode.")
+    camera_timeout_s: float = Field(2.0, gt=0, le=60, description="Longest wait for one camera frame.")
+    max_subtasks: int = Field(8, ge=1, le=8, description="Subtasks beyond this are dropped (v1 grammar: 8).")
+
+
+@dataclass(frozen=True, slots=True)
+class SceneHooks:
+    """Optional knowledge the loop can pass on: a scene description for text-only policies (the simulator
+    writes one; a real robot has none) and where the gripper appears in the image (verifier hint)."""
+
+    describe: Callable[[], str] | None = None
+    gripper_pixel: Callable[[ArmState], tuple[float, float] | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerEvent:
+    """Something that happened in the loop; subscribers record, print or stream it."""
+
+    kind: str  # episode_start | subtasks | step | safety | executed | verified | episode_end
+    t: float  # seconds since the episode start (monotonic)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class EpisodeSubscriber(Protocol):
+    def on_event(self, event: RunnerEvent) -> None:
+        """Called synchronously from the loop; must be quick and must not raise (errors are logged)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeResult:
+    outcome: Outcome
+    detail: str
+    subtasks: tuple[str, ...] = ()
+    completed_subtasks: int = 0
+    steps: int = 0
+    retries: int = 0
+    duration_s: float = 0.0
+    stage_latency_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    """Internal: leave the loop with an outcome."""
+
+    def __init__(self, outcome: Outcome, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+
+
+class EpisodeRunner:
+    """Runs episodes on one policy, arm, camera, verifier and limiter. One episode at a time;
+    `cancel()` and `estop()` may be called from any thread."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        arm: Arm,
+        camera: Camera,
+        verifier: Verifier,
+        limiter: SafetyLimiter,
+        config: RunnerConfig | None = None,
+        hooks: SceneHooks | None = None,
+        subscribers: list[EpisodeSubscriber] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.arm = arm
+        self.camera = camera
+        self.verifier = verifier
+        self.limiter = limiter
+        self.config = config or RunnerConfig()
+        self.hooks = hooks or SceneHooks()
+        self.subscribers = list(subscribers or [])
+        self._clock = clock
+        self._cancel = threading.Event()
+        self._stop_reason: str | None = None
+        self._busy = threading.Lock()
+        self._t0 = 0.0
+        if not policy.needs_image and self.hooks.describe is None:
+            raise UserError(
+                "this model bundle is text-only and needs a scene description, which only the simulator provides; "
+                "use a vision bundle on a real robot"
+            )
+
+    # --- control from other threads ----------------------------------------------------------------
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the episode as soon as possible (between decode steps or motion segments); arm holds."""
+        self._stop_reason = self._stop_reason or reason
+        self._cancel.set()
+        self.arm.stop()
+
+    def estop(self, reason: str = "e-stop") -> None:
+        """Latch the limiter's e-stop (nothing moves until its reset), halt the arm, end the episode."""
+        self.limiter.estop(reason)
+        self.cancel(f"e-stop: {reason}")
+
+    @property
+    def running(self) -> bool:
+        return self._busy.locked()
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def run(self, instruction: str) -> EpisodeResult:
+        instruction = " ".join(instruction.split())
+        if not instruction:
+            raise UserError("the instruction is empty")
+        if not self._busy.acquire(blocking=False):
+            raise UserError("an episode is already running")
+        self._cancel.clear()
+        self._stop_reason = None
+        self._t0 = self._clock()
+        latencies: dict[str, list[float]] = {"subtasks": [], "motion": [], "action": [], "execute": [], "verify": []}
+        progress = {"subtasks": (), "done": 0, "steps": 0, "retries": 0}
+        result: EpisodeResult | None = None
+        try:
+            self._emit("episode_start", instruction=instruction, bundle_id=self.policy.bundle_id)
+            if self.limiter.engaged:
+                raise _Stop("aborted", f"the e-stop is engaged ({self.limiter.estop_reason}); reset it first")
+            result = self._episode(instruction, latencies, progress)
+        except _Stop as stop:
+            result = self._result(stop.outcome, stop.detail, latencies, progress)
+        except (GenerationCancelled, EStopEngaged) as exc:
+            result = self._result("aborted", self._stop_reason or str(exc), latencies, progress)
+        except (DeviceError, Vlm2VlaError) as exc:
+            log.error("episode error=%r", str(exc))
+            result = self._result("error", f"{type(exc).__name__}: {exc}", latencies, progress)
+        except Exception as exc:  # a bug must still end with the arm stopped and the episode recorded
+            log.exception("episode crashed")
+            result = self._result("error", f"internal error: {type(exc).__name__}: {exc}", latencies, progress)
+        finally:
+            try:
+                self.arm.stop()
+            except Exception as exc:  # noqa: BLE001 - keep going: the outcome must still be reported
+                log.error("arm stop failed error=%r", str(exc))
+            if result is None:  # KeyboardInterrupt / SystemExit: still tell the subscribers
+                result = self._result("aborted", "interrupted", latencies, progress)
+            self._emit("episode_end", outcome=result.outcome, detail=result.detail, result=result)
+            self._busy.release()
+        return result
+
+    def _episode(self, instruction: str, latencies: dict[str, list[float]], progress: dict[str, Any]) -> EpisodeResult:
+        cfg = self.config
+        frame, state = self._observe()
+        began = self._clock()
+        planned = self.policy.subtasks(self._observation(frame), instruction, cancel=self._cancel)
+        latencies["subtasks"].append(self._clock() - began)
+        subtasks = tuple(planned.subtasks)[: cfg.max_subtasks]
+        progress["subtasks"] = subtasks
+        self._emit("subtasks", subtasks=list(subtasks), output=planned.output, frame=frame, state=state)
+
+        for index, subtask in enumerate(subtasks):
+            next_subtask = subtasks[index + 1] if index + 1 < len(subtasks) else None
+            failures = 0
+            while True:
+                self._check_budget(progress)
+                progress["steps"] += 1
+                verdict = self._attempt(instruction, index, subtask, next_subtask, failures > 0, latencies)
+                if verdict.success:
+                    progress["done"] = index + 1
+                    break
+                failures += 1
+                progress["retries"] += 1
+                if failures > cfg.max_retries_per_subtask:
+                    raise _Stop(
+                        "failed",
+                        f"subtask {index + 1} '{subtask}' failed {failures} times; last verdict: {verdict.reason}",
+                    )
+        return self._result("success", f"all {len(subtasks)} subtasks verified", latencies, progress)
+
+    def _attempt(
+        self,
+        instruction: str,
+        index: int,
+        subtask: str,
+        next_subtask: str | None,
+        retry: bool,
+        latencies: dict[str, list[float]],
+    ) -> Verdict:
+        """One step of one subtask; returns the verifier's verdict (a failed one for unusable output)."""
+        frame, pre_state = self._observe()
+        began = self._clock()
+        try:
+            step: StepResult = self.policy.step(
+                self._observation(frame), instruction, subtask, retry=retry, cancel=self._cancel
+            )
+        except ParseError as exc:  # the grammar should prevent this; a semantic bound can still refuse
+            self._emit("step", subtask_index=index, subtask=subtask, retry=retry, error=str(exc), frame=frame, state=pre_state)
+            return self._unverified(f"model output rejected by the parser: {exc}")
+        elapsed = self._clock() - began
+        motion_s = step.motion_output.timings.get("total_s")
+        action_s = step.action_output.timings.get("total_s")
+        latencies["motion"].append(motion_s if motion_s is not None else elapsed / 2)
+        latencies["action"].append(action_s if action_s is not None else elapsed / 2)
+        chunk = reaggregate(step.chunk, self.policy.action_language.postprocess)
+        self._emit(
+            "step", subtask_index=index, subtask=subtask, retry=retry, step=step, postprocessed=chunk,
+            frame=frame, state=pre_state,
+        )
+        verdict_of_limiter = self.limiter.check_chunk(chunk, pre_state.position)
+        self._emit("safety", subtask_index=index, verdict=verdict_of_limiter)
+        began = self._clock()
+        results = self._execute(verdict_of_limiter)
+        latencies["execute"].append(self._clock() - began)
+        post_frame, post_state = self._observe()
+        self._emit("executed", subtask_index=index, results=results, commands=verdict_of_limiter.commands, state=post_state)
+        if verdict_of_limiter.rejected and not verdict_of_limiter.commands:
+            verdict = self._unverified(f"safety limiter rejected the chunk: {verdict_of_limiter.reason}")
+        else:
+            request = VerificationRequest(
+                instruction=instruction,
+                subtask=subtask,
+                next_subtask=next_subtask,
+                motion_plan=step.motion.text,
+                pre_image=frame.image,
+                post_image=post_frame.image,
+                pre_state=pre_state,
+                post_state=post_state,
+                commanded_translation=_executed_translation(verdict_of_limiter, results),
+                gripper_change=_gripper_change(pre_state, verdict_of_limiter, results),
+                gripper_pixel=self.hooks.gripper_pixel(post_state) if self.hooks.gripper_pixel else None,
+            )
+            began = self._clock()
+            verdict = self.verifier.verify(request, cancel=self._cancel)
+            latencies["verify"].append(self._clock() - began)
+            if verdict.cancelled:
+                raise GenerationCancelled("cancelled during verification")
+            if verdict_of_limiter.rejected and verdict.success:
+                # Part of the chunk was refused; the verifier judged what did run. Keep its verdict, but say so.
+                verdict = Verdict(**{**verdict.to_dict(), "reason": f"{verdict.reason} (chunk partly rejected: {verdict_of_limiter.reason})"})
+        self._emit("verified", subtask_index=index, subtask=subtask, verdict=verdict, frame=post_frame, state=post_state)
+        return verdict
+
+    def _execute(self, verdict: ChunkVerdict) -> list[MoveResult]:
+        results: list[MoveResult] = []
+        for command in verdict.commands:
+            if self._cancel.is_set():
+                raise GenerationCancelled(self._stop_reason or "cancelled")
+            try:
+                result = self.arm.execute(command, cancel=self._cancel)
+            except SafetyViolation as exc:
+                if isinstance(exc, EStopEngaged) or self.limiter.engaged:
+                    raise
+                raise DeviceError(f"arm refused a command: {exc}") from exc
+            results.append(result)
+            if not result.completed:
+                if self._cancel.is_set():
+                    raise GenerationCancelled(self._stop_reason or "cancelled")
+                break  # stopped short (the driver said why in result.note): verify what happened
+        return results
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _observe(self) -> tuple[Frame, ArmState]:
+        if self._cancel.is_set():
+            raise GenerationCancelled(self._stop_reason or "cancelled")
+        frame = self.camera.read(timeout_s=self.config.camera_timeout_s)
+        return frame, self.arm.read_state()
+
+    def _observation(self, frame: Frame) -> Observation:
+        if self.policy.needs_image:
+            return Observation(image=frame.image)
+        assert self.hooks.describe is not None  # checked in __init__
+        return Observation(image=frame.image, scene=self.hooks.describe())
+
+    def _check_budget(self, progress: dict[str, Any]) -> None:
+        if self._cancel.is_set():
+            raise GenerationCancelled(self._stop_reason or "cancelled")
+        if progress["steps"] >= self.config.max_steps:
+            raise _Stop("failed", f"step budget of {self.config.max_steps} steps used up")
+        if self._clock() - self._t0 > self.config.episode_timeout_s:
+            raise _Stop("failed", f"time budget of {self.config.episode_timeout_s:.0f} s used up")
+
+    def _unverified(self, reason: str) -> Verdict:
+        return Verdict(success=False, reason=reason, verifier="runner", latency_s=0.0, attempts=0)
+
+    def _result(
+        self, outcome: Outcome, detail: str, latencies: dict[str, list[float]], progress: dict[str, Any]
+    ) -> EpisodeResult:
+        return EpisodeResult(
+            outcome=outcome,
+            detail=detail,
+            subtasks=tuple(progress["subtasks"]),
+            completed_subtasks=progress["done"],
+            steps=progress["steps"],
+            retries=progress["retries"],
+            duration_s=self._clock() - self._t0,
+            stage_latency_s={k: list(v) for k, v in latencies.items()},
+        )
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        event = RunnerEvent(kind=kind, t=self._clock() - self._t0, data=data)
+        for subscriber in self.subscribers:
+            try:
+                subscriber.on_event(event)
+            except Exception:  # noqa: BLE001 - a broken printer must not stop a robot mid-episode
+                log.exception("subscriber %s failed on %s", type(subscriber).__name__, kind)
+
+
+def _executed_translation(verdict: ChunkVerdict, results: list[MoveResult]) -> tuple[float, float, float]:
+    total = [0.0, 0.0, 0.0]
+    for command, _ in zip(verdict.commands, results):
+        for axis, value in enumerate(command.delta):
+            total[axis] += value
+    return (total[0], total[1], total[2])
+
+
+def _gripper_change(pre: ArmState, verdict: ChunkVerdict, results: list[MoveResult]) -> Literal["close", "open"] | None:
+    executed = [c for c, r in zip(verdict.commands, results) if r.completed]
+    if not executed:
+        return None
+    last = executed[-1].gripper_open
+    if last == pre.gripper_open:
+        return None
+    return "open" if last else "close"
+

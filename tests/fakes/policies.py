@@ -1,0 +1,97 @@
+"""Fake policies at the `Policy` interface: scripted, hostile and blocking ones (no model needed)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Sequence
+
+from vlm2vla_edge.runtime.config import ActionLanguage
+from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan, parse_subtasks
+from vlm2vla_edge.runtime.policy.interface import (
+    GenerationCancelled,
+    Observation,
+    StageOutput,
+    StepResult,
+    SubtasksResult,
+)
+
+
+class ScriptedPolicy:
+    """Answers from fixed texts, parsed by the real parser, exactly like a model would be.
+
+    `actions` is a list of action-chunk texts used in turn (the last one repeats); `on_step` lets a
+    test observe or block each step.
+    """
+
+    def __init__(
+        self,
+        subtasks: Sequence[str] = ("Move to the carrot", "Grasp the carrot"),
+        actions: Sequence[str] = ("[[0.02, 0, -0.02, 1]]",),
+        motion: str = "Move primarily forward and slightly down",
+        needs_image: bool = True,
+        on_step: Callable[[int, threading.Event | None], None] | None = None,
+    ) -> None:
+        self._subtasks = '["' + '", "'.join(subtasks) + '"]'
+        self._actions = list(actions)
+        self._motion = motion
+        self._needs_image = needs_image
+        self._on_step = on_step
+        self.steps = 0
+        self.retries = 0
+        self.observations: list[Observation] = []
+
+    @property
+    def needs_image(self) -> bool:
+        return self._needs_image
+
+    @property
+    def action_language(self) -> ActionLanguage:
+        return ActionLanguage()
+
+    @property
+    def bundle_id(self) -> str:
+        return "scripted-fake"
+
+    def subtasks(self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None) -> SubtasksResult:
+        self.observations.append(observation)
+        return SubtasksResult(
+            subtasks=parse_subtasks(self._subtasks),
+            output=StageOutput("subtasks", f"plan: {instruction}", self._subtasks, {"total_s": 0.001}),
+        )
+
+    def step(
+        self,
+        observation: Observation,
+        instruction: str,
+        subtask: str,
+        *,
+        retry: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        self.observations.append(observation)
+        index = self.steps
+        self.steps += 1
+        self.retries += int(retry)
+        if self._on_step is not None:
+            self._on_step(index, cancel)
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("cancelled")
+        text = self._actions[min(index, len(self._actions) - 1)]
+        return StepResult(
+            motion=parse_motion_plan(self._motion),
+            chunk=parse_action_chunk(text, self.action_language),
+            motion_output=StageOutput("motion", f"motion for {subtask}", self._motion, {"total_s": 0.001}),
+            action_output=StageOutput("action", f"action for {subtask}", text, {"total_s": 0.001}),
+        )
+
+
+def block_until_cancelled(started: threading.Event, limit_s: float = 10.0) -> Callable[[int, threading.Event | None], None]:
+    """An `on_step` hook that simulates a long generation which checks the cancel flag every step."""
+
+    def hook(index: int, cancel: threading.Event | None) -> None:
+        started.set()
+        assert cancel is not None
+        if cancel.wait(limit_s):
+            raise GenerationCancelled("cancelled mid-generation")
+
+    return hook
