@@ -338,7 +338,7 @@ def resolve_config_path(name_or_path: str | Path, model: type[BaseModel]) -> Pat
     raise ConfigError(f"no {model.__name__} preset named '{name_or_path}'{hint}")
 
 
-def _describe_validation_error(path: Path, error: ValidationError) -> str:
+def describe_validation_error(path: Path, error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -373,7 +373,7 @@ def load_config(name_or_path: str | Path, model: type[ModelT]) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe_validation_error(path, exc)) from exc
+        raise ConfigError(describe_validation_error(path, exc)) from exc
 
 
 def load_robot_config(name_or_path: str | Path = "widowx250s") -> RobotConfig:

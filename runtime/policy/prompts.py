@@ -1,0 +1,186 @@
+"""Prompt templates of the three VLM2VLA stages, in Gemma's chat format; one source for runtime and training.
+
+The VLM2VLA paper (actions as language) asks one fine-tuned VLM three kinds of question:
+
+1. subtasks: from the first observation and the instruction, the list of subtasks (once per episode);
+2. motion plan: from the current observation, the instruction and the current subtask, one line
+   saying how the gripper should move next;
+3. action: the same, plus that motion plan, answered with an action chunk `[[dx, dy, dz, gripper], ...]`.
+
+No code of the paper is public, so the wording here is ours. Its shape is chosen for KV-cache reuse:
+the motion and action prompts of one step share a prefix (turn start + observation + instruction +
+subtask), and differ only in a short stage suffix. The decoder evaluates the prefix, with its image,
+once per step, and appends each stage's suffix to the cached prefix. The subtask prompt shares the
+first part of that prefix (turn start + observation + instruction) too.
+
+Every prompt is exactly what Gemma-3's chat template (`tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)`) renders for one user message whose content is the image followed by the
+text, with two differences the consumers must know:
+
+- the `<bos>` the template starts with is not in our strings: both llama.cpp (`add_special=True`) and
+  transformers (`add_special_tokens=True`) add it when tokenizing, and writing it as text too would
+  give two. Tokenize the prefix (or a whole prompt) with special tokens added, a suffix without;
+- the image is llama.cpp mtmd's media marker `<__media__>` where the template writes
+  `<start_of_image>`: mtmd replaces the marker by `<start_of_image>`, the image embeddings and
+  `<end_of_image>`. (Text-only bundles get a scene description in its place.)
+
+The training side renders its samples with these same methods, and a model answer (the training
+target) with `render_answer`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from vlm2vla_edge.runtime.config import StrictModel
+from vlm2vla_edge.runtime.errors import UserError
+
+# llama.cpp mtmd's default media marker (`mtmd_default_marker()`): where the image goes in the text.
+MEDIA_MARKER = "<__media__>"
+
+# Text in angle brackets can be read as a control token (llama.cpp tokenizes prompts with special-token
+# parsing on, so "<end_of_turn>" typed in an instruction would end the user turn). User text never
+# needs it, so it is refused rather than escaped.
+_CONTROL_LIKE = re.compile(r"<[A-Za-z0-9_/|]+>")
+
+
+class PromptError(UserError):
+    """An instruction, subtask, plan or scene cannot be put into a prompt as given."""
+
+
+def _clean(value: str, what: str, *, one_line: bool = True) -> str:
+    """Trimmed (as the chat template's `trim` does), no control-token look-alikes; by default one line
+    with single spaces, so a stray newline in an instruction cannot reshape the prompt."""
+    if not isinstance(value, str):
+        raise PromptError(f"the {what} must be text, not {type(value).__name__}")
+    text = " ".join(value.split()) if one_line else value.strip()
+    if not text:
+        raise PromptError(f"the {what} is empty")
+    found = _CONTROL_LIKE.search(text)
+    if found:
+        raise PromptError(
+            f"the {what} must not contain '{found.group(0)}': text in angle brackets can be read as a control token"
+        )
+    return text
+
+
+def _fields_of(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+class PromptTemplates(StrictModel):
+    """The wording of every prompt, stored in the bundle manifest so the runtime asks what training taught.
+
+    Templates use `{name}` placeholders; each field admits exactly the placeholders listed in its
+    description. The defaults are the Gemma-3 chat format and our VLM2VLA wording.
+    """
+
+    user_start: str = Field("<start_of_turn>user\n", description="Opens the user turn. No placeholders.")
+    user_end: str = Field(
+        "<end_of_turn>\n<start_of_turn>model\n",
+        description="Closes the user turn and opens the model's (the generation prompt). No placeholders.",
+    )
+    answer_end: str = Field("<end_of_turn>\n", description="Follows a model answer in training text. No placeholders.")
+    scene: str = Field(
+        "Scene: {scene}\n", description="Observation of a text-only bundle, in place of the image. {scene}."
+    )
+    task: str = Field("Task: {instruction}\n", description="The instruction line. {instruction}.")
+    subtasks_question: str = Field(
+        'List the subtasks the robot must complete, in order, as ["...", "..."].',
+        description="Asks for the subtask list. No placeholders.",
+    )
+    subtask: str = Field("Current subtask: {subtask}\n", description="The current subtask line. {subtask}.")
+    motion_question: str = Field(
+        "How should the gripper move next? Answer in one sentence.",
+        description="Asks for the motion plan. No placeholders.",
+    )
+    plan: str = Field("Motion plan: {plan}\n", description="The motion plan line of the action prompt. {plan}.")
+    action_question: str = Field(
+        "Give the next actions as [[dx, dy, dz, gripper], ...].",
+        description="Asks for the action chunk. No placeholders.",
+    )
+    stop_tokens: tuple[str, ...] = Field(
+        ("<end_of_turn>", "<eos>"), min_length=1, description="Token texts that end a generation."
+    )
+
+    _PLACEHOLDERS: ClassVar[dict[str, set[str]]] = {
+        "user_start": set(),
+        "user_end": set(),
+        "answer_end": set(),
+        "scene": {"scene"},
+        "task": {"instruction"},
+        "subtasks_question": set(),
+        "subtask": {"subtask"},
+        "motion_question": set(),
+        "plan": {"plan"},
+        "action_question": set(),
+    }
+
+    @field_validator(
+        "user_start", "user_end", "answer_end", "scene", "task", "subtasks_question", "subtask",
+        "motion_question", "plan", "action_question",
+    )
+    @classmethod
+    def _placeholders(cls, value: str, info) -> str:  # type: ignore[no-untyped-def]
+        expected = cls._PLACEHOLDERS[info.field_name]
+        try:
+            found = _fields_of(value)
+        except ValueError as exc:
+            raise ValueError(f"is not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from exc
+        if found != expected:
+            want = ", ".join(f"{{{n}}}" for n in sorted(expected)) or "no placeholders"
+            raise ValueError(f"must use exactly {want}, found {sorted(found) or 'none'}")
+        if MEDIA_MARKER in value:
+            raise ValueError(f"must not contain the media marker {MEDIA_MARKER}")
+        return value
+
+    # --- rendering -----------------------------------------------------------------------------------
+
+    def render_observation(self, scene: str | None = None) -> str:
+        """The image marker (scene=None, vision bundles) or the scene description (text-only bundles)."""
+        if scene is None:
+            return MEDIA_MARKER
+        return self.scene.format(scene=_clean(scene, "scene description"))
+
+    def render_task_prefix(self, instruction: str, scene: str | None = None) -> str:
+        """Turn start + observation + instruction: the part shared by the subtask prompt and a step prefix."""
+        return (
+            self.user_start
+            + self.render_observation(scene)
+            + self.task.format(instruction=_clean(instruction, "instruction"))
+        )
+
+    def render_subtasks_prompt(self, instruction: str, scene: str | None = None) -> str:
+        """Stage 1, once per episode: the whole prompt asking for the subtask list."""
+        return self.render_task_prefix(instruction, scene) + self.subtasks_question + self.user_end
+
+    def render_step_prefix(self, instruction: str, subtask: str, scene: str | None = None) -> str:
+        """The prefix shared by the motion and action prompts of one step (evaluated once, then cached)."""
+        return self.render_task_prefix(instruction, scene) + self.subtask.format(subtask=_clean(subtask, "subtask"))
+
+    def render_motion_suffix(self) -> str:
+        """Stage 2's suffix after the step prefix: the motion-plan question and the turn change."""
+        return self.motion_question + self.user_end
+
+    def render_action_suffix(self, plan: str) -> str:
+        """Stage 3's suffix after the step prefix: the motion plan, the action question, the turn change."""
+        return self.plan.format(plan=_clean(plan, "motion plan")) + self.action_question + self.user_end
+
+    def render_motion_prompt(self, instruction: str, subtask: str, scene: str | None = None) -> str:
+        """The whole motion prompt (prefix + suffix), e.g. for a training sample."""
+        return self.render_step_prefix(instruction, subtask, scene) + self.render_motion_suffix()
+
+    def render_action_prompt(self, instruction: str, subtask: str, plan: str, scene: str | None = None) -> str:
+        """The whole action prompt (prefix + suffix), e.g. for a training sample."""
+        return self.render_step_prefix(instruction, subtask, scene) + self.render_action_suffix(plan)
+
+    def render_answer(self, answer: str) -> str:
+        """A model answer as it follows its prompt in training text (the loss-masked target)."""
+        return _clean(answer, "answer", one_line=False) + self.answer_end
+
+
+DEFAULT_PROMPTS = PromptTemplates()
