@@ -15,8 +15,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import model_fixtures
+
+# Shared 2-core machines: no per-example deadline (timing is the benchmarks' job). In CI the examples
+# are derandomized, so a red run is reproducible from its log.
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 from vlm2vla_edge.runtime.policy.bundle import Bundle
 
 
