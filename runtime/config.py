@@ -244,9 +244,10 @@ class StageSampling(StrictModel):
 
     subtasks: Sampling = Sampling(temperature=0.5, max_tokens=256)
     motion: Sampling = Sampling(temperature=0.1, max_tokens=64)
-    action: Sampling = Sampling(temperature=0.5, max_tokens=384)
+    # 512 tokens hold the longest v1 chunk (16 actions of three signed 3-decimal numbers: ~420 tokens).
+    action: Sampling = Sampling(temperature=0.5, max_tokens=512)
     retry: Sampling = Field(
-        Sampling(temperature=1.0, max_tokens=384),
+        Sampling(temperature=1.0, max_tokens=512),
         description="Used for motion and action stages after a failed step (out-of-distribution retry).",
     )
 
@@ -282,7 +283,9 @@ class PolicyConfig(StrictModel):
     n_batch: int = Field(512, ge=32)
     n_ubatch: int = Field(512, ge=32, description="Must hold one image's tokens (256 for Gemma-3).")
     constraint: Literal["check", "mask"] = Field(
-        "check", description="check: sample then validate (mask only on rejection); mask: mask every step."
+        "mask",
+        description="mask: sample from the allowed tokens only (fastest, bench/grammar_overhead.py); "
+        "check: sample, then validate and resample on rejection.",
     )
     fast_forward: bool = Field(True, description="Append grammar-forced tokens without sampling.")
 

@@ -58,7 +58,7 @@ class EpisodeRecorder:
         image = self._frame(data["frame"])
         common = {"subtask_index": data["subtask_index"], "subtask": data["subtask"], "extra": {"retry": data["retry"]}}
         if "error" in data:
-            self._append(stage="action", state=state, image=image, error=data["error"], **common)
+            self._append(stage="action", state=state, image=image, error=data["error"], raw_text=data.get("raw_text"), **common)
             return
         step: StepResult = data["step"]
         self._append(

@@ -24,7 +24,7 @@ from pydantic import Field
 from vlm2vla_edge.runtime.config import StrictModel
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.parser import ParseError
-from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, Policy, StepResult
+from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, Policy, PolicyOutputError, StepResult
 from vlm2vla_edge.runtime.postprocess import reaggregate
 from vlm2vla_edge.runtime.robot.base import Arm, ArmState, Camera, DeviceError, Frame, MoveResult
 from vlm2vla_edge.runtime.safety import ChunkVerdict, EStopEngaged, SafetyLimiter, SafetyViolation
@@ -164,6 +164,8 @@ class EpisodeRunner:
             result = self._result(stop.outcome, stop.detail, latencies, progress)
         except (GenerationCancelled, EStopEngaged) as exc:
             result = self._result("aborted", self._stop_reason or str(exc), latencies, progress)
+        except PolicyOutputError as exc:  # no usable subtask list: nothing to attempt
+            result = self._result("failed", str(exc), latencies, progress)
         except (DeviceError, Vlm2VlaError) as exc:
             log.error("episode error=%r", str(exc))
             result = self._result("error", f"{type(exc).__name__}: {exc}", latencies, progress)
@@ -226,9 +228,11 @@ class EpisodeRunner:
             step: StepResult = self.policy.step(
                 self._observation(frame), instruction, subtask, retry=retry, cancel=self._cancel
             )
-        except ParseError as exc:  # the grammar should prevent this; a semantic bound can still refuse
-            self._emit("step", subtask_index=index, subtask=subtask, retry=retry, error=str(exc), frame=frame, state=pre_state)
-            return self._unverified(f"model output rejected by the parser: {exc}")
+        except (PolicyOutputError, ParseError) as exc:  # the grammar prevents most; a token budget can still cut
+            text = getattr(exc, "text", None)
+            self._emit("step", subtask_index=index, subtask=subtask, retry=retry, error=str(exc), raw_text=text,
+                       frame=frame, state=pre_state)
+            return self._unverified(f"unusable model output: {exc}")
         elapsed = self._clock() - began
         motion_s = step.motion_output.timings.get("total_s")
         action_s = step.action_output.timings.get("total_s")

@@ -154,3 +154,52 @@ def test_fast_acceptance_matches_decoder_path(grammar, lark_parser: Lark) -> Non
     for _ in range(100):
         text = mutate(derive_gbnf(rules, rng), rng)
         assert llg.accepts(text) is llg.accepts_by_consuming(text), text
+
+
+# --- the action grammar narrowed to a bundle's bounds ------------------------------------------------
+
+NARROWINGS = [(0.2, 3, 16), (0.05, 2, 4), (0.123, 3, 10), (0.2, 1, 1), (0.999, 3, 16)]
+
+
+@pytest.mark.parametrize(("max_abs", "decimals", "steps"), NARROWINGS)
+def test_narrowed_action_grammar_only_admits_what_parses(max_abs: float, decimals: int, steps: int) -> None:
+    """Whatever the decoder can write under the narrowed grammar, the parser accepts with the same
+    bounds: no out_of_range or too_many_steps retries are possible."""
+    from vlm2vla_edge.grammars import action_chunk_gbnf
+    from vlm2vla_edge.runtime.config import ActionLanguage
+    from vlm2vla_edge.runtime.parser import parse_action_chunk
+
+    language = ActionLanguage(max_abs_value_m=max_abs, decimals=decimals, max_steps=steps)
+    text = action_chunk_gbnf(max_abs, decimals, steps)
+    rules = GbnfReader(text).read()
+    generic = LlgAcceptor(load_gbnf("action_chunk"))
+    rng = random.Random(11)
+    for _ in range(400):
+        sample = derive_gbnf(rules, rng)
+        chunk = parse_action_chunk(sample, language)  # raises on any violation
+        assert len(chunk) <= steps
+        assert generic.accepts(sample), sample  # still a sentence of v1
+
+
+@pytest.mark.parametrize(("max_abs", "decimals", "steps"), NARROWINGS)
+def test_narrowed_action_grammar_admits_every_in_bounds_chunk(max_abs: float, decimals: int, steps: int) -> None:
+    from vlm2vla_edge.grammars import action_chunk_gbnf
+    from vlm2vla_edge.runtime.action_text import format_action_chunk
+    from vlm2vla_edge.runtime.actions import Action, ActionChunk
+    from vlm2vla_edge.runtime.config import ActionLanguage
+
+    language = ActionLanguage(max_abs_value_m=max_abs, decimals=decimals, max_steps=steps)
+    acceptor = LlgAcceptor(action_chunk_gbnf(max_abs, decimals, steps))
+    rng = random.Random(5)
+    units = int(max_abs * 10**decimals + 1e-9)
+    for _ in range(300):
+        n = rng.randint(1, steps)
+        values = [[rng.choice([-1, 1]) * rng.randint(0, units) / 10**decimals for _ in range(3)] for _ in range(n)]
+        chunk = ActionChunk(tuple(Action(*v, float(rng.randint(0, 1))) for v in values))
+        text = format_action_chunk(chunk, language)
+        assert acceptor.accepts(text), text
+    # and the bounds themselves are enforced
+    over = (units + 1) / 10**decimals
+    if over < 1:
+        assert not acceptor.accepts(f"[[{over:.{decimals}f}, 0, 0, 1]]")
+    assert not acceptor.accepts("[" + ", ".join(["[0, 0, 0, 1]"] * (steps + 1)) + "]")

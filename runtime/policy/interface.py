@@ -21,6 +21,18 @@ class GenerationCancelled(Vlm2VlaError):
     """The caller's cancel flag stopped a generation between two decode steps."""
 
 
+class PolicyOutputError(Vlm2VlaError):
+    """A stage's output did not parse, or was cut off by its token budget; carries the raw text so the
+    episode can record it and retry."""
+
+    def __init__(self, stage: str, text: str, reason: str, timings: object | None = None) -> None:
+        super().__init__(f"the {stage} stage produced unusable output: {reason}")
+        self.stage = stage
+        self.text = text
+        self.reason = reason
+        self.timings = timings
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """What the policy sees: a camera image (vision bundles) or a scene description (text-only bundles)."""
@@ -47,6 +59,7 @@ class StageOutput:
 class SubtasksResult:
     subtasks: SubtaskList
     output: StageOutput
+    timings: object | None = None  # implementation-specific detail (the engine's StageTimings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +70,14 @@ class StepResult:
     chunk: ActionChunk
     motion_output: StageOutput
     action_output: StageOutput
+    retry: bool = False
+    timings: object | None = None  # implementation-specific detail (the engine's StageTimings)
 
 
 @runtime_checkable
 class Policy(Protocol):
     """The three VLM2VLA stages. Implementations raise `GenerationCancelled` when `cancel` is set,
-    `ParseError` for output that does not parse, and `Vlm2VlaError` subclasses for model faults."""
+    `PolicyOutputError` for output that does not parse, and `Vlm2VlaError` subclasses for model faults."""
 
     @property
     def needs_image(self) -> bool:

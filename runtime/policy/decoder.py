@@ -1,0 +1,811 @@
+"""The only module that talks to llama.cpp: model, context, KV cache, batches, samplers, mtmd, grammar.
+
+Why it exists: llama-cpp-python's high-level API puts the grammar sampler inside the sampler chain,
+so every token checks Gemma's whole 262,144-token vocabulary against the grammar (2.4-3.8x slower
+than free decoding), and its vision handlers clear the KV cache on every call. Here we drive
+llama.cpp's native sampler chain through the low-level API and constrain it with llguidance:
+
+- *mask* mode: the native chain samples from the allowed tokens only. Usually a handful of
+  tokens are allowed, so the chain runs on a tiny candidate array instead of 262,144 logits,
+  and a constrained step costs *less* than a free one (bench/grammar_overhead.py).
+  *check* mode: sample from the whole vocabulary first, ask the matcher (`validate_tokens`), and
+  restrict and resample only on rejection.
+- *fast-forward*: tokens the grammar forces (`compute_ff_tokens`) are appended without sampling
+  and evaluated in ONE batch together with the sampled token, which costs little more than one.
+- a shared prefix (text, or text + image through mtmd) is evaluated once; each stage drops what
+  follows the prefix from the KV cache and appends its own suffix (`swa_full` makes that possible
+  for Gemma 3's sliding-window layers).
+
+Every NULL pointer and error code from llama.cpp becomes an exception here; nothing else in the
+project touches ctypes. A decoder is not thread-safe: one generation at a time (the cancel event
+is the only thing another thread may touch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import secrets
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from vlm2vla_edge.runtime.config import PolicyConfig, Sampling
+from vlm2vla_edge.grammars import GrammarError, validate_gbnf
+from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["grammar_end", "eos", "max_tokens", "cancelled"]
+
+_GGUF_MAGIC = b"GGUF"
+# Up to this many 32-token bitmask words with an allowed token, sample from a candidate array of the
+# allowed tokens only (at most 32 x 256 = 8192 candidates); above it, mask the full logits.
+_SPARSE_MAX_WORDS = 256
+_ARANGE32 = np.arange(32, dtype=np.int64)
+_CANDIDATE_DTYPE = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
+class DecoderError(Vlm2VlaError):
+    """llama.cpp or llguidance failed at run time (decode error, KV cache full, matcher error)."""
+
+
+class ModelLoadError(UserError):
+    """A model or projector file is missing, not a GGUF, truncated, or incompatible."""
+
+
+# A grammar that does not compile raises `vlm2vla_edge.grammars.GrammarError` when it is loaded
+# (`compile_grammar`), never at generation time.
+__all__ = [
+    "DecoderError", "Generation", "Grammar", "GrammarError", "LlamaDecoder", "ModelLoadError", "Prefix",
+    "StopReason", "Timings",
+]
+
+
+# --- llama.cpp logging ------------------------------------------------------------------------------
+# llama.cpp prints everything to stderr unless given a callback. We route it into `logging` and keep
+# the last error lines, so that a failed load can say *why* in its exception.
+
+# ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation. llama.cpp's "info" is a
+# page of model facts per load: debug for us.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_llama_log = logging.getLogger("vlm2vla_edge.llama_cpp")
+_recent_errors: list[str] = []
+_last_level = [logging.DEBUG]
+
+
+def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace").rstrip()
+    py_level = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = py_level
+    if py_level >= logging.WARNING and message:
+        _recent_errors.append(message)
+        del _recent_errors[:-8]
+    if message and _llama_log.isEnabledFor(py_level):
+        _llama_log.log(py_level, message)
+
+
+_callbacks: dict[str, object] = {}  # keeps the ctypes callbacks alive for the life of the process
+
+
+def _install_log_callbacks() -> None:
+    if "llama" in _callbacks:
+        return
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    llama_cb = llama_cpp.llama_log_callback(_on_llama_log)
+    llama_cpp.llama_log_set(llama_cb, ctypes.c_void_p(0))
+    _callbacks["llama"] = llama_cb
+    try:
+        mtmd_cb = llama_cpp.llama_log_callback(_on_llama_log)
+        mtmd_cpp.mtmd_helper_log_set(mtmd_cb, ctypes.c_void_p(0))
+        _callbacks["mtmd"] = mtmd_cb
+    except (AttributeError, OSError):  # a build without mtmd: text models still work
+        pass
+
+
+def _take_recent_errors() -> str:
+    text = " | ".join(line for line in _recent_errors if line)
+    _recent_errors.clear()
+    return text
+
+
+_backend_lock = threading.Lock()
+_backend_ready = [False]
+
+
+def _ensure_backend() -> None:
+    with _backend_lock:
+        if not _backend_ready[0]:
+            import llama_cpp
+
+            _install_log_callbacks()
+            llama_cpp.llama_backend_init()
+            _backend_ready[0] = True
+
+
+# --- public value types -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where the time of one generation went. Prefill counts only what this call evaluated."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    image_encode_s: float = 0.0
+    decode_s: float = 0.0
+    sampled_tokens: int = 0
+    forced_tokens: int = 0
+    masked_resamples: int = 0
+    decode_batches: int = 0
+    reused_tokens: int = 0  # prompt tokens found in the cache after the prefix, not evaluated again
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.sampled_tokens + self.forced_tokens
+
+    @property
+    def model_s(self) -> float:
+        return self.prefill_s + self.image_encode_s + self.decode_s
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One stage's output. `text` is exactly the grammar's language when a grammar was given."""
+
+    text: str
+    tokens: tuple[int, ...]
+    stop_reason: StopReason
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """A grammar compiled and validated against this decoder's tokenizer."""
+
+    name: str
+    source: str  # the GBNF text as given
+    compiled: str  # llguidance's grammar definition
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """A handle on a prefix evaluated into the KV cache; valid until the next `eval_prefix`."""
+
+    n_pos: int  # KV length after the prefix (text tokens + image positions)
+    text_tokens: int
+    image_tokens: int
+    timings: Timings
+    epoch: int = field(repr=False)
+
+
+# --- the decoder ------------------------------------------------------------------------------------
+
+
+def _check_gguf(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"{what} path {path} is not a file")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{what} file {path} is not a GGUF file (wrong magic bytes)")
+
+
+class LlamaDecoder:
+    """A loaded GGUF model (plus optional vision projector) with one context and one sequence."""
+
+    def __init__(self, model_path: str | Path, config: PolicyConfig | None = None, mmproj_path: str | Path | None = None):
+        import llama_cpp  # the `llm` extra: imported here so the module imports without it
+        from llguidance.llamacpp import lltokenizer_from_vocab
+        from llguidance.numpy import fill_next_token_bitmask
+
+        self._fill_bitmask = fill_next_token_bitmask
+
+        self._ll = llama_cpp
+        self.config = config or PolicyConfig()
+        self.model_path = Path(model_path).expanduser()
+        self._model = None
+        self._ctx = None
+        self._mtmd = None
+        self._batch = None
+        self._epoch = 0
+        self._prefix: Prefix | None = None
+        self._n_pos = 0  # KV length of sequence 0
+        self._tail: list[int] = []  # tokens in the cache after the current prefix, in order
+        _check_gguf(self.model_path, "model")
+        if mmproj_path is not None:
+            mmproj_path = Path(mmproj_path).expanduser()
+            _check_gguf(mmproj_path, "vision projector")
+        _ensure_backend()
+        cfg = self.config
+        n_threads = cfg.n_threads or max(1, os.cpu_count() or 1)
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers >= 0 else 2**31 - 1
+        _take_recent_errors()
+        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not model:
+            reason = _take_recent_errors()
+            raise ModelLoadError(
+                f"llama.cpp could not load {self.model_path} (truncated, corrupt or unsupported GGUF)"
+                + (f": {reason}" if reason else "")
+            )
+        self._model = model
+        try:
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = cfg.n_ctx
+            cparams.n_batch = cfg.n_batch
+            cparams.n_ubatch = cfg.n_ubatch
+            cparams.n_seq_max = 1
+            cparams.n_threads = n_threads
+            cparams.n_threads_batch = n_threads
+            cparams.swa_full = True  # prefix reuse needs the full cache on sliding-window layers
+            cparams.no_perf = True
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise ModelLoadError(
+                    f"llama.cpp could not create a context for {self.model_path} (n_ctx={cfg.n_ctx}: out of memory?)"
+                    + (f": {_take_recent_errors()}" if _recent_errors else "")
+                )
+            self._ctx = ctx
+            mem = llama_cpp.llama_get_memory(ctx)
+            if not mem:
+                raise DecoderError("llama.cpp context has no KV memory")
+            self._mem = mem
+            vocab = llama_cpp.llama_model_get_vocab(model)
+            if not vocab:
+                raise ModelLoadError(f"{self.model_path} has no vocabulary")
+            self._vocab = vocab
+            self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+            self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+            self.n_batch = int(llama_cpp.llama_n_batch(ctx))
+            eog = [int(llama_cpp.llama_vocab_eos(vocab)), int(llama_cpp.llama_vocab_eot(vocab))]
+            self.eog_tokens: tuple[int, ...] = tuple(dict.fromkeys(t for t in eog if t >= 0))
+            self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+            self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            self._piece_buf = ctypes.create_string_buffer(256)
+            self._bitmask = np.zeros((1, (self.n_vocab + 31) // 32), dtype=np.int32)
+            self._neg_inf = np.float32(-np.inf)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():  # it calls a deprecated llama.cpp getter once per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                try:
+                    self._lltok = lltokenizer_from_vocab(vocab, eos_token=list(self.eog_tokens))
+                except TypeError:  # llguidance < 1.7 takes a single EOS token
+                    self._lltok = lltokenizer_from_vocab(vocab, eos_token=self.eog_tokens[0])
+            log.debug("event=tokenizer_built seconds=%.2f n_vocab=%d", time.perf_counter() - t0, self.n_vocab)
+            self._warm_up()
+            if mmproj_path is not None:
+                self._init_mtmd(Path(mmproj_path), n_threads)
+            self.mmproj_path = Path(mmproj_path) if mmproj_path is not None else None
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "event=model_loaded path=%s n_ctx=%d n_threads=%d vision=%s", self.model_path, self.n_ctx, n_threads,
+            self._mtmd is not None,
+        )
+
+    def _warm_up(self) -> None:
+        """Run one token through the model so the first real step does not pay for page-ins and
+        graph allocation (over a second on the 270M model), then forget it."""
+        self._n_pos = 0
+        bos = int(self._ll.llama_vocab_bos(self._vocab))
+        self._decode([bos if bos >= 0 else 0])
+        self._ll.llama_memory_clear(self._mem, True)
+        self._n_pos = 0
+
+    def _init_mtmd(self, mmproj_path: Path, n_threads: int) -> None:
+        from llama_cpp import mtmd_cpp
+
+        self._mtmd_api = mtmd_cpp
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = self.config.n_gpu_layers != 0
+        params.n_threads = n_threads
+        params.print_timings = False
+        params.warmup = False
+        _take_recent_errors()
+        mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self._model, params)
+        if not mctx:
+            reason = _take_recent_errors()
+            raise ModelLoadError(
+                f"llama.cpp could not load the vision projector {mmproj_path} (corrupt, or made for another model)"
+                + (f": {reason}" if reason else "")
+            )
+        self._mtmd = mctx
+        if not mtmd_cpp.mtmd_support_vision(mctx):
+            raise ModelLoadError(f"{mmproj_path} is not a vision projector")
+        marker = mtmd_cpp.mtmd_default_marker()
+        self.media_marker: str = marker.decode() if marker else "<__media__>"
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free every llama.cpp handle; safe to call twice."""
+        ll = self._ll
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if self._mtmd is not None:
+            self._mtmd_api.mtmd_free(self._mtmd)
+            self._mtmd = None
+        if self._ctx is not None:
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "LlamaDecoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten decoder must not leak hundreds of MB
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _require_open(self) -> None:
+        if self._ctx is None:
+            raise DecoderError("the decoder is closed")
+
+    # --- model facts --------------------------------------------------------------------------------
+
+    @property
+    def has_vision(self) -> bool:
+        return self._mtmd is not None
+
+    @property
+    def model_size_bytes(self) -> int:
+        """Bytes of weights; every decoded token reads (almost) all of them."""
+        self._require_open()
+        return int(self._ll.llama_model_size(self._model))
+
+    @property
+    def n_params(self) -> int:
+        self._require_open()
+        return int(self._ll.llama_model_n_params(self._model))
+
+    # --- tokens <-> text ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Tokens of `text`; `add_bos` prepends BOS where the model wants one (start of a prompt)."""
+        self._require_open()
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._ll.llama_token * capacity)()
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos and self.add_bos, parse_special)
+        if n < 0:
+            capacity = -n
+            buf = (self._ll.llama_token * capacity)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos and self.add_bos, parse_special)
+        if n < 0:
+            raise DecoderError(f"llama.cpp failed to tokenize {len(data)} bytes of text")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token as text (special tokens render as their name)."""
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            if n < 0:
+                raise DecoderError(f"llama.cpp could not render token {token}")
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        self._require_open()
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # --- grammars -----------------------------------------------------------------------------------
+
+    def compile_grammar(self, gbnf: str, name: str = "grammar") -> Grammar:
+        """Compile and validate a GBNF grammar now, so a broken one fails at load, not mid-episode."""
+        import llguidance
+
+        validate_gbnf(gbnf, name)  # names the broken rule
+        compiled = llguidance.grammar_from("gbnf", gbnf)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(compiled, self._lltok)
+        if is_error:
+            raise GrammarError(f"grammar '{name}' does not compile: {messages[0] if messages else 'unknown error'}")
+        for message in messages:
+            log.warning("event=grammar_warning grammar=%s message=%s", name, message)
+        matcher = llguidance.LLMatcher(self._lltok, compiled, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"grammar '{name}' does not compile: {matcher.get_error()}")
+        return Grammar(name=name, source=gbnf, compiled=compiled)
+
+    def load_grammar_file(self, path: str | Path) -> Grammar:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise GrammarError(f"cannot read grammar file {path}: {exc.strerror or exc}") from exc
+        return self.compile_grammar(text, name=path.stem)
+
+    # --- KV cache and batches -----------------------------------------------------------------------
+
+    def _clear(self) -> None:
+        self._ll.llama_memory_clear(self._mem, True)
+        self._n_pos = 0
+        self._tail = []
+        self._prefix = None
+        self._epoch += 1
+
+    def _truncate(self, n_pos: int) -> None:
+        """Drop every cached position >= n_pos."""
+        if n_pos == self._n_pos:
+            return
+        if not self._ll.llama_memory_seq_rm(self._mem, 0, n_pos, -1):
+            self._invalidate()
+            raise DecoderError(f"llama.cpp could not remove KV cache positions from {n_pos} on")
+        if self._prefix is not None:
+            del self._tail[max(0, n_pos - self._prefix.n_pos) :]
+        self._n_pos = n_pos
+
+    def _invalidate(self) -> None:
+        """After a failure the cache content is uncertain: forget the prefix, start over next time."""
+        self._ll.llama_memory_clear(self._mem, True)
+        self._n_pos = 0
+        self._tail = []
+        self._prefix = None
+        self._epoch += 1
+
+    def _decode(self, tokens: Sequence[int], *, logits_last: bool = True) -> None:
+        """Evaluate tokens at the end of sequence 0 in one llama_decode call (len <= n_batch)."""
+        n = len(tokens)
+        if n == 0:
+            return
+        if self._n_pos + n > self.n_ctx:
+            raise DecoderError(f"context full: {self._n_pos} + {n} tokens exceed n_ctx={self.n_ctx}")
+        batch = self._batch
+        batch.n_tokens = n
+        pos0 = self._n_pos
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 0
+        if logits_last:
+            batch.logits[n - 1] = 1
+        rc = self._ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            self._invalidate()  # rc < 0 may leave part of the batch in the cache
+            what = {1: "no KV cache slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
+            raise DecoderError(f"llama_decode failed with code {rc}: {what}")
+        self._n_pos = pos0 + n
+        self._tail.extend(tokens)
+
+    def _prefill(self, tokens: Sequence[int], cancel: threading.Event | None) -> bool:
+        """Evaluate tokens in n_batch slices, logits for the last one; False if cancelled."""
+        for start in range(0, len(tokens), self.n_batch):
+            if cancel is not None and cancel.is_set():
+                return False
+            piece = tokens[start : start + self.n_batch]
+            self._decode(piece, logits_last=start + len(piece) == len(tokens))
+        return True
+
+    def _logits(self) -> np.ndarray:
+        """A writable view of the last output row of logits (n_vocab floats, owned by llama.cpp)."""
+        ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise DecoderError("llama.cpp returned no logits for the last token")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def last_logits(self) -> np.ndarray:
+        """A copy of the logits of the last evaluated token (for diagnostics and tests)."""
+        self._require_open()
+        return self._logits().copy()
+
+    # --- prefix (text or text + image) --------------------------------------------------------------
+
+    def eval_prefix(self, text: str, image: np.ndarray | None = None, *, cancel: threading.Event | None = None) -> Prefix:
+        """Clear the cache and evaluate a shared prefix once; stages then append their suffixes.
+
+        With an image, `text` must contain `media_marker` where the image goes; the image is
+        encoded by the projector and its embeddings are decoded into the cache.
+        """
+        self._require_open()
+        self._clear()
+        if image is None:
+            t0 = time.perf_counter()
+            tokens = self.tokenize(text, add_bos=True)
+            if not self._prefill(tokens, cancel):
+                raise DecoderError("cancelled while evaluating the prompt prefix")
+            timings = Timings(prefill_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
+            prefix = Prefix(n_pos=self._n_pos, text_tokens=len(tokens), image_tokens=0, timings=timings, epoch=self._epoch)
+        else:
+            prefix = self._eval_image_prefix(text, image, cancel)
+        self._prefix = prefix
+        self._tail = []
+        return prefix
+
+    def _eval_image_prefix(self, text: str, image: np.ndarray, cancel: threading.Event | None) -> Prefix:
+        if self._mtmd is None:
+            raise UserError("this model has no vision projector (mmproj), so it cannot take an image")
+        if self.media_marker not in text:
+            raise ValueError(f"the prompt must contain the media marker {self.media_marker!r} where the image goes")
+        image = np.ascontiguousarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be an H x W x 3 uint8 RGB array, got {image.dtype} {image.shape}")
+        api = self._mtmd_api
+        height, width = image.shape[:2]
+        data = image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        bitmap = api.mtmd_bitmap_init(width, height, data)
+        if not bitmap:
+            raise DecoderError("mtmd could not create an image bitmap")
+        chunks = api.mtmd_input_chunks_init()
+        if not chunks:
+            api.mtmd_bitmap_free(bitmap)
+            raise DecoderError("mtmd could not allocate input chunks")
+        try:
+            encoded = text.encode("utf-8")
+            text_in = api.mtmd_input_text(encoded, len(encoded), self.add_bos, True)
+            bitmaps = (api.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = api.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text_in), bitmaps, 1)
+            if rc != 0:
+                what = {1: "the number of media markers does not match the number of images", 2: "image preprocessing failed"}
+                raise DecoderError(f"mtmd_tokenize failed with code {rc}: {what.get(rc, 'unknown error')}")
+            text_tokens = image_tokens = 0
+            prefill_s = encode_s = 0.0
+            new_pos = self._ll.llama_pos(0)
+            for i in range(api.mtmd_input_chunks_size(chunks)):
+                if cancel is not None and cancel.is_set():
+                    raise DecoderError("cancelled while evaluating the image prefix")
+                chunk = api.mtmd_input_chunks_get(chunks, i)
+                kind = api.mtmd_input_chunk_get_type(chunk)
+                if kind == api.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    n_out = ctypes.c_size_t(0)
+                    ptr = api.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n_out))
+                    tokens = [int(ptr[j]) for j in range(n_out.value)]
+                    t0 = time.perf_counter()
+                    if not self._prefill(tokens, cancel):
+                        raise DecoderError("cancelled while evaluating the image prefix")
+                    prefill_s += time.perf_counter() - t0
+                    text_tokens += len(tokens)
+                elif kind == api.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    n_img = int(api.mtmd_input_chunk_get_n_tokens(chunk))
+                    if n_img > int(self._ll.llama_n_ubatch(self._ctx)):
+                        raise UserError(
+                            f"the image needs {n_img} tokens in one micro-batch but n_ubatch is "
+                            f"{self._ll.llama_n_ubatch(self._ctx)}: raise n_ubatch (and n_batch) in the policy config"
+                        )
+                    t0 = time.perf_counter()
+                    rc = api.mtmd_encode_chunk(self._mtmd, chunk)
+                    if rc != 0:
+                        raise DecoderError(f"mtmd_encode_chunk failed with code {rc}")
+                    embd = api.mtmd_get_output_embd(self._mtmd)
+                    if not embd:
+                        raise DecoderError("mtmd returned no image embeddings")
+                    t1 = time.perf_counter()
+                    rc = api.mtmd_helper_decode_image_chunk(
+                        self._mtmd, self._ctx, chunk, embd, self._n_pos, 0, self.n_batch, ctypes.byref(new_pos),
+                        api.mtmd_helper_post_decode_callback(), None,  # NULL: no callback
+                    )
+                    t2 = time.perf_counter()
+                    if rc != 0:
+                        raise DecoderError(f"mtmd_helper_decode_image_chunk failed with code {rc}")
+                    self._n_pos = int(new_pos.value)
+                    encode_s += t1 - t0
+                    prefill_s += t2 - t1
+                    image_tokens += n_img
+                else:
+                    raise DecoderError(f"unsupported mtmd chunk type {kind} (audio?)")
+        finally:
+            api.mtmd_input_chunks_free(chunks)
+            api.mtmd_bitmap_free(bitmap)
+        timings = Timings(prefill_tokens=text_tokens + image_tokens, prefill_s=prefill_s, image_encode_s=encode_s)
+        return Prefix(
+            n_pos=self._n_pos, text_tokens=text_tokens, image_tokens=image_tokens, timings=timings, epoch=self._epoch
+        )
+
+    # --- sampling -----------------------------------------------------------------------------------
+
+    def _make_chain(self, sampling: Sampling):
+        """llama.cpp's native chain. Temperature before top-k/top-p, as in Hugging Face's generate
+        (the paper's settings), then a seeded draw; temperature 0 is greedy."""
+        ll = self._ll
+        params = ll.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = ll.llama_sampler_chain_init(params)
+        if not chain:
+            raise DecoderError("llama.cpp could not create a sampler chain")
+
+        def add(sampler) -> None:
+            if not sampler:
+                ll.llama_sampler_free(chain)
+                raise DecoderError("llama.cpp could not create a sampler")
+            ll.llama_sampler_chain_add(chain, sampler)
+
+        if sampling.temperature == 0.0:
+            add(ll.llama_sampler_init_greedy())
+        else:
+            add(ll.llama_sampler_init_temp(sampling.temperature))
+            if sampling.top_k > 0:
+                add(ll.llama_sampler_init_top_k(sampling.top_k))
+            if sampling.top_p < 1.0:
+                add(ll.llama_sampler_init_top_p(sampling.top_p, 1))
+            seed = sampling.seed if sampling.seed is not None else secrets.randbits(32) % 0xFFFFFFFF
+            add(ll.llama_sampler_init_dist(seed))
+        return chain
+
+    def _sample_allowed(self, chain, matcher) -> int:
+        """Sample from the chain restricted to the tokens the grammar allows.
+
+        The usual case is a handful of allowed tokens (a digit, a separator): then the chain runs on
+        a candidate array of just those, which is far cheaper than the ~2 ms its top-p and softmax
+        take over Gemma's 262,144 logits, so a constrained step costs less than a free one. When
+        many tokens are allowed (free text), the forbidden logits are set to -inf in llama.cpp's
+        buffer and the chain runs as usual. Both draw from the same distribution: temperature,
+        then top-p over the allowed tokens, then the seeded draw.
+        """
+        ll = self._ll
+        self._fill_bitmask(matcher, self._bitmask)
+        words = self._bitmask[0]
+        nonzero = np.flatnonzero(words)
+        if len(nonzero) == 0:
+            raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
+        if len(nonzero) > _SPARSE_MAX_WORDS:
+            allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
+            self._logits()[allowed == 0] = self._neg_inf
+            return int(ll.llama_sampler_sample(chain, self._ctx, -1))
+        bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
+        ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
+        ids = ids[ids < self.n_vocab]
+        candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
+        candidates["id"] = ids
+        candidates["logit"] = self._logits()[ids]
+        array = ll.llama_token_data_array(
+            candidates.ctypes.data_as(ll.llama_token_data_p), len(ids), -1, False
+        )
+        ll.llama_sampler_apply(chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise DecoderError("the sampler chain selected no token")
+        token = int(array.data[array.selected].id)  # the chain may have re-pointed `data`
+        ll.llama_sampler_accept(chain, token)
+        return token
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        grammar: Grammar | None,
+        sampling: Sampling,
+        *,
+        prefix: Prefix | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        """Generate after `prompt` (text, or tokens), which follows `prefix` if given.
+
+        Without a prefix the cache is cleared and `prompt` is the whole prompt (BOS added to text).
+        With a grammar the output stays exactly inside it and generation ends at the grammar's end.
+        """
+        import llguidance
+
+        self._require_open()
+        if prefix is not None:
+            if prefix.epoch != self._epoch or self._prefix is None:
+                raise DecoderError("the prefix handle is stale: another prefix was evaluated since")
+            suffix = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            if not suffix:
+                raise ValueError("the prompt (suffix) must not be empty")
+            # Keep what the cache already holds after the prefix if the suffix starts with it (the
+            # action stage's suffix repeats the motion stage's prompt and answer); at least the last
+            # token is evaluated again, for its logits.
+            reused = 0
+            for cached, wanted in zip(self._tail, suffix[:-1]):
+                if cached != wanted:
+                    break
+                reused += 1
+            self._truncate(prefix.n_pos + reused)
+            tokens_in = suffix[reused:]
+        else:
+            self._clear()
+            reused = 0
+            tokens_in = self.tokenize(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+            if not tokens_in:
+                raise ValueError("the prompt must not be empty")
+
+        matcher = None
+        if grammar is not None:
+            matcher = llguidance.LLMatcher(self._lltok, grammar.compiled, log_level=0)
+            if matcher.is_error():
+                raise GrammarError(f"grammar '{grammar.name}' failed to start: {matcher.get_error()}")
+
+        t0 = time.perf_counter()
+        if not self._prefill(tokens_in, cancel):
+            prefill_s = time.perf_counter() - t0
+            return Generation(
+                "", (), "cancelled", Timings(prefill_tokens=len(tokens_in), prefill_s=prefill_s, reused_tokens=reused)
+            )
+        t1 = time.perf_counter()
+
+        chain = self._make_chain(sampling)
+        try:
+            out, stop, counts = self._decode_loop(chain, matcher, sampling.max_tokens, cancel)
+        finally:
+            self._ll.llama_sampler_free(chain)
+        t2 = time.perf_counter()
+        sampled, forced, resamples, batches = counts
+        timings = Timings(
+            prefill_tokens=len(tokens_in),
+            reused_tokens=reused,
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+            sampled_tokens=sampled,
+            forced_tokens=forced,
+            masked_resamples=resamples,
+            decode_batches=batches,
+        )
+        text = self.detokenize(out)
+        log.debug(
+            "event=generation stop=%s tokens=%d forced=%d resamples=%d decode_s=%.4f",
+            stop, len(out), forced, resamples, t2 - t1,
+        )
+        return Generation(text=text, tokens=tuple(out), stop_reason=stop, timings=timings)
+
+    def _decode_loop(self, chain, matcher, max_tokens: int, cancel: threading.Event | None):
+        ll = self._ll
+        ctx = self._ctx
+        eog = set(self.eog_tokens)
+        check = self.config.constraint == "check"
+        fast_forward = self.config.fast_forward
+        out: list[int] = []
+        sampled = forced = resamples = batches = 0
+        stop: StopReason = "max_tokens"
+        while True:
+            if cancel is not None and cancel.is_set():
+                stop = "cancelled"
+                break
+            if matcher is not None and not check:
+                token = self._sample_allowed(chain, matcher)
+            else:
+                token = ll.llama_sampler_sample(chain, ctx, -1)
+                if matcher is not None and matcher.validate_tokens([token]) != 1:
+                    token = self._sample_allowed(chain, matcher)
+                    resamples += 1
+            sampled += 1
+            if token in eog:
+                stop = "eos"
+                break
+            new = [token]
+            if matcher is not None:
+                if not matcher.consume_token(token):
+                    raise DecoderError(f"grammar matcher rejected a checked token: {matcher.get_error()}")
+                if fast_forward and len(out) + 1 < max_tokens:
+                    ff = matcher.compute_ff_tokens()[: max_tokens - len(out) - 1]
+                    if ff:
+                        if not matcher.consume_tokens(ff):
+                            raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
+                        new.extend(ff)
+                        forced += len(ff)
+            out.extend(new)
+            if matcher is not None and matcher.is_stopped():
+                if matcher.is_error():
+                    raise DecoderError(f"grammar matcher failed: {matcher.get_error()}")
+                stop = "grammar_end"
+                break
+            if len(out) >= max_tokens:
+                break
+            self._decode(new)
+            batches += 1
+        return out, stop, (sampled, forced, resamples, batches)

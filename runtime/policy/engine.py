@@ -1,0 +1,255 @@
+"""The three-stage VLM2VLA policy: subtasks once per episode, then per step a motion plan and an action chunk.
+
+One model answers all three questions (the paper's design). Each step evaluates the shared prefix
+(turn start + observation + instruction + subtask) once, image included, and both stages append
+their short suffix to it, so the image is encoded and prefilled once per step and the action stage
+prefills only its suffix. Every output is generated inside its grammar and then parsed by the
+parser, which trusts nothing: a chunk that fails (out of range, too long, cut off by the token
+budget) raises `PolicyOutputError` with the raw text, for the episode runner to record and retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf
+from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
+from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.parser import ParseError, parse_action_chunk, parse_motion_plan, parse_subtasks
+from vlm2vla_edge.runtime.policy.bundle import Bundle
+from vlm2vla_edge.runtime.policy.decoder import Generation, Grammar, LlamaDecoder, Prefix, Timings
+from vlm2vla_edge.runtime.policy.interface import (
+    GenerationCancelled,
+    Observation,
+    PolicyOutputError,
+    StageOutput,
+    StepResult,
+    SubtasksResult,
+)
+from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GenerationCancelled", "Policy", "PolicyOutputError", "StageTimings", "retry_sampling"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimings:
+    """Per-stage figures of one call: the shared prefix (image encode + prefill) and each stage."""
+
+    prefix: Timings
+    motion: Timings | None = None
+    action: Timings | None = None
+    subtasks: Timings | None = None
+    wall_s: float = 0.0
+
+    @property
+    def model_s(self) -> float:
+        """Time spent in the model (image encode, prefills, decoding)."""
+        stages = (self.prefix, self.motion, self.action, self.subtasks)
+        return sum(t.model_s for t in stages if t is not None)
+
+
+def _flat(timings: Timings, prefix: str = "") -> dict[str, float]:
+    """A decoder `Timings` as the plain numbers an episode records."""
+    return {f"{prefix}{key}": float(value) for key, value in asdict(timings).items()}
+
+
+def _stage_output(stage: str, prompt: str, gen: Generation, prefix: Timings | None, total_s: float) -> StageOutput:
+    """The recorded view of one generation; the shared prefix's cost is reported with the first stage."""
+    figures = _flat(gen.timings)
+    if prefix is not None:
+        figures.update(_flat(prefix, "prefix_"))
+    figures["total_s"] = total_s
+    figures["generated_tokens"] = float(gen.timings.generated_tokens)
+    return StageOutput(stage=stage, prompt=prompt, raw_text=gen.text, timings=figures)
+
+
+def retry_sampling(stage: Sampling, retry: Sampling) -> Sampling:
+    """A stage's settings for an out-of-distribution retry: the retry's temperature and nucleus, the
+    stage's own token budget (a motion plan never needs the action stage's budget)."""
+    return stage.model_copy(update={"temperature": retry.temperature, "top_p": retry.top_p, "top_k": retry.top_k})
+
+
+class Policy:
+    """The policy engine over one decoder; not thread-safe (one episode at a time)."""
+
+    def __init__(
+        self,
+        decoder: LlamaDecoder,
+        prompts: PromptTemplates,
+        language: ActionLanguage,
+        sampling: StageSampling,
+        *,
+        vision: bool,
+        bundle_id: str = "unnamed",
+    ) -> None:
+        self.decoder = decoder
+        self._bundle_id = bundle_id
+        self.prompts = prompts
+        self.language = language
+        self.sampling = sampling
+        self.vision = vision
+        if vision and not decoder.has_vision:
+            raise UserError("a vision policy needs a decoder loaded with a vision projector (mmproj)")
+        # Compiled now so that a grammar that does not compile fails at load, not mid-episode.
+        # The action grammar is narrowed to this bundle's bounds, so nothing it admits can fail the parser.
+        action_gbnf = action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps)
+        self.grammars: dict[str, Grammar] = {
+            "subtasks": decoder.compile_grammar(load_gbnf("subtasks"), "subtasks"),
+            "motion_plan": decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan"),
+            "action_chunk": decoder.compile_grammar(action_gbnf, "action_chunk"),
+        }
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, config: PolicyConfig | None = None) -> "Policy":
+        """Load a verified bundle: its model, prompts and action language (the manifest's, not the config's)."""
+        config = config or PolicyConfig()
+        decoder = LlamaDecoder(bundle.text_model, config, mmproj_path=bundle.mmproj)
+        try:
+            digest = bundle.manifest.files[bundle.text_model.name].sha256[:12]
+            return cls(
+                decoder, bundle.prompts, bundle.action_language, config.sampling,
+                vision=bundle.is_vision, bundle_id=f"{bundle.manifest.name}@{digest}",
+            )
+        except BaseException:
+            decoder.close()
+            raise
+
+    @property
+    def needs_image(self) -> bool:
+        return self.vision
+
+    @property
+    def action_language(self) -> ActionLanguage:
+        return self.language
+
+    @property
+    def bundle_id(self) -> str:
+        return self._bundle_id
+
+    def close(self) -> None:
+        self.decoder.close()
+
+    def __enter__(self) -> "Policy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- stages --------------------------------------------------------------------------------------
+
+    def subtasks(
+        self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None
+    ) -> SubtasksResult:
+        """Stage 1 (once per episode): the list of subtasks for the instruction."""
+        t0 = time.perf_counter()
+        image, scene = self._split(observation)
+        prefix_text = self.prompts.render_task_prefix(instruction, scene)
+        whole = self.prompts.render_subtasks_prompt(instruction, scene)
+        prefix = self._prefix(prefix_text, image, cancel)
+        gen = self._generate(whole[len(prefix_text) :], "subtasks", self.sampling.subtasks, prefix, cancel)
+        timings = StageTimings(prefix=prefix.timings, subtasks=gen.timings, wall_s=time.perf_counter() - t0)
+        try:
+            parsed = parse_subtasks(self._finished(gen, "subtasks", timings))
+        except ParseError as exc:
+            raise PolicyOutputError("subtasks", gen.text, str(exc), timings) from exc
+        output = _stage_output("subtasks", whole, gen, prefix.timings, timings.wall_s)
+        return SubtasksResult(parsed, output, timings)
+
+    def step(
+        self,
+        observation: Observation,
+        instruction: str,
+        subtask: str,
+        retry: bool = False,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        """Stages 2 and 3 on one observation: a motion plan, then the action chunk that follows it."""
+        t0 = time.perf_counter()
+        image, scene = self._split(observation)
+        motion_sampling, action_sampling = self.sampling.motion, self.sampling.action
+        if retry:
+            motion_sampling = retry_sampling(motion_sampling, self.sampling.retry)
+            action_sampling = retry_sampling(action_sampling, self.sampling.retry)
+        prefix_text = self.prompts.render_step_prefix(instruction, subtask, scene)
+        prefix = self._prefix(prefix_text, image, cancel)
+
+        motion_suffix = self.prompts.render_motion_suffix()
+        motion_gen = self._generate(motion_suffix, "motion_plan", motion_sampling, prefix, cancel)
+        t_motion = time.perf_counter() - t0
+        timings = StageTimings(prefix=prefix.timings, motion=motion_gen.timings, wall_s=t_motion)
+        try:
+            motion = parse_motion_plan(self._finished(motion_gen, "motion", timings))
+        except ParseError as exc:
+            raise PolicyOutputError("motion", motion_gen.text, str(exc), timings) from exc
+
+        action_suffix = self.prompts.render_action_suffix(motion.text)
+        action_gen = self._generate(action_suffix, "action_chunk", action_sampling, prefix, cancel)
+        timings = StageTimings(
+            prefix=prefix.timings, motion=motion_gen.timings, action=action_gen.timings, wall_s=time.perf_counter() - t0
+        )
+        try:
+            chunk = parse_action_chunk(self._finished(action_gen, "action", timings), self.language)
+        except ParseError as exc:
+            raise PolicyOutputError("action", action_gen.text, str(exc), timings) from exc
+        log.info(
+            "event=policy_step retry=%s actions=%d motion_tokens=%d action_tokens=%d model_s=%.3f wall_s=%.3f",
+            retry, len(chunk), len(motion_gen.tokens), len(action_gen.tokens), timings.model_s, timings.wall_s,
+        )
+        return StepResult(
+            motion=motion,
+            chunk=chunk,
+            motion_output=_stage_output("motion", prefix_text + motion_suffix, motion_gen, prefix.timings, t_motion),
+            action_output=_stage_output("action", prefix_text + action_suffix, action_gen, None, timings.wall_s - t_motion),
+            retry=retry,
+            timings=timings,
+        )
+
+    # --- helpers -------------------------------------------------------------------------------------
+
+    def _split(self, observation: Observation | np.ndarray | str) -> tuple[np.ndarray | None, str | None]:
+        """(image, scene): vision bundles take an image, text-only bundles a scene description.
+        A bare array or string is accepted as the image or the scene."""
+        if isinstance(observation, Observation):
+            image, scene = observation.image, observation.scene
+        elif isinstance(observation, np.ndarray):
+            image, scene = observation, None
+        else:
+            image, scene = None, observation
+        if self.vision:
+            if not isinstance(image, np.ndarray):
+                raise UserError("this is a vision bundle: the observation must be an RGB image (numpy array)")
+            return image, None
+        if not isinstance(scene, str):
+            raise UserError("this is a text-only bundle: the observation must be a scene description (text)")
+        return None, scene
+
+    def _prefix(self, text: str, image: np.ndarray | None, cancel: threading.Event | None) -> Prefix:
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("cancelled before the prompt was evaluated")
+        return self.decoder.eval_prefix(text, image, cancel=cancel)
+
+    def _generate(
+        self, suffix: str, grammar: str, sampling: Sampling, prefix: Prefix, cancel: threading.Event | None
+    ) -> Generation:
+        gen = self.decoder.generate(suffix, self.grammars[grammar], sampling, prefix=prefix, cancel=cancel)
+        if gen.stop_reason == "cancelled":
+            raise GenerationCancelled(f"cancelled during the {grammar} stage")
+        return gen
+
+    @staticmethod
+    def _finished(gen: Generation, stage: str, timings: StageTimings) -> str:
+        """The text of a generation that ended on its own; a cut-off one is refused with its reason."""
+        if gen.stop_reason == "max_tokens":
+            raise PolicyOutputError(
+                stage, gen.text, f"the output reached the {len(gen.tokens)}-token budget before it was complete", timings
+            )
+        return gen.text

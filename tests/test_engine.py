@@ -1,0 +1,136 @@
+"""The three-stage Policy: image in, parsed chunk out; per-stage sampling; prefix reuse; cancel; errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from vlm2vla_edge.runtime.actions import ActionChunk, MotionPlan, SubtaskList
+from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
+from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
+from vlm2vla_edge.runtime.policy.engine import (
+    GenerationCancelled,
+    Policy,
+    PolicyOutputError,
+    retry_sampling,
+)
+
+# The tiny vision model has random weights: its numbers are noise, often beyond the default 0.2 m,
+# which the parser rightly refuses. These tests check the pipeline, so they parse with a wide range.
+WIDE = ActionLanguage(max_abs_value_m=0.999)
+SAMPLING = StageSampling(
+    subtasks=Sampling(temperature=0.5, max_tokens=256, seed=1),
+    motion=Sampling(temperature=0.1, max_tokens=64, seed=1),
+    action=Sampling(temperature=0.5, max_tokens=420, seed=1),
+    retry=Sampling(temperature=1.0, max_tokens=420, seed=1),
+)
+
+
+def _config() -> PolicyConfig:
+    return PolicyConfig(n_threads=2, n_ctx=1024, n_batch=256, n_ubatch=256)
+
+
+def test_retry_takes_the_retry_temperature_and_keeps_the_stage_budget() -> None:
+    stage = Sampling(temperature=0.1, top_p=0.9, max_tokens=64, seed=3)
+    retry = Sampling(temperature=1.0, top_p=0.95, top_k=40, max_tokens=384)
+    out = retry_sampling(stage, retry)
+    assert (out.temperature, out.top_p, out.top_k, out.max_tokens, out.seed) == (1.0, 0.95, 40, 64, 3)
+
+
+def test_paper_defaults_per_stage() -> None:
+    sampling = PolicyConfig().sampling
+    assert (sampling.subtasks.temperature, sampling.motion.temperature, sampling.action.temperature) == (0.5, 0.1, 0.5)
+    assert sampling.retry.temperature == 1.0
+    assert {s.top_p for s in (sampling.subtasks, sampling.motion, sampling.action, sampling.retry)} == {0.95}
+
+
+@pytest.fixture(scope="module")
+def vision_policy(tiny_vision_bundle):
+    decoder = LlamaDecoder(tiny_vision_bundle.text_model, _config(), mmproj_path=tiny_vision_bundle.mmproj)
+    with Policy(decoder, tiny_vision_bundle.prompts, WIDE, SAMPLING, vision=True) as policy:
+        yield policy
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((48, 64, 3)) * 255).astype(np.uint8)
+
+
+@pytest.mark.slow
+def test_image_in_valid_chunk_out_and_action_prefill_excludes_the_image(vision_policy: Policy) -> None:
+    result = vision_policy.step(_image(), "put the carrot on the plate", "move to the carrot")
+    assert isinstance(result.motion, MotionPlan) and isinstance(result.chunk, ActionChunk)
+    assert 1 <= len(result.chunk) <= 16
+    t = result.timings
+    assert t.prefix.image_encode_s > 0
+    decoder = vision_policy.decoder
+    prompts = vision_policy.prompts
+    motion_suffix = decoder.tokenize(prompts.render_motion_suffix())
+    action_suffix = decoder.tokenize(prompts.render_action_suffix(result.motion.text))
+    # the prefix holds the image; each stage prefills only its own suffix
+    assert t.motion.prefill_tokens == len(motion_suffix)
+    assert t.action.prefill_tokens + t.action.reused_tokens == len(action_suffix)
+    assert t.motion.image_encode_s == 0 and t.action.image_encode_s == 0
+    text_only = len(decoder.tokenize(prompts.render_step_prefix("put the carrot on the plate", "move to the carrot")
+                                     .replace(decoder.media_marker, ""), add_bos=True))
+    assert t.prefix.prefill_tokens > text_only  # the image's tokens are in the prefix, once
+    assert t.model_s <= t.wall_s
+
+
+@pytest.mark.slow
+def test_subtasks_from_an_image(vision_policy: Policy) -> None:
+    try:
+        result = vision_policy.subtasks(_image(1), "put the carrot on the plate")
+    except PolicyOutputError as exc:  # random weights may run out of budget: the text is still in-grammar
+        assert exc.stage == "subtasks" and exc.text.startswith('["')
+        return
+    assert isinstance(result.subtasks, SubtaskList) and len(result.subtasks) >= 1
+    assert result.timings.prefix.image_encode_s > 0
+
+
+@pytest.mark.slow
+def test_observation_must_match_the_bundle_kind(vision_policy: Policy) -> None:
+    with pytest.raises(UserError, match="RGB image"):
+        vision_policy.step("a carrot on a table", "put the carrot on the plate", "move")
+
+
+@pytest.mark.slow
+def test_cancel_raises_and_the_policy_stays_usable(vision_policy: Policy) -> None:
+    event = threading.Event()
+    event.set()
+    with pytest.raises(GenerationCancelled):
+        vision_policy.step(_image(), "put the carrot on the plate", "move to the carrot", cancel=event)
+    result = vision_policy.step(_image(), "put the carrot on the plate", "move to the carrot", retry=True)
+    assert result.retry and len(result.chunk) >= 1
+
+
+@pytest.mark.slow
+def test_bundle_bounds_hold_during_decoding(tiny_vision_bundle) -> None:
+    """With the bundle's own 0.2 m limit the engine decodes under the narrowed action grammar: the
+    random model, whose numbers are noise across the whole v1 range, cannot write one the parser
+    refuses, so no out-of-range retry can happen."""
+    limit = tiny_vision_bundle.action_language.max_abs_value_m
+    with Policy.from_bundle(tiny_vision_bundle, _config().model_copy(update={"sampling": SAMPLING})) as policy:
+        for seed in range(3):
+            try:
+                result = policy.step(_image(seed), "put the carrot on the plate", "move to the carrot")
+            except PolicyOutputError as exc:  # only the token budget may cut a noise chunk short
+                assert "token budget" in exc.reason, exc.reason
+                assert exc.stage == "action" and exc.text.startswith("[[") and exc.timings.action is not None
+                continue
+            assert all(abs(v) <= limit for a in result.chunk for v in a.translation())
+            assert len(result.chunk) <= tiny_vision_bundle.action_language.max_steps
+
+
+@pytest.mark.slow
+def test_text_only_bundle_takes_a_scene(gemma270m_bundle) -> None:
+    config = _config().model_copy(update={"sampling": SAMPLING})
+    decoder = LlamaDecoder(gemma270m_bundle.text_model, config)
+    with Policy(decoder, gemma270m_bundle.prompts, WIDE, SAMPLING, vision=False) as policy:
+        with pytest.raises(UserError, match="scene description"):
+            policy.step(_image(), "put the carrot on the plate", "move")
+        result = policy.step("A carrot lies left of a plate.", "put the carrot on the plate", "move to the carrot")
+        assert len(result.chunk) >= 1 and result.motion.text[:1].isalpha()
+        assert result.timings.prefix.image_encode_s == 0
