@@ -234,6 +234,76 @@ def _emit(result: dict, as_json: bool) -> None:
             typer.echo(f"ok: {len(result['commands'])} command(s) would be sent to the arm")
 
 
+class VerifierKind(str, Enum):
+    auto = "auto"
+    heuristic = "heuristic"
+    gemini = "gemini"
+
+
+@app.command("do")
+def do(
+    instruction: Annotated[str, typer.Argument(help="The task, in any language, e.g. 'levanta la zanahoria'.")],
+    local: Annotated[bool, typer.Option("--local", help="Run the episode in this process (no daemon).")] = False,
+    sim: Annotated[bool, typer.Option("--sim", help="Use the built-in simulator instead of a real robot.")] = False,
+    bundle: Annotated[
+        Optional[Path], typer.Option(help="Model bundle folder (with manifest.json); default: runtime config's.")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Simulator scene seed.")] = 0,
+    devices: Annotated[
+        Optional[Path], typer.Option(help="Real robot: YAML with 'arm:' and 'camera:' device sections.")
+    ] = None,
+    verifier: Annotated[
+        VerifierKind, typer.Option(help="auto: Gemini when an API key is set, else local heuristics.")
+    ] = VerifierKind.auto,
+    runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
+    robot: Annotated[Optional[str], typer.Option(help="Robot config; default: the runtime config's.")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="Policy config; default: the runtime config's.")] = None,
+    episodes_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the episode is recorded; default: the runtime config's.")
+    ] = None,
+    max_retries: Annotated[int, typer.Option(min=0, max=20, help="Failed attempts allowed per subtask.")] = 3,
+    timeout: Annotated[float, typer.Option(min=1, help="Episode time budget, seconds.")] = 600.0,
+    realtime: Annotated[bool, typer.Option(help="Simulator: move at the arm's real speed.")] = False,
+) -> None:
+    """Carry out one instruction: plan subtasks, then motion plan -> actions -> safety -> arm -> verify.
+
+    Exit 0 when every subtask is verified, 1 when the task failed, was stopped or hit a fault.
+    """
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config, load_runtime_config
+    from vlm2vla_edge.runtime.local_run import LocalRunOptions, run_local
+    from vlm2vla_edge.runtime.runner import RunnerConfig
+    from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
+
+    if not local:
+        raise UserError(
+            "no vlm2vla-edge daemon answers (the 'serve' daemon is not part of this version yet); "
+            "run the episode in this process with --local"
+        )
+    if not instruction.strip():
+        raise UserError("the instruction is empty")
+    settings = load_runtime_config(runtime_config)
+    chosen_bundle = bundle or settings.bundle
+    if chosen_bundle is None:
+        raise UserError("no model bundle: pass --bundle PATH (a folder with manifest.json) or set 'bundle' in the runtime config")
+    options = LocalRunOptions(
+        instruction=instruction,
+        bundle=chosen_bundle,
+        robot=load_robot_config(robot or settings.robot),
+        policy=load_policy_config(policy or settings.policy),
+        episodes_dir=(episodes_dir or settings.episodes_dir).expanduser(),
+        sim=sim,
+        seed=seed,
+        devices=devices,
+        verifier=VerifierConfig(kind=verifier.value),
+        runner=RunnerConfig(max_retries_per_subtask=max_retries, episode_timeout_s=timeout),
+        realtime=realtime,
+    )
+    outcome = run_local(options, echo=typer.echo)
+    typer.echo(f"episode recorded in {outcome.episode_dir}")
+    if outcome.result.outcome != "success":
+        raise typer.Exit(1)
+
+
 @episode_app.command("show")
 def episode_show(
     path: Annotated[Path, typer.Argument(help="An episode folder (with meta.json and steps.jsonl).")],

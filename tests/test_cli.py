@@ -80,3 +80,37 @@ def test_check_reads_stdin() -> None:
     result = run("check", "-", "--stage", "subtasks", stdin='["Move to the carrot", "Grasp the carrot"]')
     assert result.returncode == 0, result.stderr
     assert "Grasp the carrot" in result.stdout
+
+
+def test_do_without_local_says_no_daemon_and_mentions_local(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["do", "levanta la zanahoria"]) == 2
+    err = capsys.readouterr().err
+    assert "no vlm2vla-edge daemon" in err and "--local" in err
+
+
+def test_do_needs_a_bundle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["do", "--local", "--sim", "pick up the carrot"]) == 2
+    assert "--bundle" in capsys.readouterr().err
+    assert main(["do", "--local", "--sim", "--bundle", str(tmp_path / "nope"), "pick up the carrot"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_do_local_sim_runs_and_records_an_episode(gemma270m_bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole loop with the real Gemma-3-270M (a base model: its plans are nonsense, but every
+    output is in-grammar, every command passes the limiter, and the episode is recorded)."""
+    from vlm2vla_edge.runtime.episode import EpisodeReader, list_episodes
+
+    code = main([
+        "do", "--local", "--sim", "--bundle", str(gemma270m_bundle.root), "--episodes-dir", str(tmp_path),
+        "--max-retries", "0", "--verifier", "heuristic", "levanta la zanahoria",
+    ])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    assert "instruction: levanta la zanahoria" in out and "outcome:" in out and "episode recorded in" in out
+    (episode,) = list_episodes(tmp_path)
+    reader = EpisodeReader(episode)
+    assert reader.outcome in ("success", "failed") and not reader.truncated
+    stages = [s.stage for s in reader.steps()]
+    assert stages[0] == "subtasks" and ("verify" in stages or "action" in stages)
+    assert reader.meta.bundle_id.startswith("gemma-3-270m")

@@ -73,8 +73,9 @@ __all__ = [
 # the last error lines, so that a failed load can say *why* in its exception.
 
 # ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation. llama.cpp's "info" is a
-# page of model facts per load: debug for us.
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# page of model facts per load: debug for us. Its warnings are about model files and cache settings
+# we chose on purpose (full-size SWA cache): info for us; they are still kept for error messages.
+_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
 _llama_log = logging.getLogger("vlm2vla_edge.llama_cpp")
 _recent_errors: list[str] = []
 _last_level = [logging.DEBUG]
@@ -84,7 +85,7 @@ def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     py_level = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
     _last_level[0] = py_level
-    if py_level >= logging.WARNING and message:
+    if py_level >= logging.INFO and message:  # llama.cpp warnings and errors: kept for error messages
         _recent_errors.append(message)
         del _recent_errors[:-8]
     if message and _llama_log.isEnabledFor(py_level):

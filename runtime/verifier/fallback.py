@@ -84,7 +84,7 @@ class FallbackVerifier(Verifier):
                 error, primary_attempts = verdict.error, verdict.attempts
         elif error != self._last_unavailable:  # a lasting condition (no key): say it once, not every step
             self._last_unavailable = error
-            log.warning("event=verifier_unavailable verifier=%s fallback=%s reason=%s", self.primary.name,
+            log.info("event=verifier_unavailable verifier=%s fallback=%s reason=%s", self.primary.name,
                         self.fallback.name, error)
         result = self.fallback.verify(request, cancel)
         return dataclasses.replace(
