@@ -7,6 +7,7 @@ mistake ends in one sentence on stderr, never a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from enum import Enum
 from pathlib import Path
@@ -37,10 +38,19 @@ app.add_typer(episode_app, name="episode")
 
 
 def _mount_optional_subapps() -> None:
-    """Sub-apps that live with their subsystem; mounted here so `--help` lists them."""
+    """Sub-apps that live with their subsystem; mounted here so `--help` lists them. The training tools
+    are part of the package but their heavy dependencies (torch, ...) are imported only when they run."""
     from vlm2vla_edge.runtime.sim.cli import app as sim_app
 
     app.add_typer(sim_app, name="sim")
+    for module, name in (("vlm2vla_edge.train.data.cli", "data"), ("vlm2vla_edge.train.lora.cli", "train")):
+        try:
+            sub = __import__(module, fromlist=["app"])
+        except ImportError as exc:  # a partial install (no training tools): the runtime still works
+            logging.getLogger(__name__).debug("not mounting %s: %s", name, exc)
+            continue
+        if isinstance(getattr(sub, "app", None), typer.Typer):
+            app.add_typer(sub.app, name=name)
 
 
 class ConfigKind(str, Enum):
@@ -330,10 +340,7 @@ def episode_show(
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and turns our errors into one-line messages."""
-    try:
-        _mount_optional_subapps()
-    except ImportError:  # a broken optional subsystem must not take the whole CLI down
-        pass
+    _mount_optional_subapps()
     try:
         app(args=argv, prog_name="vlm2vla-edge")  # standalone: usage errors exit 2, --help exits 0
     except SystemExit as exc:
