@@ -286,3 +286,42 @@ def test_sigkill_mid_episode_leaves_a_readable_episode(tmp_path: Path) -> None:
     for step in steps:
         if step.image:
             assert reader.frame(step.image).shape[2] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle_fixture", ["gemma270m_bundle", "tiny_vision_bundle"])
+def test_real_bundles_run_whole_episodes_inside_the_limits(bundle_fixture: str, request, tmp_path: Path) -> None:
+    """Real llama.cpp policies (the text-only Gemma-3-270M and the tiny random vision model) through the
+    whole loop: outcome recorded, files readable, and no arm position ever outside the limits."""
+    from vlm2vla_edge.runtime.config import PolicyConfig
+    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.sim.session import make_sim_session
+
+    bundle = request.getfixturevalue(bundle_fixture)
+    session = make_sim_session(ROBOT, seed=4, instruction="pick up the carrot")
+    positions = []
+    original = session.world.set_joints
+
+    def spy(joints, ee=None):
+        original(joints, ee)
+        positions.append(session.world.ee_position)
+
+    session.world.set_joints = spy  # type: ignore[method-assign]
+    writer = EpisodeWriter.create(tmp_path, EpisodeMeta(instruction="pick up the carrot", bundle_id=bundle.manifest.name))
+    config = PolicyConfig(n_threads=2, n_ctx=2048, n_batch=256, n_ubatch=256)
+    with Policy.from_bundle(bundle, config) as policy:
+        runner = EpisodeRunner(
+            policy, session.arm, session.camera, HeuristicVerifier(), session.limiter,
+            config=RunnerConfig(max_retries_per_subtask=0, max_steps=3),
+            hooks=session.hooks, subscribers=[EpisodeRecorder(writer)],
+        )
+        result = runner.run("pick up the carrot")
+    assert result.outcome in ("success", "failed"), result.detail
+    reader = EpisodeReader(writer.path)
+    assert reader.outcome == result.outcome and not reader.truncated
+    steps = list(reader.steps())
+    assert steps[0].stage == "subtasks" and steps[0].raw_text.startswith("[")
+    for step in steps:
+        if step.image:
+            reader.frame(step.image)
+    assert all(inside_limits(p) for p in positions)
