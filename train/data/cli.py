@@ -1,0 +1,250 @@
+"""`vlm2vla-edge data ...`: import datasets into episodes, relabel episodes into language, show statistics.
+
+Mounted into the main CLI as the `data` sub-app. A mistake in the input (a missing folder, an
+unknown layout, an existing destination, a missing API key) ends with one sentence on stderr and
+exit code 2; the commands print one line per episode as they go.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+
+from vlm2vla_edge.runtime.errors import UserError
+
+app = typer.Typer(
+    help="Training data: import teleoperation datasets as episodes, relabel episodes into the language dataset.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(func: F) -> F:
+    """Turn a `UserError` into one line on stderr and exit code 2 (also when the app runs on its own)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Format(str, Enum):
+    auto = "auto"
+    bridge = "bridge"
+    lerobot = "lerobot"
+    episodes = "episodes"
+
+
+class AnnotatorName(str, Enum):
+    local = "local"
+    gemini = "gemini"
+
+
+def _indices(text: Optional[str], count: int, option: str) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' must be {count} comma-separated integers", param_hint=option) from None
+    if len(values) != count or any(v < 0 for v in values):
+        raise typer.BadParameter(f"'{text}' must be {count} comma-separated non-negative integers", param_hint=option)
+    return values
+
+
+@app.command("import")
+@_user_errors
+def import_(
+    src: Annotated[Path, typer.Argument(help="The dataset folder to import.")],
+    dest: Annotated[Path, typer.Argument(help="Folder for the episode folders (created if missing).")],
+    format: Annotated[Format, typer.Option("--format", help="Layout of SRC; auto detects it.")] = Format.auto,
+    frames: Annotated[bool, typer.Option(help="Import camera frames.")] = True,
+    state_xyz: Annotated[Optional[str], typer.Option(help="LeRobot: state dimensions of x,y,z (default: from names).")] = None,
+    action_xyz: Annotated[Optional[str], typer.Option(help="LeRobot: action dimensions of dx,dy,dz.")] = None,
+    action_gripper: Annotated[Optional[int], typer.Option(help="LeRobot: action dimension of the gripper.")] = None,
+    absolute_actions: Annotated[bool, typer.Option(help="LeRobot: actions are absolute targets, not deltas.")] = False,
+    invert_gripper: Annotated[bool, typer.Option(help="LeRobot: a high gripper value means closed.")] = False,
+    image_key: Annotated[Optional[str], typer.Option(help="LeRobot: which image feature to import.")] = None,
+) -> None:
+    """Convert BridgeData v2 raw, a LeRobot dataset, or our own episodes into episode folders under DEST."""
+    from vlm2vla_edge.train.data.importers import LeRobotMapping, detect_format, import_dataset
+
+    fmt = detect_format(src) if format is Format.auto else format.value
+    options: dict[str, Any] = {}
+    if fmt in ("bridge", "lerobot"):
+        options["frames"] = frames
+    if fmt == "lerobot":
+        options["mapping"] = LeRobotMapping(
+            state_xyz=_indices(state_xyz, 3, "--state-xyz"), action_xyz=_indices(action_xyz, 3, "--action-xyz"),  # type: ignore[arg-type]
+            action_gripper=action_gripper, action_is_delta=not absolute_actions, invert_gripper=invert_gripper,
+            image_key=image_key,
+        )
+    elif any(v is not None for v in (state_xyz, action_xyz, action_gripper, image_key)) or absolute_actions or invert_gripper:
+        raise UserError("--state-xyz, --action-xyz, --action-gripper, --absolute-actions, --invert-gripper and "
+                        "--image-key apply to LeRobot datasets only")
+    typer.echo(f"importing {src} as {fmt} into {dest}")
+    report = import_dataset(src, dest, fmt, progress=lambda episode, steps: typer.echo(f"  {episode}: {steps} steps"),
+                            **options)
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    for skipped in report.skipped:
+        typer.echo(f"skipped: {skipped}", err=True)
+    typer.echo(f"imported {len(report.imported)} episodes ({report.steps} steps, {report.frames} frames) into {dest}"
+               + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
+    if not report.imported:
+        raise UserError(f"nothing in {src} could be imported")
+
+
+@app.command()
+@_user_errors
+def relabel(
+    src: Annotated[Path, typer.Argument(help="Episode folder, or a folder of episode folders.")],
+    dest: Annotated[Path, typer.Argument(help="New folder for the labelled dataset.")],
+    annotator: Annotated[AnnotatorName, typer.Option(help="local: deterministic rules; gemini: Gemini words the labels.")] = AnnotatorName.local,
+    dry_run: Annotated[bool, typer.Option(help="Gemini: print the tokens, images and cost a run would send; send nothing.")] = False,
+    aux: Annotated[bool, typer.Option(help="Add the auxiliary direction-naming samples.")] = True,
+    robot: Annotated[str, typer.Option(help="Robot config (chunk limits): preset name or YAML path.")] = "widowx250s",
+    policy: Annotated[str, typer.Option(help="Policy config (action language): preset name or YAML path.")] = "policy",
+    model: Annotated[str, typer.Option(help="Gemini model.")] = "gemini-2.5-flash",
+    cache: Annotated[Optional[Path], typer.Option(help="Gemini answer cache (default: DEST/../.gemini-cache).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Gemini requests in flight.")] = 4,
+    rpm: Annotated[float, typer.Option(min=0.1, max=10000, help="Gemini requests per minute.")] = 60.0,
+    max_images: Annotated[int, typer.Option(min=0, max=32, help="Key frames per Gemini request.")] = 6,
+    price_input: Annotated[float, typer.Option(min=0, help="US$ per million input tokens (for --dry-run).")] = 0.30,
+    price_output: Annotated[float, typer.Option(min=0, help="US$ per million output tokens (for --dry-run).")] = 2.50,
+    base_url: Annotated[Optional[str], typer.Option(help="Gemini endpoint override (a proxy).")] = None,
+) -> None:
+    """Label every episode of SRC into the hierarchical language dataset DEST (subtasks, motion, action, aux)."""
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+    from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, LocalAnnotator, find_episodes, relabel as run
+
+    language = load_policy_config(policy).action_language
+    local = LocalAnnotator(language, load_robot_config(robot))
+    chosen: Any = local
+    if annotator is AnnotatorName.gemini:
+        from vlm2vla_edge.train.data.gemini_annotator import GeminiAnnotator, GeminiAnnotatorConfig
+
+        try:
+            config = GeminiAnnotatorConfig(
+                model=model, cache_dir=cache or dest.resolve().parent / ".gemini-cache", concurrency=concurrency,
+                requests_per_minute=rpm, max_images=max_images, price_input_per_m=price_input,
+                price_output_per_m=price_output, base_url=base_url,
+            )
+        except ValueError as exc:
+            raise UserError(f"invalid Gemini settings: {exc}") from None
+        chosen = GeminiAnnotator(config, local)
+        if dry_run:
+            estimate = chosen.estimate(find_episodes(src))
+            typer.echo(f"dry run of {chosen.name} on {src} (nothing sent):")
+            for line in estimate.lines():
+                typer.echo(f"  {line}")
+            return
+    elif dry_run:
+        raise UserError("--dry-run estimates the cost of --annotator gemini; the local annotator costs nothing")
+    paths = find_episodes(src)
+    total = len(paths)
+    done = 0
+
+    def progress(path: Path, result: EpisodeLabels | str, samples: int) -> None:
+        nonlocal done
+        done += 1
+        if isinstance(result, str):
+            typer.echo(f"[{done}/{total}] {path.name}: skipped ({result})")
+            return
+        note = f", {len(result.fallbacks)} fallbacks" if result.fallbacks else ""
+        typer.echo(f"[{done}/{total}] {path.name}: {len(result.subtasks)} subtasks, {len(result.windows)} chunks, "
+                   f"{samples} samples ({result.annotator}{note})")
+
+    info = run(src, dest, chosen, aux=aux, progress=progress)
+    counts = ", ".join(f"{n} {stage}" for stage, n in info.counts.items())
+    typer.echo(f"wrote {sum(info.counts.values())} samples ({counts}) from {len(info.sources)} episodes to {dest}")
+    if not info.sources:
+        raise UserError(f"no episode of {src} could be labelled (see the skipped lines above)")
+
+
+@app.command()
+@_user_errors
+def stats(
+    path: Annotated[Path, typer.Argument(help="A labelled dataset folder, or a folder of episodes.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
+) -> None:
+    """Figures of a labelled dataset (samples per stage, chunk lengths, fallbacks) or of an episode folder."""
+    figures = _dataset_stats(path) if (path / "dataset.json").exists() or (path / "samples.jsonl").exists() else _episode_stats(path)
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2, ensure_ascii=False))
+        return
+    for key, value in figures.items():
+        typer.echo(f"{key}: {value}")
+
+
+def _dataset_stats(path: Path) -> dict[str, Any]:
+    from vlm2vla_edge.runtime.parser import parse_action_chunk
+    from vlm2vla_edge.train.data.dataset import read_dataset
+
+    dataset = read_dataset(path)
+    language = dataset.info.language()
+    lengths = [len(parse_action_chunk(s.target, language)) for s in dataset.by_stage("action")]
+    annotators = Counter(src.annotator for src in dataset.info.sources)
+    subtask_counts = [len(s.subtasks or []) for s in dataset.by_stage("subtasks")]
+    return {
+        "kind": "labelled dataset",
+        "annotator": dataset.info.annotator,
+        "episodes": len(dataset.info.sources),
+        "skipped episodes": len(dataset.info.skipped),
+        "samples": len(dataset),
+        "per stage": dict(dataset.info.counts),
+        "episodes by annotator": dict(annotators),
+        "fallbacks": sum(len(src.fallbacks) for src in dataset.info.sources),
+        "subtasks per episode (mean)": round(sum(subtask_counts) / max(1, len(subtask_counts)), 2),
+        "actions per chunk (mean)": round(sum(lengths) / max(1, len(lengths)), 2),
+        "actions per chunk (max)": max(lengths, default=0),
+        "samples with image": sum(1 for s in dataset.samples if s.image),
+        "samples with scene text": sum(1 for s in dataset.samples if s.scene),
+        "samples sha256": dataset.info.samples_sha256,
+    }
+
+
+def _episode_stats(path: Path) -> dict[str, Any]:
+    from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader
+    from vlm2vla_edge.train.data.local_annotator import find_episodes
+
+    outcomes: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    steps = frames = damaged = 0
+    instructions: set[str] = set()
+    for episode in find_episodes(path):
+        try:
+            reader = EpisodeReader(episode)
+            records = reader.steps()
+        except EpisodeFormatError:
+            damaged += 1
+            continue
+        outcomes[reader.outcome] += 1
+        sources[reader.meta.source or "unknown"] += 1
+        instructions.add(reader.meta.instruction)
+        steps += len(records)
+        frames += sum(1 for s in records if s.image)
+    return {
+        "kind": "episodes",
+        "episodes": sum(outcomes.values()),
+        "damaged": damaged,
+        "steps": steps,
+        "frames": frames,
+        "distinct instructions": len(instructions),
+        "outcomes": dict(outcomes),
+        "sources": dict(sources),
+    }
