@@ -15,12 +15,15 @@ import math
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlm2vla_edge.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vlm2vla_edge.runtime.runtime_config import RuntimeConfig
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -32,6 +35,16 @@ class StrictModel(BaseModel):
 
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+    return value
+
+
+#: An http(s) endpoint, e.g. a cloud API override (a proxy, or a local fake server in tests).
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class Interval(StrictModel):
@@ -296,24 +309,19 @@ class PolicyConfig(StrictModel):
         return self
 
 
-class RuntimeConfig(StrictModel):
-    """Top-level runtime settings: which robot and policy configs, where episodes go."""
+def __getattr__(name: str) -> object:
+    """`RuntimeConfig` lives in `runtime/runtime_config.py` (it embeds the runner's and verifier's configs,
+    which import this module); it is re-exported here lazily so old imports keep working."""
+    if name in ("RuntimeConfig", "DaemonConfig"):
+        from vlm2vla_edge.runtime import runtime_config
 
-    robot: str = Field("widowx250s", description="Robot config: a preset name or a path to a YAML file.")
-    policy: str = Field("policy", description="Policy config: a preset name or a path to a YAML file.")
-    bundle: Path | None = Field(None, description="Model bundle folder; None uses the demo bundle.")
-    episodes_dir: Path = Field(Path("~/.local/share/vlm2vla-edge/episodes"), description="Where episodes are recorded.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("episodes_dir", "bundle")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return value.expanduser() if value is not None else None
+        return getattr(runtime_config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- loading ---------------------------------------------------------------------------------------
 
-_PRESET_FOLDERS: dict[type[BaseModel], str] = {RobotConfig: "robots", PolicyConfig: "", RuntimeConfig: ""}
+_PRESET_FOLDERS: dict[type[BaseModel], str] = {RobotConfig: "robots", PolicyConfig: ""}  # others: top level
 
 
 def packaged_configs_dir() -> Path:
@@ -387,5 +395,7 @@ def load_policy_config(name_or_path: str | Path = "policy") -> PolicyConfig:
     return load_config(name_or_path, PolicyConfig)
 
 
-def load_runtime_config(name_or_path: str | Path = "runtime") -> RuntimeConfig:
+def load_runtime_config(name_or_path: str | Path = "runtime") -> "RuntimeConfig":
+    from vlm2vla_edge.runtime.runtime_config import RuntimeConfig
+
     return load_config(name_or_path, RuntimeConfig)

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlm2vla_edge.runtime.config import StrictModel
+from vlm2vla_edge.runtime.config import HttpUrl, StrictModel
 from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey, redact
 
@@ -52,7 +52,7 @@ class GeminiConfig(StrictModel):
     backoff_max_s: float = Field(4.0, ge=0, le=60, description="Upper bound of one backoff, Retry-After included.")
     breaker_failures: int = Field(3, ge=1, description="Consecutive failed verifications that open the circuit.")
     breaker_cooldown_s: float = Field(60.0, ge=0, description="How long an open circuit skips the cloud, seconds.")
-    base_url: str | None = Field(None, description="Endpoint override (a proxy, or a local fake server in tests).")
+    base_url: HttpUrl | None = Field(None, description="Endpoint override (a proxy, or a local fake server in tests).")
     api_version: str = Field(
         "v1beta", min_length=1, description="API version path segment; pinned so no environment variable changes it."
     )
@@ -60,13 +60,6 @@ class GeminiConfig(StrictModel):
     max_image_side: int = Field(768, ge=64, le=3072, description="Images are downscaled to at most this side, px.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the verdict.")
     thinking_budget: int | None = Field(None, ge=0, description="Thinking tokens (None: the model's default).")
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
-        return value
 
 
 SYSTEM_PROMPT = """\

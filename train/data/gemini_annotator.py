@@ -47,10 +47,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from vlm2vla_edge.runtime.action_text import format_motion_plan, format_subtasks
-from vlm2vla_edge.runtime.config import StrictModel
+from vlm2vla_edge.runtime.config import HttpUrl, StrictModel
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.parser import ParseError, parse_motion_plan, parse_subtasks
@@ -74,7 +74,7 @@ class GeminiAnnotatorConfig(StrictModel):
     """How the cloud annotator calls Gemini and what a run may cost."""
 
     model: str = Field("gemini-2.5-flash", min_length=1, description="Gemini model name.")
-    base_url: str | None = Field(None, description="Endpoint override (a proxy, or a local fake server in tests).")
+    base_url: HttpUrl | None = Field(None, description="Endpoint override (a proxy, or a local fake server in tests).")
     api_version: str = Field("v1beta", min_length=1, description="API version path segment.")
     timeout_s: float = Field(60.0, gt=0, le=600, description="Limit of one request, seconds.")
     retries: int = Field(3, ge=0, le=8, description="Retries after the first request (429, 5xx, timeouts, network).")
@@ -89,13 +89,6 @@ class GeminiAnnotatorConfig(StrictModel):
     price_input_per_m: float = Field(0.30, ge=0, description="US$ per million input tokens (text and images).")
     price_output_per_m: float = Field(2.50, ge=0, description="US$ per million output tokens.")
     cache_dir: Path | None = Field(None, description="Answer cache; None: no cache (every run sends everything).")
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
-        return value
 
 
 SYSTEM_PROMPT = """\
