@@ -6,6 +6,7 @@ Real-model tests run Gemma-3-270M (Q4_K_M, text only); they are marked slow and 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan
 from vlm2vla_edge.runtime.policy.decoder import DecoderError, LlamaDecoder, ModelLoadError
+from vlm2vla_edge.runtime.policy.interface import GenerationCancelled
 
 # A few-shot prompt so that a base model writes short chunks (keeps the tests fast).
 ACTION_PROMPT = (
@@ -294,3 +296,26 @@ def test_model_facts(decoder: LlamaDecoder) -> None:
     assert 200e6 < decoder.model_size_bytes < 300e6
     assert 1 in decoder.eog_tokens  # <eos>
     assert decoder.detokenize(decoder.tokenize("[[0.025, -0.01, 0, 1]]")) == "[[0.025, -0.01, 0, 1]]"
+
+
+@pytest.mark.slow
+def test_cancel_interrupts_a_long_prompt_evaluation(gemma270m_gguf: Path) -> None:
+    """A prompt evaluated in one big batch is stopped mid-call (llama.cpp's abort callback), not after it:
+    an e-stop must not wait for hundreds of ms of prefill."""
+    config = PolicyConfig(n_threads=2, n_ctx=4096, n_batch=2048, n_ubatch=512)
+    with LlamaDecoder(gemma270m_gguf, config) as long_decoder:
+        prompt = "The robot moves the carrot to the plate. " * 180  # ~1,600 tokens in one batch
+        t0 = time.perf_counter()
+        long_decoder.eval_prefix(prompt)
+        full_s = time.perf_counter() - t0
+        event = threading.Event()
+        timer = threading.Timer(full_s / 4, event.set)
+        timer.start()
+        t0 = time.perf_counter()
+        with pytest.raises(GenerationCancelled):
+            long_decoder.eval_prefix(prompt, cancel=event)
+        stopped_s = time.perf_counter() - t0
+        timer.join()
+        assert stopped_s < full_s * 0.75, (stopped_s, full_s)
+        # the decoder is usable again afterwards
+        long_decoder.eval_prefix("Short prompt.")

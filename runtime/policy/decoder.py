@@ -39,6 +39,7 @@ import numpy as np
 from vlm2vla_edge.runtime.config import PolicyConfig, Sampling
 from vlm2vla_edge.grammars import GrammarError, validate_gbnf
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.policy.interface import GenerationCancelled
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ _GGUF_MAGIC = b"GGUF"
 _SPARSE_MAX_WORDS = 256
 _ARANGE32 = np.arange(32, dtype=np.int64)
 _CANDIDATE_DTYPE = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+
+
+class _Aborted(Exception):
+    """Internal: llama_decode returned 2 because the abort callback saw the cancel event."""
 
 
 class DecoderError(Vlm2VlaError):
@@ -277,6 +282,12 @@ class LlamaDecoder:
             self.eog_tokens: tuple[int, ...] = tuple(dict.fromkeys(t for t in eog if t >= 0))
             self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
             self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            # Prompt evaluation runs in batches of up to n_batch tokens (hundreds of ms on a CPU); the abort
+            # callback lets a cancel stop one mid-call. It is installed only while prefilling: llama.cpp calls
+            # it after every graph node, which would cost ~1 ms per generated token if left on.
+            self._abort_event: threading.Event | None = None
+            self._abort_cb = llama_cpp.ggml_abort_callback(self._should_abort)
+            self._no_abort_cb = llama_cpp.ggml_abort_callback()
             self._piece_buf = ctypes.create_string_buffer(256)
             self._bitmask = np.zeros((1, (self.n_vocab + 31) // 32), dtype=np.int32)
             self._neg_inf = np.float32(-np.inf)
@@ -488,6 +499,9 @@ class LlamaDecoder:
         if logits_last:
             batch.logits[n - 1] = 1
         rc = self._ll.llama_decode(self._ctx, batch)
+        if rc == 2 and self._abort_event is not None and self._abort_event.is_set():
+            self._invalidate()  # an aborted batch may be partly in the cache
+            raise _Aborted()
         if rc != 0:
             self._invalidate()  # rc < 0 may leave part of the batch in the cache
             what = {1: "no KV cache slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
@@ -495,14 +509,31 @@ class LlamaDecoder:
         self._n_pos = pos0 + n
         self._tail.extend(tokens)
 
+    def _should_abort(self, _data: ctypes.c_void_p) -> bool:
+        """llama.cpp's abort callback (called after every graph node while prefilling). `wait(0)` reads
+        the flag like `is_set()`; the decode loop's own `is_set()` checks stay one per step."""
+        event = self._abort_event
+        return event is not None and event.wait(0)
+
     def _prefill(self, tokens: Sequence[int], cancel: threading.Event | None) -> bool:
-        """Evaluate tokens in n_batch slices, logits for the last one; False if cancelled."""
-        for start in range(0, len(tokens), self.n_batch):
-            if cancel is not None and cancel.is_set():
-                return False
-            piece = tokens[start : start + self.n_batch]
-            self._decode(piece, logits_last=start + len(piece) == len(tokens))
-        return True
+        """Evaluate tokens in n_batch slices, logits for the last one; False if cancelled, also mid-batch
+        (the cache is then cleared: the prefix must be evaluated again)."""
+        if cancel is not None:
+            self._abort_event = cancel
+            self._ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                if cancel is not None and cancel.is_set():
+                    return False
+                piece = tokens[start : start + self.n_batch]
+                self._decode(piece, logits_last=start + len(piece) == len(tokens))
+            return True
+        except _Aborted:
+            return False
+        finally:
+            if cancel is not None:
+                self._ll.llama_set_abort_callback(self._ctx, self._no_abort_cb, None)
+                self._abort_event = None
 
     def _logits(self) -> np.ndarray:
         """A writable view of the last output row of logits (n_vocab floats, owned by llama.cpp)."""
@@ -530,7 +561,7 @@ class LlamaDecoder:
             t0 = time.perf_counter()
             tokens = self.tokenize(text, add_bos=True)
             if not self._prefill(tokens, cancel):
-                raise DecoderError("cancelled while evaluating the prompt prefix")
+                raise GenerationCancelled("cancelled while evaluating the prompt prefix")
             timings = Timings(prefill_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
             prefix = Prefix(n_pos=self._n_pos, text_tokens=len(tokens), image_tokens=0, timings=timings, epoch=self._epoch)
         else:
@@ -570,7 +601,7 @@ class LlamaDecoder:
             new_pos = self._ll.llama_pos(0)
             for i in range(api.mtmd_input_chunks_size(chunks)):
                 if cancel is not None and cancel.is_set():
-                    raise DecoderError("cancelled while evaluating the image prefix")
+                    raise GenerationCancelled("cancelled while evaluating the image prefix")
                 chunk = api.mtmd_input_chunks_get(chunks, i)
                 kind = api.mtmd_input_chunk_get_type(chunk)
                 if kind == api.MTMD_INPUT_CHUNK_TYPE_TEXT:
@@ -579,7 +610,7 @@ class LlamaDecoder:
                     tokens = [int(ptr[j]) for j in range(n_out.value)]
                     t0 = time.perf_counter()
                     if not self._prefill(tokens, cancel):
-                        raise DecoderError("cancelled while evaluating the image prefix")
+                        raise GenerationCancelled("cancelled while evaluating the image prefix")
                     prefill_s += time.perf_counter() - t0
                     text_tokens += len(tokens)
                 elif kind == api.MTMD_INPUT_CHUNK_TYPE_IMAGE:
