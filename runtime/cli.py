@@ -274,10 +274,16 @@ def do(
     max_retries: Annotated[int, typer.Option(min=0, max=20, help="Failed attempts allowed per subtask.")] = 3,
     timeout: Annotated[float, typer.Option(min=1, help="Episode time budget, seconds.")] = 600.0,
     realtime: Annotated[bool, typer.Option(help="Simulator: move at the arm's real speed.")] = False,
+    socket_path: Annotated[
+        Optional[Path], typer.Option("--socket", help="The daemon's socket; default: the runtime config's, else the usual places.")
+    ] = None,
 ) -> None:
     """Carry out one instruction: plan subtasks, then motion plan -> actions -> safety -> arm -> verify.
 
-    Exit 0 when every subtask is verified, 1 when the task failed, was stopped or hit a fault.
+    Without --local the running daemon (`vlm2vla-edge serve`) does the work and its progress streams
+    here; Ctrl-C cancels the task. With --local the episode runs in this process (the options below
+    --local apply to it only). Exit 0 when every subtask is verified, 1 when the task failed, was
+    stopped or hit a fault, 2 when no daemon answers or the input is wrong.
     """
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config, load_runtime_config
     from vlm2vla_edge.runtime.local_run import LocalRunOptions, run_local
@@ -285,10 +291,7 @@ def do(
     from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
 
     if not local:
-        raise UserError(
-            "no vlm2vla-edge daemon answers (the 'serve' daemon is not part of this version yet); "
-            "run the episode in this process with --local"
-        )
+        raise typer.Exit(_do_via_daemon(instruction, runtime_config, socket_path))
     if not instruction.strip():
         raise UserError("the instruction is empty")
     settings = load_runtime_config(runtime_config)
@@ -312,6 +315,197 @@ def do(
     typer.echo(f"episode recorded in {outcome.episode_dir}")
     if outcome.result.outcome != "success":
         raise typer.Exit(1)
+
+
+# --- the daemon and its clients ---------------------------------------------------------------------
+
+_NO_DAEMON_HINT = "start it with 'vlm2vla-edge serve' (or its systemd unit), or run the episode here with 'do --local'"
+
+
+def _client(runtime_config: str, socket_path: Optional[Path], timeout_s: float = 5.0):  # noqa: ANN202
+    from vlm2vla_edge.runtime.config import load_runtime_config
+    from vlm2vla_edge.runtime.daemon.client import DaemonClient
+
+    settings = load_runtime_config(runtime_config)
+    return DaemonClient.locate(settings.daemon, socket_path, timeout_s=timeout_s)
+
+
+def _call(action: Callable[[], object]) -> object:
+    """Run a client call; no daemon -> one sentence and exit 2, an API refusal -> its message and exit 1."""
+    from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonUnavailable
+
+    try:
+        return action()
+    except DaemonUnavailable as exc:
+        typer.echo(f"error: {exc}; {_NO_DAEMON_HINT}", err=True)
+        raise typer.Exit(2) from None
+    except DaemonApiError as exc:
+        typer.echo(f"error: the daemon refused ({exc.status}): {exc.message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _do_via_daemon(instruction: str, runtime_config: str, socket_path: Optional[Path]) -> int:
+    from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonUnavailable, format_event
+
+    if not instruction.strip():
+        raise UserError("the instruction is empty")
+    client = _client(runtime_config, socket_path)
+    task = _call(lambda: client.submit(instruction))
+    assert isinstance(task, dict)
+    task_id = str(task["id"])
+    typer.echo(f"task {task_id} accepted by the daemon at {client.where}")
+    outcome: str | None = None
+    cancelled = False
+    seen = 0
+    while outcome is None:
+        try:
+            for event in client.events(task_id, since=seen):
+                seen += 1
+                for line in format_event(event):
+                    typer.echo(line)
+                if event.get("kind") == "episode_end":
+                    outcome = str(event.get("outcome"))
+            if outcome is None:  # the stream ended without the end event (e.g. the daemon stopped)
+                state = _call(lambda: client.task(task_id))
+                assert isinstance(state, dict)
+                result = state.get("result") or {}
+                outcome = str(result.get("outcome") or "unknown")
+                if state.get("state") == "running":
+                    continue
+        except KeyboardInterrupt:
+            if cancelled:
+                raise
+            cancelled = True
+            typer.echo("cancelling the task (Ctrl-C again to stop waiting)...", err=True)
+            try:
+                client.cancel(task_id)
+            except (DaemonUnavailable, DaemonApiError) as exc:
+                typer.echo(f"error: could not cancel: {exc}", err=True)
+                return 1
+        except DaemonUnavailable as exc:
+            typer.echo(f"error: {exc}; the task's outcome is unknown (see 'vlm2vla-edge status')", err=True)
+            return 1
+    typer.echo(f"episode recorded by the daemon as {task_id}")
+    return 0 if outcome == "success" else 1
+
+
+@app.command("serve")
+def serve(
+    runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
+    sim: Annotated[Optional[bool], typer.Option("--sim/--no-sim", help="Simulator instead of devices; default: the config's.")] = None,
+    bundle: Annotated[Optional[Path], typer.Option(help="Model bundle folder; default: the runtime config's.")] = None,
+    devices: Annotated[Optional[Path], typer.Option(help="Real robot: YAML with 'arm:' and 'camera:' sections.")] = None,
+    episodes_dir: Annotated[Optional[Path], typer.Option(help="Where episodes are recorded; default: the config's.")] = None,
+) -> None:
+    """Run the daemon: load the model, connect the robot, serve the local API until SIGTERM.
+
+    Under systemd (Type=notify) it reports READY=1 once serving and pings the watchdog; on SIGTERM it
+    stops the episode, parks the arm in its sleep pose and exits 0.
+    """
+    from vlm2vla_edge.runtime.config import load_runtime_config
+    from vlm2vla_edge.runtime.daemon.server import serve_from_config
+
+    settings = load_runtime_config(runtime_config)
+    update: dict[str, object] = {}
+    if devices is not None:
+        update.update(devices=devices, sim=False)
+    if episodes_dir is not None:
+        update["episodes_dir"] = episodes_dir.expanduser()
+    if update:
+        settings = settings.model_copy(update=update)
+    if sim and settings.devices is not None and devices is not None:
+        raise UserError("--sim and --devices exclude each other")
+    raise typer.Exit(serve_from_config(settings, bundle=bundle, sim=sim, echo=lambda line: typer.echo(line, err=True)))
+
+
+@app.command("status")
+def status(
+    runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The daemon's socket.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the daemon's answer as JSON.")] = False,
+) -> None:
+    """Show the daemon's state: idle, running (which task), or e-stop latched. Exit 2 when none answers."""
+    client = _client(runtime_config, socket_path)
+    data = _call(client.status)
+    assert isinstance(data, dict)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"daemon: {data['state']} ({client.where}); model {data['bundle_id']}; robot {data['robot']}"
+               + (" (simulated)" if data.get("sim") else ""))
+    estop = data.get("estop") or {}
+    typer.echo(f"e-stop: {'LATCHED: ' + str(estop.get('reason')) if estop.get('engaged') else 'released'}")
+    task = data.get("task")
+    if task:
+        result = task.get("result") or {}
+        typer.echo(f"last task: {task['id']} '{task['instruction']}': {task['state']}"
+                   + (f", {result.get('outcome')}: {result.get('detail')}" if result else ""))
+
+
+@app.command("stop")
+def stop(
+    reason: Annotated[str, typer.Option(help="Why (recorded with the episode and in the log).")] = "e-stop from the command line",
+    runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The daemon's socket.")] = None,
+) -> None:
+    """E-stop: halt the arm and the model now; latched until 'vlm2vla-edge reset'."""
+    client = _client(runtime_config, socket_path, timeout_s=2.0)
+    _call(lambda: client.estop(reason))
+    typer.echo("e-stop latched: the arm is halted; run 'vlm2vla-edge reset' to release it")
+
+
+@app.command("reset")
+def reset(
+    runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
+    socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The daemon's socket.")] = None,
+) -> None:
+    """Release the latched e-stop (after making sure the robot's surroundings are safe)."""
+    client = _client(runtime_config, socket_path, timeout_s=10.0)
+    _call(client.reset)
+    typer.echo("e-stop released: the daemon accepts tasks again")
+
+
+@app.command("install-service")
+def install_service(
+    output: Annotated[
+        Path, typer.Option(help="Where to write the unit ('-' prints it).")
+    ] = Path("/etc/systemd/system/vlm2vla-edge.service"),
+    user: Annotated[str, typer.Option(help="Account the daemon runs as.")] = "vlm2vla",
+    group: Annotated[Optional[str], typer.Option(help="Group of the socket (who may drive the robot); default: --user.")] = None,
+    runtime_config: Annotated[Path, typer.Option("--config", help="Runtime config the service reads.")] = Path("/etc/vlm2vla-edge/runtime.yaml"),
+    gemini_key: Annotated[
+        Optional[Path], typer.Option(help="Gemini API key file passed as a systemd credential; default: the usual one if it exists.")
+    ] = None,
+    sim: Annotated[bool, typer.Option("--sim", help="Serve the simulator (a demo machine without a robot).")] = False,
+) -> None:
+    """Render the systemd unit for this machine's paths (this venv's vlm2vla-edge) and write it."""
+    import shutil
+
+    from vlm2vla_edge.runtime.daemon.unit import DEFAULT_CREDENTIAL, UnitOptions, render_unit
+
+    executable = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "vlm2vla-edge" else None
+    if executable is None or not executable.is_file():
+        found = Path(sys.executable).parent / "vlm2vla-edge"
+        executable = found if found.is_file() else Path(shutil.which("vlm2vla-edge") or found)
+    if not executable.is_file():
+        raise UserError(f"cannot find the vlm2vla-edge executable (looked at {executable}); install the package first")
+    credential = gemini_key or (DEFAULT_CREDENTIAL if DEFAULT_CREDENTIAL.is_file() else None)
+    if gemini_key is not None and not gemini_key.is_file():
+        raise UserError(f"the Gemini key file {gemini_key} does not exist (systemd would refuse to start the unit)")
+    text = render_unit(UnitOptions(
+        executable=executable, config=runtime_config.expanduser().absolute(), user=user, group=group or user,
+        gemini_credential=credential, sim=sim,
+    ))
+    if str(output) == "-":
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {output}: {exc.strerror or exc} (use --output PATH or run as root)") from None
+    typer.echo(f"wrote {output}; next: systemctl daemon-reload && systemctl enable --now vlm2vla-edge")
+    if not runtime_config.exists():
+        typer.echo(f"note: {runtime_config} does not exist yet; copy configs/runtime.yaml there and set 'bundle'")
 
 
 @episode_app.command("show")

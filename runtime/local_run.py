@@ -1,8 +1,9 @@
 """One episode in this process (`vlm2vla-edge do --local`): load the bundle, set up the robot (simulated
 or real), run the loop with live progress, and record the episode.
 
-The daemon will hold these same pieces across episodes; here they live for one run and are always
-released (arm stopped, model freed) on the way out.
+The daemon (`runtime/daemon/`) holds these same pieces (`load_policy`, `open_station`, `episode_meta`)
+across episodes; here they live for one run and are always released (arm stopped, model freed) on
+the way out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from vlm2vla_edge.runtime.config import PolicyConfig, RobotConfig, load_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeWriter
@@ -20,6 +21,13 @@ from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.recording import EpisodeRecorder, ProgressPrinter
 from vlm2vla_edge.runtime.runner import EpisodeResult, EpisodeRunner, RunnerConfig, SceneHooks
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig, make_verifier
+
+if TYPE_CHECKING:
+    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.interface import Policy as PolicyInterface
+    from vlm2vla_edge.runtime.robot.base import Arm, Camera
+    from vlm2vla_edge.runtime.safety import SafetyLimiter
+    from vlm2vla_edge.runtime.sim.session import SimSession
 
 
 @dataclass(frozen=True)
@@ -46,30 +54,18 @@ class LocalRunResult:
 
 def run_local(options: LocalRunOptions, echo: Callable[[str], None] = print) -> LocalRunResult:
     """Run one episode end to end; Ctrl-C cancels it cleanly (arm stopped, episode recorded)."""
-    from vlm2vla_edge.runtime.policy.bundle import load_bundle
-    from vlm2vla_edge.runtime.policy.engine import Policy
-
-    bundle = load_bundle(options.bundle)
-    echo(f"loading model bundle {bundle.manifest.name} ({bundle.text_model.name})...")
-    with contextlib.closing(Policy.from_bundle(bundle, options.policy)) as policy:
-        with _robot(options) as (arm, camera, limiter, hooks, camera_name):
+    with contextlib.closing(load_policy(options.bundle, options.policy, echo)) as policy:
+        with open_station(
+            options.robot, sim=options.sim, seed=options.seed, instruction=options.instruction,
+            devices=options.devices, realtime=options.realtime,
+        ) as station:
             writer = EpisodeWriter.create(
                 options.episodes_dir,
-                EpisodeMeta(
-                    instruction=options.instruction,
-                    source="policy",
-                    robot_name=options.robot.name,
-                    robot_model=options.robot.model,
-                    camera=camera_name,
-                    action_units=policy.action_language.units,
-                    grammar_version=policy.action_language.grammar_version,
-                    bundle_id=policy.bundle_id,
-                    extra={"seed": options.seed} if options.sim else {},
-                ),
+                episode_meta(options.instruction, options.robot, station, policy, seed=options.seed if options.sim else None),
             )
             runner = EpisodeRunner(
-                policy, arm, camera, make_verifier(options.verifier), limiter,
-                config=options.runner, hooks=hooks,
+                policy, station.arm, station.camera, make_verifier(options.verifier), station.limiter,
+                config=options.runner, hooks=station.hooks,
                 subscribers=[EpisodeRecorder(writer, options.record_frames), ProgressPrinter(echo=echo)],
             )
             with _cancel_on_interrupt(runner):
@@ -77,33 +73,96 @@ def run_local(options: LocalRunOptions, echo: Callable[[str], None] = print) -> 
             return LocalRunResult(result, writer.path)
 
 
+def load_policy(bundle_path: Path, config: PolicyConfig, echo: Callable[[str], None] = print) -> "Policy":
+    """The llama.cpp policy of a verified bundle (the caller closes it)."""
+    from vlm2vla_edge.runtime.policy.bundle import load_bundle
+    from vlm2vla_edge.runtime.policy.engine import Policy
+
+    bundle = load_bundle(bundle_path)
+    echo(f"loading model bundle {bundle.manifest.name} ({bundle.text_model.name})...")
+    return Policy.from_bundle(bundle, config)
+
+
+def episode_meta(
+    instruction: str, robot: RobotConfig, station: "Station", policy: "PolicyInterface", seed: int | None = None
+) -> EpisodeMeta:
+    """The meta.json of a new policy episode on this station."""
+    return EpisodeMeta(
+        instruction=instruction,
+        source="policy",
+        robot_name=robot.name,
+        robot_model=robot.model,
+        camera=station.camera_name,
+        action_units=policy.action_language.units,
+        grammar_version=policy.action_language.grammar_version,
+        bundle_id=policy.bundle_id,
+        extra={"seed": seed} if seed is not None else {},
+    )
+
+
+@dataclass
+class Station:
+    """The connected robot an episode runs on: arm, camera, the limiter in front of the arm, scene hooks."""
+
+    arm: "Arm"
+    camera: "Camera"
+    limiter: "SafetyLimiter"
+    hooks: SceneHooks
+    camera_name: str
+    sim: "SimSession | None" = None
+
+    def set_table_for(self, instruction: str, seed: int) -> bool:
+        """Simulator only: when the scene lacks an object the instruction names, lay out a new scene that
+        holds them (what a person does before the next task on a real table). True if the scene changed."""
+        if self.sim is None:
+            return False
+        from vlm2vla_edge.runtime.sim.scene import Scene
+        from vlm2vla_edge.runtime.sim.session import objects_mentioned
+
+        required = objects_mentioned(instruction)
+        world = self.sim.world
+        if all(name in world.scene.objects for name in required):
+            return False
+        world.scene = Scene.random(seed, required=required, n_distractors=2)
+        self.sim.instruction, self.sim.seed, self.sim.task = instruction, seed, None
+        return True
+
+
 @contextlib.contextmanager
-def _robot(options: LocalRunOptions) -> Iterator[tuple]:
-    """(arm, camera, limiter, hooks, camera name), connected; disconnected on exit whatever happens."""
+def open_station(
+    robot: RobotConfig,
+    *,
+    sim: bool,
+    seed: int = 0,
+    instruction: str | None = None,
+    devices: Path | None = None,
+    realtime: bool = False,
+) -> Iterator[Station]:
+    """A connected station (simulated or real); disconnected on exit whatever happens."""
     from vlm2vla_edge.runtime.safety import SafetyLimiter
 
-    if options.sim:
+    if sim:
         from vlm2vla_edge.runtime.sim.session import make_sim_session
 
-        session = make_sim_session(options.robot, options.seed, options.instruction, realtime=options.realtime)
+        session = make_sim_session(robot, seed, instruction, realtime=realtime)
         try:
-            yield session.arm, session.camera, session.limiter, session.hooks, "sim"
+            yield Station(session.arm, session.camera, session.limiter, session.hooks, "sim", sim=session)
         finally:
             session.close()
         return
-    if options.devices is None:
+    if devices is None:
         raise UserError("a real robot needs --devices FILE (YAML with 'arm:' and 'camera:' sections), or use --sim")
     from vlm2vla_edge.runtime.robot.devices import DevicesConfig, make_arm, make_camera
     from vlm2vla_edge.runtime.sim.kinematics import WX250sKinematics
 
-    devices = load_config(options.devices, DevicesConfig)
-    arm, camera = make_arm(devices.arm, options.robot), make_camera(devices.camera)
-    limiter = SafetyLimiter(options.robot, reachable=WX250sKinematics(options.robot).reachable)
+    config = load_config(devices, DevicesConfig)
+    arm, camera = make_arm(config.arm, robot), make_camera(config.camera)
+    limiter = SafetyLimiter(robot, reachable=WX250sKinematics(robot).reachable)
     arm.connect()
     try:
         camera.connect()
         try:
-            yield arm, camera, limiter, SceneHooks(), devices.camera.kind
+            yield Station(arm, camera, limiter, SceneHooks(), config.camera.kind)
         finally:
             camera.disconnect()
     finally:

@@ -1,0 +1,144 @@
+"""Loop events as JSON for the API's event stream, and the per-task log that streams them.
+
+The episode loop calls subscribers synchronously, so `TaskEventLog.on_event` only converts the event
+and appends it under a lock: it never waits on a client. Streaming clients read from the log at their
+own pace with bounded waits; a client that stops reading or goes away costs the loop nothing. Frames
+(images) are never sent; prompts are not either (they can be long and are in the recorded episode).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlm2vla_edge.runtime.robot.base import ArmState
+from vlm2vla_edge.runtime.runner import EpisodeResult, RunnerEvent
+
+
+def _num(value: float) -> float | None:
+    """JSON has no NaN/Infinity: such values become null."""
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def _vec(values: Any) -> list[float | None]:
+    return [_num(v) for v in values]
+
+
+def _state(state: ArmState | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    return {"position": _vec(state.position), "gripper_open": bool(state.gripper_open)}
+
+
+def result_json(result: EpisodeResult) -> dict[str, Any]:
+    return {
+        "outcome": result.outcome,
+        "detail": result.detail,
+        "subtasks": list(result.subtasks),
+        "completed_subtasks": result.completed_subtasks,
+        "steps": result.steps,
+        "retries": result.retries,
+        "duration_s": _num(result.duration_s),
+    }
+
+
+def event_json(event: RunnerEvent) -> dict[str, Any]:
+    """The JSON-safe view of one loop event: what a person watching needs, nothing bulky or secret."""
+    d = event.data
+    out: dict[str, Any] = {"kind": event.kind, "t": _num(event.t)}
+    if event.kind == "episode_start":
+        out.update(instruction=d.get("instruction"), bundle_id=d.get("bundle_id"))
+    elif event.kind == "subtasks":
+        out.update(subtasks=list(d.get("subtasks", ())), state=_state(d.get("state")))
+    elif event.kind == "step":
+        out.update(subtask_index=d.get("subtask_index"), subtask=d.get("subtask"), retry=bool(d.get("retry")))
+        if "error" in d:
+            out["error"] = str(d["error"])
+        else:
+            step = d["step"]
+            out.update(
+                motion_plan=step.motion.text,
+                action_text=step.action_output.raw_text,
+                actions=step.chunk.as_lists(),
+                postprocessed=d["postprocessed"].as_lists() if d.get("postprocessed") is not None else None,
+            )
+        out["state"] = _state(d.get("state"))
+    elif event.kind == "safety":
+        verdict = d["verdict"]
+        decisions = list(verdict.decisions) + [x for c in verdict.commands for x in c.decisions]
+        out.update(
+            subtask_index=d.get("subtask_index"),
+            rejected=bool(verdict.rejected),
+            reason=verdict.reason,
+            decisions=[x.to_dict() for x in decisions],
+            commands=[{"target": _vec(c.target), "gripper_open": c.gripper_open} for c in verdict.commands],
+        )
+    elif event.kind == "executed":
+        out.update(
+            subtask_index=d.get("subtask_index"),
+            moves=[
+                {"completed": r.completed, "reached": _vec(r.reached), "duration_s": _num(r.duration_s), "note": r.note}
+                for r in d.get("results", ())
+            ],
+            state=_state(d.get("state")),
+        )
+    elif event.kind == "verified":
+        verdict = d["verdict"]
+        out.update(
+            subtask_index=d.get("subtask_index"),
+            subtask=d.get("subtask"),
+            success=bool(verdict.success),
+            reason=verdict.reason,
+            verifier=verdict.verifier,
+            fallback_from=verdict.fallback_from,
+        )
+    elif event.kind == "episode_end":
+        out.update(result_json(d["result"]))
+    return out
+
+
+@dataclass
+class _Slot:
+    events: deque[dict[str, Any]]
+    first: int = 0  # sequence number of events[0]
+    closed: bool = False
+    condition: threading.Condition = field(default_factory=threading.Condition)
+
+
+class TaskEventLog:
+    """Events of one task, numbered from 0; bounded (the oldest go first), closed at the episode's end."""
+
+    def __init__(self, capacity: int) -> None:
+        self._slot = _Slot(deque(maxlen=capacity))
+
+    def on_event(self, event: RunnerEvent) -> None:
+        self.append(event_json(event), close=event.kind == "episode_end")
+
+    def append(self, item: dict[str, Any], close: bool = False) -> None:
+        slot = self._slot
+        with slot.condition:
+            if len(slot.events) == slot.events.maxlen:
+                slot.first += 1
+            slot.events.append(item)
+            slot.closed = slot.closed or close
+            slot.condition.notify_all()
+
+    def close(self) -> None:
+        with self._slot.condition:
+            self._slot.closed = True
+            self._slot.condition.notify_all()
+
+    def read(self, since: int, timeout_s: float) -> tuple[list[tuple[int, dict[str, Any]]], int, bool]:
+        """Events numbered >= `since` (waiting up to `timeout_s` for one), the next number to ask for,
+        and whether the log is closed. Events dropped for capacity are skipped."""
+        slot = self._slot
+        with slot.condition:
+            if since >= slot.first + len(slot.events) and not slot.closed:
+                slot.condition.wait(timeout_s)
+            start = max(since, slot.first)
+            items = [(n, slot.events[n - slot.first]) for n in range(start, slot.first + len(slot.events))]
+            return items, slot.first + len(slot.events), slot.closed
