@@ -52,7 +52,7 @@ class PromptError(UserError):
     """An instruction, subtask, plan or scene cannot be put into a prompt as given."""
 
 
-def _clean(value: str, what: str, *, one_line: bool = True) -> str:
+def clean_text(value: str, what: str, *, one_line: bool = True) -> str:
     """Trimmed (as the chat template's `trim` does), no control-token look-alikes; by default one line
     with single spaces, so a stray newline in an instruction cannot reshape the prompt."""
     if not isinstance(value, str):
@@ -144,14 +144,14 @@ class PromptTemplates(StrictModel):
         """The image marker (scene=None, vision bundles) or the scene description (text-only bundles)."""
         if scene is None:
             return MEDIA_MARKER
-        return self.scene.format(scene=_clean(scene, "scene description"))
+        return self.scene.format(scene=clean_text(scene, "scene description"))
 
     def render_task_prefix(self, instruction: str, scene: str | None = None) -> str:
         """Turn start + observation + instruction: the part shared by the subtask prompt and a step prefix."""
         return (
             self.user_start
             + self.render_observation(scene)
-            + self.task.format(instruction=_clean(instruction, "instruction"))
+            + self.task.format(instruction=clean_text(instruction, "instruction"))
         )
 
     def render_subtasks_prompt(self, instruction: str, scene: str | None = None) -> str:
@@ -160,7 +160,7 @@ class PromptTemplates(StrictModel):
 
     def render_step_prefix(self, instruction: str, subtask: str, scene: str | None = None) -> str:
         """The prefix shared by the motion and action prompts of one step (evaluated once, then cached)."""
-        return self.render_task_prefix(instruction, scene) + self.subtask.format(subtask=_clean(subtask, "subtask"))
+        return self.render_task_prefix(instruction, scene) + self.subtask.format(subtask=clean_text(subtask, "subtask"))
 
     def render_motion_suffix(self) -> str:
         """Stage 2's suffix after the step prefix: the motion-plan question and the turn change."""
@@ -168,7 +168,7 @@ class PromptTemplates(StrictModel):
 
     def render_action_suffix(self, plan: str) -> str:
         """Stage 3's suffix after the step prefix: the motion plan, the action question, the turn change."""
-        return self.plan.format(plan=_clean(plan, "motion plan")) + self.action_question + self.user_end
+        return self.plan.format(plan=clean_text(plan, "motion plan")) + self.action_question + self.user_end
 
     def render_motion_prompt(self, instruction: str, subtask: str, scene: str | None = None) -> str:
         """The whole motion prompt (prefix + suffix), e.g. for a training sample."""
@@ -180,7 +180,7 @@ class PromptTemplates(StrictModel):
 
     def render_answer(self, answer: str) -> str:
         """A model answer as it follows its prompt in training text (the loss-masked target)."""
-        return _clean(answer, "answer", one_line=False) + self.answer_end
+        return clean_text(answer, "answer", one_line=False) + self.answer_end
 
 
 DEFAULT_PROMPTS = PromptTemplates()
