@@ -7,13 +7,14 @@ the converter are imported only when the command runs, so `--help` stays fast.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.cli_support import run_typer_app
+
+from vlm2vla_edge.runtime.errors import UserError
 
 _QUANT_HELP = "Quantisation of the text model: Q4_K_M (default), Q5_K_M, Q8_0, Q4_0, Q4_K_S, Q6_K, F16 or F32."
 
@@ -112,20 +113,4 @@ app.command("convert")(convert_command)
 
 def run_app(argv: list[str] | None = None, prog_name: str = "convert") -> int:
     """Run `app` standalone: user mistakes exit 2 and failed checks exit 1, each with one line on stderr."""
-    try:
-        app(args=argv, prog_name=prog_name)
-    except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    except Vlm2VlaError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 1
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    finally:
-        sys.stdout.flush()
-    return 0
+    return run_typer_app(app, argv, prog_name)

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from vlm2vla_edge.runtime import __version__
-from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.errors import UserError
 
 if TYPE_CHECKING:
     from vlm2vla_edge.runtime.config import RobotConfig
@@ -540,22 +540,10 @@ def episode_show(
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and turns our errors into one-line messages."""
+    from vlm2vla_edge.runtime.cli_support import run_typer_app
+
     _mount_optional_subapps()
-    try:
-        app(args=argv, prog_name="vlm2vla-edge")  # standalone: usage errors exit 2, --help exits 0
-    except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    except Vlm2VlaError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 1
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    return 0
+    return run_typer_app(app, argv, "vlm2vla-edge")
 
 
 if __name__ == "__main__":  # pragma: no cover

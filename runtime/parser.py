@@ -49,7 +49,6 @@ syntax              anything else the grammar rejects
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from functools import lru_cache

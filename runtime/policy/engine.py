@@ -10,7 +10,6 @@ budget) raises `PolicyOutputError` with the raw text, for the episode runner to 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vlm2vla_edge.runtime.errors import Vlm2VlaError
 from vlm2vla_edge.runtime.config import HttpUrl, StrictModel
 from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey, redact
@@ -143,12 +144,13 @@ RESPONSE_SCHEMA: dict[str, Any] = {
 }
 
 
-class AnswerError(Exception):
-    """The service answered, but not with a valid verdict (empty, blocked, not JSON, wrong schema)."""
+class AnswerError(Vlm2VlaError):
+    """The service answered, but not with valid JSON of the expected schema (empty, blocked, cut off)."""
 
 
-def parse_answer(response: Any) -> GeminiAnswer:
-    """Strictly validate a `GenerateContentResponse`: one candidate, finished normally, schema-exact JSON."""
+def answer_json(response: Any) -> Any:
+    """The JSON value a `GenerateContentResponse` carries: one candidate that finished normally, its
+    text parts (thoughts excluded) parsed as JSON; `AnswerError` otherwise. Shared with the annotator."""
     candidates = getattr(response, "candidates", None) or []
     if not candidates:
         feedback = getattr(response, "prompt_feedback", None)
@@ -164,9 +166,14 @@ def parse_answer(response: Any) -> GeminiAnswer:
     if not text.strip():
         raise AnswerError("the answer is empty")
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise AnswerError(f"the answer is not valid JSON ({exc.msg} at char {exc.pos})") from None
+
+
+def parse_answer(response: Any) -> GeminiAnswer:
+    """Strictly validate a `GenerateContentResponse`: one candidate, finished normally, schema-exact JSON."""
+    data = answer_json(response)
     try:
         return GeminiAnswer.model_validate(data)
     except ValidationError as exc:

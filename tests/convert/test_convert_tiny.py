@@ -8,7 +8,6 @@ to another type anyway (the progress log lists what each tensor got).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

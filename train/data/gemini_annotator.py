@@ -52,9 +52,10 @@ from pydantic import Field
 from vlm2vla_edge.runtime.action_text import format_motion_plan, format_subtasks
 from vlm2vla_edge.runtime.config import HttpUrl, StrictModel
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader
-from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.parser import ParseError, parse_motion_plan, parse_subtasks
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey, load_api_key, redact
+from vlm2vla_edge.runtime.verifier.gemini import AnswerError, answer_json
 from vlm2vla_edge.train.data.dataset import episode_content_hash
 from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, LocalAnnotator
 from vlm2vla_edge.train.data.segment import NotADemonstration, plan_contradiction
@@ -126,10 +127,6 @@ ANSWER_SCHEMA: dict[str, Any] = {
 }
 
 
-class AnswerError(Vlm2VlaError):
-    """The service answered, but not with JSON of the answer schema."""
-
-
 # ---------------------------------------------------------------------------------------------- request
 
 
@@ -199,21 +196,7 @@ def image_tokens(size: tuple[int, int]) -> int:
 
 def parse_response(response: Any) -> dict[str, Any]:
     """The JSON object of a `GenerateContentResponse` with the three answer fields, or `AnswerError`."""
-    candidates = getattr(response, "candidates", None) or []
-    if not candidates:
-        raise AnswerError("the answer has no candidates")
-    candidate = candidates[0]
-    finish = getattr(candidate, "finish_reason", None)
-    finish_name = getattr(finish, "value", finish)
-    if finish_name not in (None, "STOP"):
-        raise AnswerError(f"the answer did not finish normally (finish reason {finish_name})")
-    parts = getattr(getattr(candidate, "content", None), "parts", None) or []
-    text = "".join(p.text for p in parts if getattr(p, "text", None) and not getattr(p, "thought", False))
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AnswerError(f"the answer is not valid JSON ({exc.msg} at char {exc.pos})") from None
-    return check_answer_shape(data)
+    return check_answer_shape(answer_json(response))
 
 
 def check_answer_shape(data: Any) -> dict[str, Any]:

@@ -57,19 +57,6 @@ app.callback()(train_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (`python -m vlm2vla_edge.train.lora`): user mistakes exit 2 with one sentence."""
-    import sys
+    from vlm2vla_edge.runtime.cli_support import run_typer_app
 
-    try:
-        app(args=argv, prog_name="vlm2vla_edge.train.lora")
-    except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    finally:
-        sys.stdout.flush()
-    return 0
+    return run_typer_app(app, argv, "vlm2vla_edge.train.lora")

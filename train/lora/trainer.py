@@ -19,7 +19,6 @@ the previous checkpoint usable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
