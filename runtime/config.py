@@ -349,7 +349,8 @@ def resolve_config_path(name_or_path: str | Path, model: type[BaseModel]) -> Pat
     raise ConfigError(f"no {model.__name__} preset named '{name_or_path}'{hint}")
 
 
-def describe_validation_error(path: Path, error: ValidationError) -> str:
+def describe_validation_error(where: str | Path, error: ValidationError) -> str:
+    """One line naming `where` (a file, or a config section), each bad field, why, and the value given."""
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
@@ -359,7 +360,7 @@ def describe_validation_error(path: Path, error: ValidationError) -> str:
         value = item.get("input")
         shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
         parts.append(f"field '{field}': {message}{shown}")
-    return f"{path}: " + "; ".join(parts)
+    return f"{where}: " + "; ".join(parts)
 
 
 def load_config(name_or_path: str | Path, model: type[ModelT]) -> ModelT:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from vlm2vla_edge.runtime.config import RobotConfig, StrictModel
+from vlm2vla_edge.runtime.config import RobotConfig, StrictModel, describe_validation_error
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
 from vlm2vla_edge.runtime.robot.base import DeviceError
 
@@ -164,21 +164,12 @@ _ARM_ADAPTER: TypeAdapter[InterbotixArmConfig] = TypeAdapter(ArmDeviceConfig)
 _CAMERA_ADAPTER: TypeAdapter[RealSenseCameraConfig | FolderCameraConfig] = TypeAdapter(CameraDeviceConfig)
 
 
-def _describe(what: str, error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = "unknown field (typo?)" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-        parts.append(f"field '{field}': {message}")
-    return f"{what} config: " + "; ".join(parts)
-
-
 def parse_arm_config(data: object) -> InterbotixArmConfig:
     """Validate an arm section (a mapping with a `kind`); `ConfigError` naming the field when wrong."""
     try:
         return _ARM_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise ConfigError(_describe("arm", exc)) from exc
+        raise ConfigError(describe_validation_error("arm config", exc)) from exc
 
 
 def parse_camera_config(data: object) -> RealSenseCameraConfig | FolderCameraConfig:
@@ -186,7 +177,7 @@ def parse_camera_config(data: object) -> RealSenseCameraConfig | FolderCameraCon
     try:
         return _CAMERA_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise ConfigError(_describe("camera", exc)) from exc
+        raise ConfigError(describe_validation_error("camera config", exc)) from exc
 
 
 def make_arm(config: InterbotixArmConfig, robot: RobotConfig) -> "Arm":
