@@ -39,7 +39,6 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
 import json
 import logging
@@ -59,6 +58,7 @@ from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.files import atomic_write, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -295,48 +295,6 @@ def _meta_json(meta: EpisodeMeta) -> bytes:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (no-op where directories cannot be opened)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(path, flags)
-    except (PermissionError, IsADirectoryError):  # Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:  # a write that makes no progress would loop forever
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[n:]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees either the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def new_episode_id(now: float | None = None) -> str:
     """A sortable UTC timestamp (milliseconds) plus a random suffix: `20261114T103512.123Z-3fa9c1`."""
     stamp = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
@@ -422,11 +380,11 @@ class EpisodeWriter:
             except FileExistsError:
                 raise EpisodeExistsError(f"episode folder {path} already exists; episodes are never overwritten") from None
             (path / FRAMES_DIR).mkdir()
-            _atomic_write(path / META_FILE, _meta_json(meta))
+            atomic_write(path / META_FILE, _meta_json(meta))
             fd = os.open(path / STEPS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
             os.fsync(fd)
-            _fsync_dir(path)
-            _fsync_dir(root)
+            fsync_dir(path)
+            fsync_dir(root)
         except OSError as exc:
             raise EpisodeWriteError(f"cannot create episode folder {path}: {exc.strerror or exc}") from exc
         log.info("episode=%s event=created path=%s", episode_id, path)
@@ -484,7 +442,7 @@ class EpisodeWriter:
                 raise EpisodeWriteError(f"cannot write frame {target}: {exc.strerror or exc}") from exc
             try:
                 try:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -513,9 +471,9 @@ class EpisodeWriter:
             assert self._fd is not None
             try:
                 if self._frames_dirty:
-                    _fsync_dir(self.path / FRAMES_DIR)
+                    fsync_dir(self.path / FRAMES_DIR)
                     self._frames_dirty = False
-                _write_all(self._fd, line)
+                write_all(self._fd, line)
                 os.fsync(self._fd)
             except OSError as exc:
                 self._recover_partial_write()
@@ -559,7 +517,7 @@ class EpisodeWriter:
                 update["extra"] = {**self._meta.extra, **to_jsonable(extra)}
             meta = self._meta.model_copy(update=update)
             try:
-                _atomic_write(self.path / META_FILE, _meta_json(meta))
+                atomic_write(self.path / META_FILE, _meta_json(meta))
             except OSError as exc:
                 raise EpisodeWriteError(f"cannot record the outcome in {self.path / META_FILE}: {exc.strerror or exc}") from exc
             self._meta = meta

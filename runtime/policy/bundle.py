@@ -42,11 +42,11 @@ from pydantic import AwareDatetime, Field, ValidationError, field_validator, mod
 
 from vlm2vla_edge.runtime.config import ActionLanguage, StrictModel, describe_validation_error
 from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.files import HASH_BLOCK, sha256_file
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT_VERSION = 1
-HASH_BLOCK = 1 << 20  # 1 MiB: hashing streams the file, it never holds a model in memory
 
 
 class BundleError(UserError):
@@ -386,15 +386,6 @@ class Bundle:
 
 
 # --- reading --------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(root: Path) -> BundleManifest:

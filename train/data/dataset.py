@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vlm2vla_edge.runtime.config import ActionLanguage
 from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.files import atomic_write, sha256_file
 
 #: Version of the labelled dataset format written here. Readers refuse newer versions.
 FORMAT_VERSION = 1
@@ -147,14 +148,6 @@ def _check_relative(path: str) -> None:
         raise ValueError(f"image path {path!r} must be relative to the dataset folder, without '..'")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def episode_content_hash(path: str | os.PathLike[str]) -> str:
     """sha256 over an episode's meta.json, steps.jsonl and every file under frames/ (names and bytes).
 
@@ -179,15 +172,6 @@ def episode_content_hash(path: str | os.PathLike[str]) -> str:
 
 def _sample_line(sample: Sample) -> str:
     return json.dumps(sample.model_dump(), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _prepare_destination(path: Path) -> None:
@@ -274,7 +258,7 @@ class DatasetWriter:
             skipped=self._skipped,
             settings=self.settings,
         )
-        _atomic_write_text(self.path / INFO_FILE, json.dumps(info.model_dump(mode="json"), ensure_ascii=False, indent=2) + "\n")
+        atomic_write(self.path / INFO_FILE, (json.dumps(info.model_dump(mode="json"), ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
         self._finished = True
         return info
 

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -53,6 +52,7 @@ from vlm2vla_edge.runtime.action_text import format_motion_plan, format_subtasks
 from vlm2vla_edge.runtime.config import HttpUrl, StrictModel
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader
 from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.files import atomic_write
 from vlm2vla_edge.runtime.parser import ParseError, parse_motion_plan, parse_subtasks
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey, load_api_key, redact
 from vlm2vla_edge.runtime.verifier.gemini import AnswerError, answer_json
@@ -317,10 +317,8 @@ class AnswerCache:
     def put(self, key: str, episode: str, answer: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps({"episode": episode, "model": self.model, "answer": answer}, ensure_ascii=False),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        record = {"episode": episode, "model": self.model, "answer": answer}
+        atomic_write(path, json.dumps(record, ensure_ascii=False).encode("utf-8"))
 
 
 @dataclass(frozen=True)
