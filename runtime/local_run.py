@@ -116,14 +116,12 @@ class Station:
         holds them (what a person does before the next task on a real table). True if the scene changed."""
         if self.sim is None:
             return False
-        from vlm2vla_edge.runtime.sim.scene import Scene
-        from vlm2vla_edge.runtime.sim.session import objects_mentioned
+        from vlm2vla_edge.runtime.sim.session import objects_mentioned, scene_for_instruction
 
-        required = objects_mentioned(instruction)
         world = self.sim.world
-        if all(name in world.scene.objects for name in required):
+        if all(name in world.scene.objects for name in objects_mentioned(instruction)):
             return False
-        world.scene = Scene.random(seed, required=required, n_distractors=2)
+        world.scene = scene_for_instruction(instruction, seed)
         self.sim.instruction, self.sim.seed, self.sim.task = instruction, seed, None
         return True
 

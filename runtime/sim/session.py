@@ -55,6 +55,12 @@ def objects_mentioned(instruction: str) -> tuple[str, ...]:
     return tuple(name for _, name in sorted(found))
 
 
+def scene_for_instruction(instruction: str, seed: int, n_distractors: int | None = None) -> Scene:
+    """A table holding every object the instruction names (the rest random from `seed`)."""
+    required = objects_mentioned(instruction)
+    return Scene.random(seed, required=required, n_distractors=2 if n_distractors is None else n_distractors)
+
+
 @dataclass
 class SimSession:
     world: SimWorld
@@ -85,9 +91,7 @@ def make_sim_session(
         episode = sample_episode(seed, n_distractors=n_distractors)
         scene, task, instruction = episode.scene, episode.task, episode.task.instruction()
     else:
-        required = objects_mentioned(instruction)
-        scene = Scene.random(seed, required=required, n_distractors=2 if n_distractors is None else n_distractors)
-        task = None
+        scene, task = scene_for_instruction(instruction, seed, n_distractors), None
     world = SimWorld(robot, scene, realtime=realtime)
     arm, camera = SimArm(world), SimCamera(world)
     arm.connect()
