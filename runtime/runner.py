@@ -13,6 +13,7 @@ e-stop are observed between decode steps and between motion segments.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -273,15 +274,16 @@ class EpisodeRunner:
                 raise GenerationCancelled("cancelled during verification")
             if verdict_of_limiter.rejected and verdict.success:
                 # Part of the chunk was refused; the verifier judged what did run. Keep its verdict, but say so.
-                verdict = Verdict(**{**verdict.to_dict(), "reason": f"{verdict.reason} (chunk partly rejected: {verdict_of_limiter.reason})"})
+                verdict = dataclasses.replace(
+                    verdict, reason=f"{verdict.reason} (chunk partly rejected: {verdict_of_limiter.reason})"
+                )
         self._emit("verified", subtask_index=index, subtask=subtask, verdict=verdict, frame=post_frame, state=post_state)
         return verdict
 
     def _execute(self, verdict: ChunkVerdict) -> list[MoveResult]:
         results: list[MoveResult] = []
         for command in verdict.commands:
-            if self._cancel.is_set():
-                raise GenerationCancelled(self._stop_reason or "cancelled")
+            self._raise_if_cancelled()
             try:
                 result = self.arm.execute(command, cancel=self._cancel)
             except SafetyViolation as exc:
@@ -290,16 +292,18 @@ class EpisodeRunner:
                 raise DeviceError(f"arm refused a command: {exc}") from exc
             results.append(result)
             if not result.completed:
-                if self._cancel.is_set():
-                    raise GenerationCancelled(self._stop_reason or "cancelled")
+                self._raise_if_cancelled()
                 break  # stopped short (the driver said why in result.note): verify what happened
         return results
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    def _observe(self) -> tuple[Frame, ArmState]:
+    def _raise_if_cancelled(self) -> None:
         if self._cancel.is_set():
             raise GenerationCancelled(self._stop_reason or "cancelled")
+
+    def _observe(self) -> tuple[Frame, ArmState]:
+        self._raise_if_cancelled()
         frame = self.camera.read(timeout_s=self.config.camera_timeout_s)
         return frame, self.arm.read_state()
 
@@ -310,8 +314,7 @@ class EpisodeRunner:
         return Observation(image=frame.image, scene=self.hooks.describe())
 
     def _check_budget(self, progress: dict[str, Any]) -> None:
-        if self._cancel.is_set():
-            raise GenerationCancelled(self._stop_reason or "cancelled")
+        self._raise_if_cancelled()
         if progress["steps"] >= self.config.max_steps:
             raise _Stop("failed", f"step budget of {self.config.max_steps} steps used up")
         if self._clock() - self._t0 > self.config.episode_timeout_s:
