@@ -42,6 +42,12 @@ class EpisodeRecorder:
     # --- events ------------------------------------------------------------------------------------
 
     def _on_subtasks(self, data: dict[str, Any]) -> None:
+        if "error" in data:
+            self._append(
+                stage="subtasks", state=data["state"], image=self._frame(data["frame"]),
+                error=data["error"], raw_text=data.get("raw_text"),
+            )
+            return
         output: StageOutput = data["output"]
         self._append(
             stage="subtasks",
@@ -181,7 +187,10 @@ class ProgressPrinter:
         if event.kind == "episode_start":
             self._echo(f"{t} instruction: {d['instruction']}  (model {d['bundle_id']})")
         elif event.kind == "subtasks":
-            self._echo(f"{t} subtasks: " + " -> ".join(d["subtasks"]))
+            if "error" in d:
+                self._echo(f"{t} subtasks: model output rejected: {d['error']}")
+            else:
+                self._echo(f"{t} subtasks: " + " -> ".join(d["subtasks"]))
         elif event.kind == "step":
             retry = " (retry)" if d["retry"] else ""
             if "error" in d:

@@ -188,7 +188,12 @@ class EpisodeRunner:
         cfg = self.config
         frame, state = self._observe()
         began = self._clock()
-        planned = self.policy.subtasks(self._observation(frame), instruction, cancel=self._cancel)
+        try:
+            planned = self.policy.subtasks(self._observation(frame), instruction, cancel=self._cancel)
+        except PolicyOutputError as exc:  # recorded (raw text included) before the episode ends as failed
+            latencies["subtasks"].append(self._clock() - began)
+            self._emit("subtasks", subtasks=[], error=str(exc), raw_text=exc.text, frame=frame, state=state)
+            raise
         latencies["subtasks"].append(self._clock() - began)
         subtasks = tuple(planned.subtasks)[: cfg.max_subtasks]
         progress["subtasks"] = subtasks

@@ -101,6 +101,32 @@ def test_retries_then_fails_with_subtask_and_reason(tmp_path: Path) -> None:
     assert EpisodeReader(writer.path).outcome == "failed"
 
 
+class CutOffSubtasksPolicy(ScriptedPolicy):
+    """A model whose subtask list runs into its token budget (seen with untrained models)."""
+
+    def subtasks(self, observation, instruction, *, cancel=None):
+        from vlm2vla_edge.runtime.policy.interface import PolicyOutputError
+
+        raise PolicyOutputError("subtasks", '["Move to the carr', "cut off by the token budget")
+
+
+def test_unusable_subtask_list_is_recorded_with_its_raw_text(tmp_path: Path) -> None:
+    runner, world, _, collect, writer = make(CutOffSubtasksPolicy(), tmp_path=tmp_path)
+    start = world.ee_position
+    result = runner.run("pick up the carrot")
+    assert result.outcome == "failed" and "token budget" in result.detail
+    reader = EpisodeReader(writer.path)
+    (step,) = reader.steps()
+    assert step.stage == "subtasks" and step.raw_text == '["Move to the carr' and "token budget" in step.error
+    assert reader.frame(step.image).shape == (256, 256, 3)
+    assert np.allclose(world.ee_position, start)
+    lines: list[str] = []
+    printer = ProgressPrinter(echo=lines.append)
+    for event in collect.events:
+        printer.on_event(event)
+    assert any("subtasks: model output rejected" in line for line in lines)
+
+
 def test_hostile_policy_never_moves_the_arm_out_of_limits() -> None:
     hostile = [
         "[[0.2, 0.2, 0.2, 1], [0.2, 0.2, 0.2, 1], [0.2, 0.2, 0.2, 1]]",
@@ -320,7 +346,9 @@ def test_real_bundles_run_whole_episodes_inside_the_limits(bundle_fixture: str, 
     reader = EpisodeReader(writer.path)
     assert reader.outcome == result.outcome and not reader.truncated
     steps = list(reader.steps())
+    # the grammar opens every subtask list; an untrained model may still run out of tokens inside it
     assert steps[0].stage == "subtasks" and steps[0].raw_text.startswith("[")
+    assert (steps[0].error is None) == (len(steps) > 1)
     for step in steps:
         if step.image:
             reader.frame(step.image)

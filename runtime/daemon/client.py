@@ -218,6 +218,8 @@ def format_event(event: dict[str, Any]) -> list[str]:
     if kind == "episode_start":
         return [f"{t} instruction: {event.get('instruction')}  (model {event.get('bundle_id')})"]
     if kind == "subtasks":
+        if "error" in event:
+            return [f"{t} subtasks: model output rejected: {event['error']}"]
         return [f"{t} subtasks: " + " -> ".join(event.get("subtasks", []))]
     if kind == "step":
         retry = " (retry)" if event.get("retry") else ""

@@ -54,6 +54,8 @@ def event_json(event: RunnerEvent) -> dict[str, Any]:
         out.update(instruction=d.get("instruction"), bundle_id=d.get("bundle_id"))
     elif event.kind == "subtasks":
         out.update(subtasks=list(d.get("subtasks", ())), state=_state(d.get("state")))
+        if "error" in d:
+            out["error"] = str(d["error"])
     elif event.kind == "step":
         out.update(subtask_index=d.get("subtask_index"), subtask=d.get("subtask"), retry=bool(d.get("retry")))
         if "error" in d:
