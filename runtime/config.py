@@ -295,10 +295,11 @@ class PolicyConfig(StrictModel):
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1: all).")
     n_batch: int = Field(512, ge=32)
     n_ubatch: int = Field(512, ge=32, description="Must hold one image's tokens (256 for Gemma-3).")
-    constraint: Literal["check", "mask"] = Field(
+    constraint: Literal["check", "mask", "none"] = Field(
         "mask",
         description="mask: sample from the allowed tokens only (fastest, bench/grammar_overhead.py); "
-        "check: sample, then validate and resample on rejection.",
+        "check: sample, then validate and resample on rejection; none: no grammar, for measuring a model's "
+        "format adherence (outputs are still parsed and every action still passes the safety limiter).",
     )
     fast_forward: bool = Field(True, description="Append grammar-forced tokens without sampling.")
 

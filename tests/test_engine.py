@@ -134,3 +134,21 @@ def test_text_only_bundle_takes_a_scene(gemma270m_bundle) -> None:
         result = policy.step("A carrot lies left of a plate.", "put the carrot on the plate", "move to the carrot")
         assert len(result.chunk) >= 1 and result.motion.text[:1].isalpha()
         assert result.timings.prefix.image_encode_s == 0
+
+
+@pytest.mark.slow
+def test_constraint_none_decodes_without_grammar_and_still_parses(gemma270m_bundle) -> None:
+    """Grammar off (format-adherence measurements): the untrained base writes free text, which the parser
+    must refuse with the raw text kept; it never becomes an action."""
+    config = _config().model_copy(update={"sampling": SAMPLING, "constraint": "none"})
+    with Policy.from_bundle(gemma270m_bundle, config) as policy:
+        assert not policy.constrained
+        outcomes = []
+        for _ in range(1):
+            try:
+                result = policy.step("A carrot lies left of a plate.", "put the carrot on the plate", "move to the carrot")
+                outcomes.append(("ok", len(result.chunk)))
+            except PolicyOutputError as exc:
+                assert exc.stage in ("motion", "action") and isinstance(exc.text, str)
+                outcomes.append(("refused", exc.stage))
+    assert outcomes and any(kind == "refused" for kind, _ in outcomes)

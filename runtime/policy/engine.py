@@ -88,8 +88,12 @@ class Policy:
         *,
         vision: bool,
         bundle_id: str = "unnamed",
+        constrained: bool = True,
     ) -> None:
         self.decoder = decoder
+        # False only for measuring format adherence (policy constraint "none"): the parser and the safety
+        # limiter still stand between the text and the arm, so unconstrained output can fail but not move it.
+        self.constrained = constrained
         self._bundle_id = bundle_id
         self.prompts = prompts
         self.language = language
@@ -116,6 +120,7 @@ class Policy:
             return cls(
                 decoder, bundle.prompts, bundle.action_language, config.sampling,
                 vision=bundle.is_vision, bundle_id=f"{bundle.manifest.name}@{digest}",
+                constrained=config.constraint != "none",
             )
         except BaseException:
             decoder.close()
@@ -239,7 +244,8 @@ class Policy:
     def _generate(
         self, suffix: str, grammar: str, sampling: Sampling, prefix: Prefix, cancel: threading.Event | None
     ) -> Generation:
-        gen = self.decoder.generate(suffix, self.grammars[grammar], sampling, prefix=prefix, cancel=cancel)
+        compiled = self.grammars[grammar] if self.constrained else None
+        gen = self.decoder.generate(suffix, compiled, sampling, prefix=prefix, cancel=cancel)
         if gen.stop_reason == "cancelled":
             raise GenerationCancelled(f"cancelled during the {grammar} stage")
         return gen

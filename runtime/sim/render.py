@@ -273,11 +273,17 @@ def _cm(v: float) -> str:
     return f"{v * 100:.0f}"
 
 
+def _signed_cm(v: float) -> str:
+    cm = round(v * 100)
+    return f"{cm:+d}" if cm else "0"
+
+
 def describe(scene: Scene, arm_state: ArmState) -> str:
     """A short, deterministic text of the scene for text-only models (positions in cm, base frame).
 
-    Objects are listed by name; each says where it is and what it rests in or on. The gripper line
-    says its position, whether it is open and what it holds.
+    Objects are listed by name; each says where it is, its offset from the gripper (so a small text
+    model reads the direction to move instead of having to subtract coordinates) and what it rests
+    in or on. The gripper line says its position, whether it is open and what it holds.
     """
     gx, gy, gz = arm_state.position
     held = scene.held
@@ -294,5 +300,6 @@ def describe(scene: Scene, arm_state: ArmState) -> str:
             where = f"{relation} the {obj.support}"
         else:
             where = "on the table"
-        lines.append(f"{name} at x={_cm(x)} y={_cm(y)} z={_cm(z)} cm, {where}.")
+        offset = f"dx={_signed_cm(x - gx)} dy={_signed_cm(y - gy)} dz={_signed_cm(z - gz)}"
+        lines.append(f"{name} at x={_cm(x)} y={_cm(y)} z={_cm(z)} cm ({offset} from the gripper), {where}.")
     return " ".join(lines)

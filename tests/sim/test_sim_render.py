@@ -74,7 +74,11 @@ def test_describe_lists_objects_in_centimetres_and_what_is_held() -> None:
     text = describe(scene, state)
     assert text == describe(scene, state)
     assert text.startswith("gripper at x=30 y=-5 z=20 cm, open, holding nothing.")
-    assert f"carrot at x={carrot.position[0] * 100:.0f} y={carrot.position[1] * 100:.0f} z=0 cm, on the table." in text
+    dx, dy = round((carrot.position[0] - 0.30) * 100), round((carrot.position[1] + 0.05) * 100)
+    assert (
+        f"carrot at x={carrot.position[0] * 100:.0f} y={carrot.position[1] * 100:.0f} z=0 cm "
+        f"(dx={dx:+d} dy={dy:+d} dz=-20 from the gripper), on the table." in text
+    )
     scene.close_gripper((carrot.position[0], carrot.position[1], 0.01))
     held = describe(scene, ArmState(position=(0.3, 0.0, 0.01), rpy=(0, 0, 0), gripper_open=False))
     assert "closed, holding the carrot" in held and "carrot at" in held and "in the gripper" in held

