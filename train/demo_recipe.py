@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED
+
 TRAIN_LANGUAGES = ("en", "fr", "de")
 UNSEEN_LANGUAGES = ("es", "hi", "zh")
-HELD_OUT_SEED = 1_000_000
 RECIPE_CONFIG = "demo_270m.yaml"
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_card.json", "recipe.json")
 

@@ -71,7 +71,7 @@ def event_json(event: RunnerEvent) -> dict[str, Any]:
         out["state"] = _state(d.get("state"))
     elif event.kind == "safety":
         verdict = d["verdict"]
-        decisions = list(verdict.decisions) + [x for c in verdict.commands for x in c.decisions]
+        decisions = list(verdict.decisions)  # holds every command's own decisions too
         out.update(
             subtask_index=d.get("subtask_index"),
             rejected=bool(verdict.rejected),
@@ -97,6 +97,7 @@ def event_json(event: RunnerEvent) -> dict[str, Any]:
             reason=verdict.reason,
             verifier=verdict.verifier,
             fallback_from=verdict.fallback_from,
+            error=verdict.error,  # why the verifier (or the one fallen back from) failed; already redacted
         )
     elif event.kind == "episode_end":
         out.update(result_json(d["result"]))

@@ -126,7 +126,7 @@ class DaemonMetrics:
                 self.running.set(1)
             elif event.kind == "safety":
                 verdict = event.data["verdict"]
-                for decision in list(verdict.decisions) + [d for c in verdict.commands for d in c.decisions]:
+                for decision in verdict.decisions:  # holds every command's own decisions too
                     if decision.verdict != "pass":
                         self.safety.inc(rule=decision.rule, verdict=str(decision.verdict))
                 if verdict.rejected:

