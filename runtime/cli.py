@@ -609,6 +609,20 @@ def episode_show(
             typer.echo(f"{key:>12}: {value}")
 
 
+@episode_app.command("report")
+def episode_report(
+    path: Annotated[Path, typer.Argument(help="An episode folder (with meta.json and steps.jsonl).")],
+    output: Annotated[
+        Optional[Path], typer.Option("--out", help="HTML file to write (default: EPISODE/report.html).")
+    ] = None,
+) -> None:
+    """Write a self-contained HTML report of a recorded episode: frames, subtasks, plans, actions,
+    safety decisions, verdicts, latencies and a plot of the end-effector path (works offline)."""
+    from vlm2vla_edge.runtime.report import write_report
+
+    typer.echo(f"report: {write_report(path, output)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and turns our errors into one-line messages."""
     from vlm2vla_edge.runtime.cli_support import run_typer_app

@@ -22,13 +22,17 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 def test_help_lists_implemented_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("check", "config", "episode", "sim", "do", "serve", "status", "stop", "reset", "install-service", "data", "train", "convert"):
-        assert command in result.stdout
-    for planned in ("demo", "eval"):  # not implemented yet: not listed
-        assert f" {planned} " not in result.stdout
+    for command in (
+        "check", "config", "episode", "sim", "do", "serve", "status", "stop", "reset", "install-service", "data",
+        "train", "convert", "demo", "eval",
+    ):
+        assert f" {command} " in result.stdout
 
 
-@pytest.mark.parametrize("command", [["config"], ["config", "check"], ["config", "show"], ["check"], ["episode", "show"], ["sim"]])
+@pytest.mark.parametrize("command", [
+    ["config"], ["config", "check"], ["config", "show"], ["check"], ["episode", "show"], ["episode", "report"], ["sim"],
+    ["demo"], ["eval"],
+])
 def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0, result.stderr
@@ -114,3 +118,15 @@ def test_do_local_sim_runs_and_records_an_episode(gemma270m_bundle, tmp_path: Pa
     stages = [s.stage for s in reader.steps()]
     assert stages[0] == "subtasks" and ("verify" in stages or "action" in stages)
     assert reader.meta.bundle_id.startswith("gemma-3-270m")
+
+
+def test_episode_report_writes_html_and_refuses_a_non_episode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.sim.expert import run_expert_episode
+    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+
+    run_expert_episode(sample_episode(2), load_robot_config("widowx250s"), record_to=tmp_path, episode_id="e1")
+    assert main(["episode", "report", str(tmp_path / "e1"), "--out", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").read_text().lstrip().lower().startswith("<!doctype html")
+    assert main(["episode", "report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
