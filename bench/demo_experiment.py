@@ -52,7 +52,7 @@ def evaluate(bundle: Path, *, episodes: int, language: str = "en", constraint: s
     policy = load_policy_config("policy").model_copy(update={"constraint": constraint, "n_threads": threads})
     config = EvalConfig.build(
         bundle=bundle, episodes=episodes, language=language, policy=policy,
-        runner=RunnerConfig(max_retries_per_subtask=2, max_steps=max_steps, episode_timeout_s=600),
+        runner=RunnerConfig(max_retries_per_subtask=4, max_steps=max_steps, episode_timeout_s=600),
     )
     print(f"--- {label}: {episodes} episodes per task kind, language {language}, grammar {constraint}", flush=True)
     report = evaluate_bundle(config, echo=lambda line: print("  " + line, flush=True))

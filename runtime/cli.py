@@ -340,7 +340,7 @@ def demo(
     cache_dir: Annotated[
         Optional[Path], typer.Option(help="Where the demo bundle is built and kept (default: ~/.cache/vlm2vla-edge/demo).")
     ] = None,
-    max_retries: Annotated[int, typer.Option(min=0, max=20, help="Failed attempts allowed per subtask.")] = 2,
+    max_retries: Annotated[int, typer.Option(min=0, max=20, help="Failed attempts allowed per subtask (a long reach takes several chunks).")] = 4,
     timeout: Annotated[float, typer.Option(min=1, help="Episode time budget, seconds.")] = 300.0,
     realtime: Annotated[bool, typer.Option(help="Move the simulated arm at the real arm's speed.")] = False,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for llama.cpp (default: all cores).")] = None,
@@ -510,6 +510,8 @@ def status(
         return
     typer.echo(f"daemon: {data['state']} ({client.where}); model {data['bundle_id']}; robot {data['robot']}"
                + (" (simulated)" if data.get("sim") else ""))
+    if data.get("error"):
+        typer.echo(f"problem: {data['error']}")
     estop = data.get("estop") or {}
     typer.echo(f"e-stop: {'LATCHED: ' + str(estop.get('reason')) if estop.get('engaged') else 'released'}")
     task = data.get("task")

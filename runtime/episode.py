@@ -18,7 +18,10 @@ Why it is built this way:
 - **meta.json is valid at every moment.** It is written once at creation (outcome `null`, meaning
   "running") and rewritten by `finish` through a temporary file, `fsync`, `os.replace` and an `fsync`
   of the folder. An episode whose outcome is still `null` when read was never finished: the reader
-  reports it as `"interrupted"`.
+  reports it as `"interrupted"`, and `mark_interrupted` (run by the daemon at start) records that in
+  meta.json. A writer holds an exclusive `flock` on its steps.jsonl from before meta.json exists until
+  it closes, so an episode still being written is never taken for a dead one; the kernel drops the
+  lock when the process dies, SIGKILL included.
 - **Plain JSON.** numpy scalars and arrays become numbers and lists; non-finite numbers (NaN, inf)
   are written as `null`, because JSON has none, and numeric vectors read them back as NaN. Nothing
   here holds credentials: the format has no field for them.
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import shutil
 import json
 import logging
 import math
@@ -59,6 +63,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.files import atomic_write, fsync_dir, write_all
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; mark_interrupted then skips nothing it cannot lock
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -379,13 +388,22 @@ class EpisodeWriter:
                 os.mkdir(path)
             except FileExistsError:
                 raise EpisodeExistsError(f"episode folder {path} already exists; episodes are never overwritten") from None
+        except OSError as exc:
+            raise EpisodeWriteError(f"cannot create episode folder {path}: {exc.strerror or exc}") from exc
+        fd: int | None = None
+        try:
             (path / FRAMES_DIR).mkdir()
-            atomic_write(path / META_FILE, _meta_json(meta))
+            # The lock comes before meta.json: a folder with a meta.json and an unlocked steps file is dead.
             fd = os.open(path / STEPS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+            _try_lock(fd)
+            atomic_write(path / META_FILE, _meta_json(meta))
             os.fsync(fd)
             fsync_dir(path)
             fsync_dir(root)
         except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)  # a half-made folder is no episode (a full disk, say)
             raise EpisodeWriteError(f"cannot create episode folder {path}: {exc.strerror or exc}") from exc
         log.info("episode=%s event=created path=%s", episode_id, path)
         return cls(path, meta, jpeg_quality, fd)
@@ -680,6 +698,61 @@ def _first_error(exc: ValidationError) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "record"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{where}: {error['msg']}{more}"
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive advisory lock on an episode's steps file; False when another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+#: Why `mark_interrupted` closed an episode.
+INTERRUPTED_DETAIL = "the process recording this episode stopped before it ended (crash, kill or power loss)"
+
+
+def mark_interrupted(root: str | os.PathLike[str], detail: str = INTERRUPTED_DETAIL) -> list[Path]:
+    """Record outcome "interrupted" in every episode under `root` that was never finished and that no live
+    writer holds, with its end time taken from the last write to steps.jsonl. Returns those folders.
+
+    Safe while other processes record into `root`: their episodes are locked and left alone. Folders that
+    cannot be read or are of a newer format are left as they are (the reader reports them).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    marked: list[Path] = []
+    for child in sorted(root.iterdir()):
+        meta_path, steps_path = child / META_FILE, child / STEPS_FILE
+        if child.name.startswith(".") or not meta_path.is_file() or not steps_path.is_file():
+            continue
+        try:
+            fd = os.open(steps_path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd):
+                continue  # a live writer
+            data = json.loads(meta_path.read_text(encoding="utf-8"))  # read under the lock: final
+            if not isinstance(data, dict) or data.get("outcome") is not None:
+                continue
+            if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
+                continue
+            meta = EpisodeMeta.model_validate(data).model_copy(
+                update={"outcome": "interrupted", "outcome_detail": detail, "end_wall_time": os.fstat(fd).st_mtime}
+            )
+            atomic_write(meta_path, _meta_json(meta))
+            marked.append(child)
+            log.warning("episode=%s event=marked_interrupted reason=%r", child.name, detail)
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, invalid meta (the reader says why)
+            log.warning("episode=%s event=mark_interrupted_skipped reason=%r", child.name, str(exc)[:200])
+        finally:
+            os.close(fd)
+    return marked
 
 
 def list_episodes(root: str | os.PathLike[str]) -> list[Path]:

@@ -29,13 +29,11 @@ import logging
 import math
 import platform
 import re
-import signal
-import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -44,6 +42,7 @@ from vlm2vla_edge.runtime import __version__
 from vlm2vla_edge.runtime.config import PolicyConfig, RobotConfig, StrictModel, describe_validation_error, load_robot_config
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
 from vlm2vla_edge.runtime.files import atomic_write
+from vlm2vla_edge.runtime.local_run import INTERRUPTED, on_interrupt
 from vlm2vla_edge.runtime.runner import EpisodeRunner, EpisodeSubscriber, RunnerConfig, RunnerEvent
 from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, Language, PickTask, PlaceTask, Task, sample_episode
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig, make_verifier
@@ -423,30 +422,17 @@ class _StopFlag:
         self.reason: str | None = None
         self.runner: EpisodeRunner | None = None
 
+    def second_interrupt_raises(self) -> None:
+        """Ctrl-C: the first one stops the run cleanly, a second one raises KeyboardInterrupt as usual."""
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.request(INTERRUPTED)
+
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
         runner = self.runner
         if runner is not None:
             runner.cancel(reason)
-
-
-@contextlib.contextmanager
-def _interrupts_stop(flag: _StopFlag) -> Iterator[None]:
-    """First Ctrl-C stops the run cleanly; a second one raises KeyboardInterrupt as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if flag.reason is not None:
-            raise KeyboardInterrupt
-        flag.request("interrupted by the user (Ctrl-C)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def versions() -> dict[str, str]:
@@ -497,7 +483,7 @@ def run_eval(
     echo(f"evaluating {policy.bundle_id}: {config.episodes} episode(s) of {', '.join(config.tasks)} "
          f"in '{config.language}', seeds from {config.seed_start}")
     try:
-        with _interrupts_stop(flag):
+        with on_interrupt(flag.second_interrupt_raises):
             for number, (kind, seed) in enumerate(plan, start=1):
                 if flag.reason is not None:
                     break

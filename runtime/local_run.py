@@ -68,7 +68,7 @@ def run_local(options: LocalRunOptions, echo: Callable[[str], None] = print) -> 
                 config=options.runner, hooks=station.hooks,
                 subscribers=[EpisodeRecorder(writer, options.record_frames), ProgressPrinter(echo=echo)],
             )
-            with _cancel_on_interrupt(runner):
+            with on_interrupt(lambda: runner.cancel(INTERRUPTED)):
                 result = runner.run(options.instruction)
             return LocalRunResult(result, writer.path)
 
@@ -167,15 +167,19 @@ def open_station(
         arm.disconnect()
 
 
+INTERRUPTED = "interrupted by the user (Ctrl-C)"
+
+
 @contextlib.contextmanager
-def _cancel_on_interrupt(runner: EpisodeRunner) -> Iterator[None]:
-    """Ctrl-C (SIGINT) cancels the episode instead of killing the process mid-move."""
+def on_interrupt(callback: Callable[[], None]) -> Iterator[None]:
+    """Ctrl-C (SIGINT) calls `callback` instead of killing the process mid-move (main thread only;
+    elsewhere signals cannot be handled and nothing changes). The previous handler comes back on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        runner.cancel("interrupted by the user (Ctrl-C)")
+        callback()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

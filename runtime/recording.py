@@ -3,7 +3,8 @@
 The recorder turns loop events into the episode format (runtime/EPISODE_FORMAT.md): one record per
 generation stage ("subtasks", "motion", "action" with its safety decisions and executed commands) and
 one per verification ("verify", with the post-action frame). Each record is flushed and fsync'd
-as it is written, so a crash loses at most the step in flight.
+as it is written, so a crash loses at most the step in flight. A write that fails (disk full, I/O
+error) halts the episode (`EpisodeHalt`): the robot does not go on unrecorded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from typing import Any, Callable, TextIO
 
 from vlm2vla_edge.runtime.episode import (
+    EpisodeWriteError,
     EpisodeWriter,
     ExecutedCommand,
     SafetyRecord,
@@ -21,7 +23,7 @@ from vlm2vla_edge.runtime.episode import (
 )
 from vlm2vla_edge.runtime.policy.interface import StageOutput, StepResult
 from vlm2vla_edge.runtime.robot.base import ArmState, Frame
-from vlm2vla_edge.runtime.runner import EpisodeResult, RunnerEvent
+from vlm2vla_edge.runtime.runner import EpisodeHalt, EpisodeResult, RunnerEvent
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,12 @@ class EpisodeRecorder:
 
     def on_event(self, event: RunnerEvent) -> None:
         handler = getattr(self, f"_on_{event.kind}", None)
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             handler(event.data)
+        except EpisodeWriteError as exc:
+            raise EpisodeHalt(f"the episode cannot be recorded: {exc}") from exc
 
     # --- events ------------------------------------------------------------------------------------
 
@@ -95,7 +101,7 @@ class EpisodeRecorder:
         if self._pending_action is None:
             return
         verdict = data["verdict"]
-        decisions = list(verdict.decisions) + [d for c in verdict.commands for d in c.decisions]
+        decisions = list(verdict.decisions)  # the chunk's list already holds every command's own decisions
         self._pending_action["safety"] = [SafetyRecord(**d.to_dict()) for d in decisions]
         self._pending_action["extra"]["safety_rejected"] = verdict.rejected
         if verdict.reason:
@@ -139,7 +145,10 @@ class EpisodeRecorder:
         if self._pending_action is not None:  # stopped between the limiter and execution
             pending, self._pending_action = self._pending_action, None
             state = pending.pop("state")
-            self._append(stage="action", state=state, error="not executed: " + data["detail"], **pending)
+            try:
+                self._append(stage="action", state=state, error="not executed: " + data["detail"], **pending)
+            except EpisodeWriteError as exc:  # the outcome below matters more than this record
+                log.error("episode=%s event=record_failed stage=action error=%r", self.writer.episode_id, str(exc))
         result: EpisodeResult = data["result"]
         meta_extra = {
             "subtasks": list(result.subtasks),
@@ -148,7 +157,10 @@ class EpisodeRecorder:
             "retries": result.retries,
             "duration_s": result.duration_s,
         }
-        self.writer.finish(result.outcome, result.detail, extra=meta_extra)
+        try:
+            self.writer.finish(result.outcome, result.detail, extra=meta_extra)
+        except EpisodeWriteError as exc:  # meta.json keeps outcome null: the episode reads as interrupted
+            log.error("episode=%s event=finish_failed outcome=%s error=%r", self.writer.episode_id, result.outcome, str(exc))
 
     # --- helpers -----------------------------------------------------------------------------------
 
@@ -201,9 +213,7 @@ class ProgressPrinter:
             self._echo(f"{t}   actions: {_short(step.action_output.raw_text)}")
         elif event.kind == "safety":
             verdict = d["verdict"]
-            notes = [f"{x.rule} {x.verdict}" for x in verdict.decisions] + [
-                f"{x.rule} {x.verdict}" for c in verdict.commands for x in c.decisions
-            ]
+            notes = [f"{x.rule} {x.verdict}" for x in verdict.decisions]
             if notes or verdict.rejected:
                 self._echo(f"{t}   safety: {', '.join(notes) or 'rejected'}" + (f" ({verdict.reason})" if verdict.reason else ""))
         elif event.kind == "verified":

@@ -64,9 +64,15 @@ class RunnerEvent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+class EpisodeHalt(Vlm2VlaError):
+    """Raised by a subscriber the episode cannot go on without (the recorder on a full disk): the loop
+    stops before the next arm command and the episode ends with outcome "error" and this message."""
+
+
 class EpisodeSubscriber(Protocol):
     def on_event(self, event: RunnerEvent) -> None:
-        """Called synchronously from the loop; must be quick and must not raise (errors are logged)."""
+        """Called synchronously from the loop; must be quick and must not raise (errors are logged),
+        except `EpisodeHalt`, which ends the episode."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,9 @@ class EpisodeRunner:
             result = self._result("aborted", self._stop_reason or str(exc), latencies, progress)
         except PolicyOutputError as exc:  # no usable subtask list: nothing to attempt
             result = self._result("failed", str(exc), latencies, progress)
+        except EpisodeHalt as exc:
+            log.error("episode halted by a subscriber error=%r", str(exc))
+            result = self._result("error", str(exc), latencies, progress)
         except (DeviceError, Vlm2VlaError) as exc:
             log.error("episode error=%r", str(exc))
             result = self._result("error", f"{type(exc).__name__}: {exc}", latencies, progress)
@@ -235,6 +244,9 @@ class EpisodeRunner:
                 self._observation(frame), instruction, subtask, retry=retry, cancel=self._cancel
             )
         except (PolicyOutputError, ParseError) as exc:  # the grammar prevents most; a token budget can still cut
+            # the failed generation took time too: leaving it out would flatter the latency percentiles
+            failed_stage = getattr(exc, "stage", "action")
+            latencies["motion" if failed_stage == "motion" else "action"].append(self._clock() - began)
             text = getattr(exc, "text", None)
             self._emit("step", subtask_index=index, subtask=subtask, retry=retry, error=str(exc), raw_text=text,
                        frame=frame, state=pre_state)
@@ -271,6 +283,7 @@ class EpisodeRunner:
                 commanded_translation=_executed_translation(verdict_of_limiter, results),
                 gripper_change=_gripper_change(pre_state, verdict_of_limiter, results),
                 gripper_pixel=self.hooks.gripper_pixel(post_state) if self.hooks.gripper_pixel else None,
+                scene_after=self.hooks.describe() if self.hooks.describe else None,
             )
             began = self._clock()
             verdict = self.verifier.verify(request, cancel=self._cancel)
@@ -343,12 +356,22 @@ class EpisodeRunner:
         )
 
     def _emit(self, kind: str, **data: Any) -> None:
+        """Every subscriber sees the event; an `EpisodeHalt` is raised after all of them did (never
+        for episode_end: the episode is over by then)."""
         event = RunnerEvent(kind=kind, t=self._clock() - self._t0, data=data)
+        halt: EpisodeHalt | None = None
         for subscriber in self.subscribers:
             try:
                 subscriber.on_event(event)
+            except EpisodeHalt as exc:
+                if kind == "episode_end":
+                    log.error("subscriber %s failed on %s error=%r", type(subscriber).__name__, kind, str(exc))
+                else:
+                    halt = halt or exc
             except Exception:  # noqa: BLE001 - a broken printer must not stop a robot mid-episode
                 log.exception("subscriber %s failed on %s", type(subscriber).__name__, kind)
+        if halt is not None:
+            raise halt
 
 
 def _executed_translation(verdict: ChunkVerdict, results: list[MoveResult]) -> tuple[float, float, float]:

@@ -53,6 +53,7 @@ def request(
     commanded=(0.0, 0.0, 0.0),
     gripper_change=None,
     gripper_pixel=None,
+    scene_after: str | None = None,
 ) -> VerificationRequest:
     image = blank()
     return VerificationRequest(
@@ -67,6 +68,7 @@ def request(
         commanded_translation=commanded,
         gripper_change=gripper_change,
         gripper_pixel=gripper_pixel,
+        scene_after=scene_after,
     )
 
 
@@ -128,6 +130,36 @@ def test_move_succeeds_when_most_of_the_commanded_move_happened() -> None:
     assert v.success, v.reason
     assert v.verifier == "heuristic" and v.error is None and v.attempts == 1
     assert "move:" in v.reason and "moved 4.0 cm of 5.0 cm" in v.reason
+
+
+def _scene(carrot_dx: int, carrot_dy: int) -> str:
+    return (
+        "gripper at x=34 y=0 z=10 cm, open, holding nothing. "
+        f"carrot at x={34 + carrot_dx} y={carrot_dy} z=0 cm (dx={carrot_dx:+d} dy={carrot_dy:+d} dz=-10 from the gripper), "
+        "on the table. pan at x=20 y=-15 z=0 cm (dx=-14 dy=-15 dz=-10 from the gripper), on the table."
+    )
+
+
+@pytest.mark.parametrize(("dx", "dy", "done"), [(1, -2, True), (0, 3, True), (12, 0, False), (-3, 3, False)])
+def test_move_to_an_object_needs_the_gripper_over_it_when_the_scene_text_says_where(dx, dy, done) -> None:
+    """A followed move is not yet an arrival: with scene text the object's offset decides, so a long
+    reach takes several chunks instead of being declared done after the first."""
+    v = VERIFIER.verify(request(
+        "Move to the carrot", post_state=state((0.34, 0.0, 0.10)), commanded=(0.05, 0.0, 0.0), scene_after=_scene(dx, dy)
+    ))
+    assert v.success is done, v.reason
+    assert ("over the carrot" if done else "from the carrot") in v.reason
+    moved_not_followed = VERIFIER.verify(request(
+        "Move to the carrot", post_state=state((0.30, 0.0, 0.10)), commanded=(0.05, 0.0, 0.0), scene_after=_scene(0, 0)
+    ))
+    assert not moved_not_followed.success
+
+
+def test_move_naming_no_listed_object_falls_back_to_the_motion() -> None:
+    v = VERIFIER.verify(request(
+        "Move up", post_state=state((0.30, 0.0, 0.15)), commanded=(0.0, 0.0, 0.05), scene_after=_scene(20, 0)
+    ))
+    assert v.success, v.reason
 
 
 @pytest.mark.parametrize(

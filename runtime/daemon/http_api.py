@@ -9,6 +9,7 @@ constant time). Nothing in a response or a log line carries a secret or a file p
     GET  /v1/health                  200 {"ok": true} | 503
     GET  /v1/status                  the daemon's state, e-stop, current task, arm
     POST /v1/tasks                   {"instruction": "..."} -> 202 {"id", ...} | 409 busy | 423 e-stop latched
+                                     | 503 no model / arm or camera not connected | 507 episodes disk full
     GET  /v1/tasks/{id}              one task
     GET  /v1/tasks/{id}/events       server-sent events (`?since=N` resumes)
     POST /v1/tasks/{id}/cancel       stop that task (the arm holds; nothing latches)
@@ -30,10 +31,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from vlm2vla_edge.runtime.daemon.service import (
+    CannotRecord,
     DaemonBusy,
     EStopLatched,
     InvalidRequest,
     ServiceStopping,
+    Unavailable,
     valid_task_id,
     validate_instruction,
 )
@@ -253,6 +256,10 @@ class ApiHandler(BaseHTTPRequestHandler):
             raise ApiError(423, "estop_latched", str(exc)) from None
         except ServiceStopping as exc:
             raise ApiError(503, "stopping", str(exc)) from None
+        except Unavailable as exc:
+            raise ApiError(503, "unavailable", str(exc)) from None
+        except CannotRecord as exc:
+            raise ApiError(507, "insufficient_storage", str(exc)) from None
         except Vlm2VlaError as exc:  # e.g. the episode folder cannot be created
             log.error("http event=submit_failed error=%r", str(exc))
             raise ApiError(500, "internal", "the task could not be started (see the daemon's log)") from None

@@ -5,6 +5,13 @@ SIGINT; `serve_from_config()` builds that daemon from the runtime config (bundle
 devices, verifier) and calls `serve()`. Order on start: listeners bound -> READY=1. Order on stop:
 STOPPING=1 -> episode stopped and recorded -> arm to its safe pose (the e-stop endpoint still
 answers meanwhile) -> listeners closed -> socket removed -> exit 0.
+
+A model bundle that is missing or corrupted does not stop the daemon: it serves without a model,
+unhealthy (503 on /v1/health, the reason in /v1/status, in systemd's STATUS= and once in the journal),
+refusing tasks, with the e-stop working. Exiting would not help: the unit's `Restart=on-failure`
+would start it again every few seconds, failing the same way each time. The watchdog checks that the
+API answers (200 or 503), not that the daemon is healthy, for the same reason. Configuration errors
+(a bad runtime YAML, no bundle configured at all) still exit with code 2 and one clear line.
 """
 
 from __future__ import annotations
@@ -20,14 +27,18 @@ import socketserver
 import stat
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from vlm2vla_edge.runtime.daemon import sd_notify
 from vlm2vla_edge.runtime.daemon.http_api import ApiHandler
 from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
 from vlm2vla_edge.runtime.daemon.service import Daemon
-from vlm2vla_edge.runtime.errors import ConfigError, UserError
+from vlm2vla_edge.runtime.errors import ConfigError, UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig, RuntimeConfig, server_socket_path
+
+if TYPE_CHECKING:
+    from vlm2vla_edge.runtime.config import PolicyConfig
+    from vlm2vla_edge.runtime.policy.engine import Policy
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +141,17 @@ def prepare_socket_path(path: Path, group: str | None) -> None:
 
 
 def _self_check(path: Path, timeout_s: float) -> bool:
-    """GET /v1/health over our own socket: proves the accept loop and a handler thread still work."""
+    """GET /v1/health over our own socket: proves the accept loop and a handler thread still work.
+
+    An unhealthy answer (503: no model, a device unplugged) counts as alive: a restart would not fix
+    it, and withholding the ping would have systemd restart the daemon in a loop."""
     from vlm2vla_edge.runtime.daemon.client import DaemonClient, DaemonUnavailable
 
     try:
         status, _ = DaemonClient(path, timeout_s=timeout_s).request("GET", "/v1/health")
     except DaemonUnavailable:
         return False
-    return status == 200
+    return status in (200, 503)
 
 
 def serve(
@@ -185,7 +199,9 @@ def serve(
     where = str(path) + (f" and {config.tcp_host}:{config.tcp_port} (token)" if config.tcp_port else "")
     log.info("event=serving socket=%s mode=%04o tcp=%s", path, config.socket_mode,
              f"{config.tcp_host}:{config.tcp_port}" if config.tcp_port else "off")
-    sd_notify.notify(f"READY=1\nSTATUS=serving on {where}\nMAINPID={os.getpid()}")
+    healthy, why = daemon.health()
+    state = f"serving on {where}" if healthy else f"UNHEALTHY ({why[:300]}); serving on {where}"
+    sd_notify.notify(f"READY=1\nSTATUS={state}\nMAINPID={os.getpid()}")
     if on_ready is not None:
         on_ready(path)
     interval = sd_notify.watchdog_interval_s() if config.watchdog else None
@@ -240,7 +256,7 @@ def serve_from_config(
     previous = signal.signal(signal.SIGTERM, _raise_system_exit)
     try:
         sd_notify.notify("STATUS=loading the model bundle")
-        with contextlib.closing(load_policy(chosen_bundle, policy_config, echo)) as policy:
+        with _policy_or_error(chosen_bundle, policy_config, echo, load_policy) as (policy, policy_error):
             sd_notify.notify("STATUS=connecting the robot")
             with open_station(
                 robot, sim=use_sim, seed=settings.sim_seed, devices=settings.devices, realtime=settings.sim_realtime,
@@ -248,11 +264,34 @@ def serve_from_config(
                 daemon = Daemon(
                     policy, station, verifier, robot=robot, episodes_dir=settings.episodes_dir,
                     config=settings.daemon, runner_config=settings.runner, record_frames=settings.record_frames,
-                    sim_seed=settings.sim_seed,
+                    sim_seed=settings.sim_seed, policy_error=policy_error,
                 )
                 return serve(daemon, settings.daemon)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _policy_or_error(
+    bundle: Path,
+    config: "PolicyConfig",
+    echo: Callable[[str], None],
+    load: Callable[[Path, "PolicyConfig", Callable[[str], None]], "Policy"],
+) -> Iterator[tuple["Policy | None", str | None]]:
+    """The loaded policy (closed on exit), or None and why it could not be loaded."""
+    try:
+        policy = load(bundle, config, echo)
+    except Exception as exc:  # noqa: BLE001 - any bad bundle (missing, corrupt, unloadable) is reported, not fatal
+        error = str(exc) if isinstance(exc, Vlm2VlaError) else f"{type(exc).__name__}: {exc}"
+        log.error("event=model_unavailable bundle=%s error=%r", bundle, error)
+        echo(f"error: cannot load the model bundle: {error}")
+        echo("serving without a model: /v1/health answers 503 and tasks are refused until the bundle is fixed "
+             "and the daemon restarted; the e-stop works")
+    else:
+        with contextlib.closing(policy):
+            yield policy, None
+        return
+    yield None, error
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:

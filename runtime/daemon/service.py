@@ -5,6 +5,11 @@ Tasks are episodes submitted by clients. Each runs on its own worker thread thro
 the metrics and the journal. `estop()` may come from any thread at any time and latches the limiter;
 `shutdown()` (SIGTERM) stops the episode, then parks the arm in its safe pose unless the e-stop is
 latched (a latched e-stop means nothing moves, not even to park).
+
+A daemon whose model bundle could not be loaded still runs (`policy=None`, `policy_error` says why):
+health and status report it unhealthy with the reason, tasks are refused, and the e-stop keeps
+working. Exiting instead would make systemd restart it in a loop that fixes nothing. At start the
+daemon records outcome "interrupted" in episodes a killed predecessor left unfinished.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from vlm2vla_edge.runtime import __version__
 from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.daemon.events import TaskEventLog, event_json, result_json
 from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
-from vlm2vla_edge.runtime.episode import EpisodeWriter
+from vlm2vla_edge.runtime.episode import EpisodeWriteError, EpisodeWriter, mark_interrupted
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.local_run import Station, episode_meta
 from vlm2vla_edge.runtime.policy.interface import Policy
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
-from vlm2vla_edge.runtime.runner import EpisodeResult, EpisodeRunner, RunnerConfig, RunnerEvent
+from vlm2vla_edge.runtime.runner import EpisodeHalt, EpisodeResult, EpisodeRunner, RunnerConfig, RunnerEvent
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 from vlm2vla_edge.runtime.verifier.base import Verifier
 
@@ -51,6 +56,14 @@ class EStopLatched(Vlm2VlaError):
 
 class ServiceStopping(Vlm2VlaError):
     """The daemon is shutting down and takes no new work (HTTP 503)."""
+
+
+class Unavailable(Vlm2VlaError):
+    """No task can run now: no usable model, or the arm or camera is not connected (HTTP 503)."""
+
+
+class CannotRecord(Vlm2VlaError):
+    """The episode folder cannot be created (disk full, read-only disk): no task runs unrecorded (HTTP 507)."""
 
 
 class InvalidRequest(UserError):
@@ -110,11 +123,16 @@ class _Fanout:
         self.targets: list[Any] = []
 
     def on_event(self, event: RunnerEvent) -> None:
+        halt: EpisodeHalt | None = None
         for target in self.targets:
             try:
                 target.on_event(event)
+            except EpisodeHalt as exc:  # passed on to the runner once every target has the event
+                halt = halt or exc
             except Exception:  # noqa: BLE001 - one broken subscriber must not starve the others
                 log.exception("subscriber %s failed on %s", type(target).__name__, event.kind)
+        if halt is not None:
+            raise halt
 
 
 class _JournalLines:
@@ -136,7 +154,7 @@ class Daemon:
 
     def __init__(
         self,
-        policy: Policy,
+        policy: Policy | None,
         station: Station,
         verifier: Verifier,
         *,
@@ -147,8 +165,12 @@ class Daemon:
         record_frames: bool = True,
         sim_seed: int = 0,
         metrics: DaemonMetrics | None = None,
+        policy_error: str | None = None,
     ) -> None:
+        if policy is None and not policy_error:
+            raise ValueError("a daemon without a policy needs policy_error: why the model is not loaded")
         self.policy = policy
+        self.policy_error = policy_error if policy is None else None
         self.station = station
         self.robot = robot
         self.episodes_dir = Path(episodes_dir)
@@ -156,11 +178,13 @@ class Daemon:
         self.record_frames = record_frames
         self.metrics = metrics or DaemonMetrics()
         self._fanout = _Fanout()
-        self.runner = EpisodeRunner(
+        self.runner: EpisodeRunner | None = None if policy is None else EpisodeRunner(
             policy, station.arm, station.camera, verifier, station.limiter,
             config=runner_config, hooks=station.hooks,
             subscribers=[self._fanout, self.metrics, _JournalLines(self)],
         )
+        # Episodes a killed predecessor left unfinished (outcome null): say so on disk, once.
+        mark_interrupted(self.episodes_dir)
         self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}
         self._current: Task | None = None
@@ -188,14 +212,23 @@ class Daemon:
                 raise DaemonBusy(f"task {self._current.id} is running; wait for it or stop it first")
             if self.station.limiter.engaged:
                 raise EStopLatched(f"the e-stop is latched ({self.station.limiter.estop_reason}); reset it first")
+            healthy, why = self.health()
+            if not healthy or self.policy is None or self.runner is None:
+                raise Unavailable(f"cannot run a task: {why}")
             seed = self._sim_seed + self._episodes
+            try:
+                writer = EpisodeWriter.create(
+                    self.episodes_dir,
+                    episode_meta(instruction, self.robot, self.station, self.policy, seed=seed if self.station.sim else None),
+                )
+            except EpisodeWriteError as exc:
+                cause = exc.__cause__
+                reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror else None) or str(exc)
+                log.error("event=episode_create_failed error=%r", str(exc))
+                raise CannotRecord(f"cannot record a new episode ({reason}); free space in the episodes folder") from exc
             self._episodes += 1
             if self.station.set_table_for(instruction, seed):
                 log.info("event=sim_scene_reset seed=%d", seed)
-            writer = EpisodeWriter.create(
-                self.episodes_dir,
-                episode_meta(instruction, self.robot, self.station, self.policy, seed=seed if self.station.sim else None),
-            )
             task = Task(
                 id=writer.episode_id, instruction=instruction, submitted_at=time.time(),
                 events=TaskEventLog(self.config.events_per_task), episode_dir=writer.path,
@@ -211,13 +244,17 @@ class Daemon:
 
     def _run(self, task: Task, writer: EpisodeWriter) -> None:
         result: EpisodeResult | None = None
+        assert self.runner is not None  # submit() refuses tasks without a model
         try:
             result = self.runner.run(task.instruction)
         except Exception as exc:  # noqa: BLE001 - runner.run handles the loop's errors; this is a refusal
             log.exception("task=%s event=run_refused", task.id)
             result = EpisodeResult(outcome="error", detail=f"{type(exc).__name__}: {exc}")
             if not writer.finished:
-                writer.finish("error", result.detail)
+                try:
+                    writer.finish("error", result.detail)
+                except EpisodeWriteError as finish_exc:  # the task's status still says what happened
+                    log.error("task=%s event=finish_failed error=%r", task.id, str(finish_exc))
         finally:
             if result is None:
                 result = EpisodeResult(outcome="aborted", detail="interrupted")
@@ -242,7 +279,7 @@ class Daemon:
         """Stop one running task (the arm holds; nothing latches). None when there is no such task."""
         with self._lock:
             task = self._tasks.get(task_id)
-        if task is not None and task.state == "running":
+        if task is not None and task.state == "running" and self.runner is not None:
             self.runner.cancel(reason)
             log.info("task=%s event=cancel reason=%s", task.id, json.dumps(reason, ensure_ascii=False))
         return task
@@ -251,7 +288,14 @@ class Daemon:
 
     def estop(self, reason: str = "e-stop requested over the API") -> None:
         """Latch the limiter and halt the arm now (preempts generation and motion); any thread."""
-        self.runner.estop(reason)
+        if self.runner is not None:
+            self.runner.estop(reason)
+        else:  # no model, so no episode: latch and halt directly
+            self.station.limiter.estop(reason)
+            try:
+                self.station.arm.stop()
+            except Exception as exc:  # noqa: BLE001 - the latch holds whatever the arm says
+                log.error("event=estop_arm_stop_failed error=%r", str(exc))
         self.metrics.count_estop()
         log.warning("event=estop task=%s reason=%s", self.current_task_id or "-", json.dumps(reason, ensure_ascii=False))
 
@@ -268,8 +312,9 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         limiter = self.station.limiter
         current = self._current
+        healthy, why = self.health()
         state = "stopping" if self._stopping else "estop" if limiter.engaged else (
-            "running" if current is not None and current.state == "running" else "idle"
+            "running" if current is not None and current.state == "running" else "idle" if healthy else "unhealthy"
         )
         try:
             arm = self.station.arm.read_state()
@@ -280,9 +325,10 @@ class Daemon:
             arm_json = {"error": f"{type(exc).__name__}: {exc}"[:200]}
         return {
             "state": state,
+            "error": None if healthy else why,
             "estop": {"engaged": limiter.engaged, "reason": limiter.estop_reason},
             "task": current.to_json() if current is not None else None,
-            "bundle_id": self.policy.bundle_id,
+            "bundle_id": self.policy.bundle_id if self.policy is not None else None,
             "robot": self.robot.name,
             "camera": self.station.camera_name,
             "sim": self.station.sim is not None,
@@ -295,6 +341,8 @@ class Daemon:
     def health(self) -> tuple[bool, str]:
         if self._stopping:
             return False, "stopping"
+        if self.policy_error is not None:
+            return False, f"no model loaded: {self.policy_error}"
         if not self.station.arm.is_connected:
             return False, "the arm is not connected"
         if not self.station.camera.is_connected:
@@ -312,7 +360,7 @@ class Daemon:
         with self._lock:
             self._stopping = True
             current, worker = self._current, self._worker
-        if current is not None and current.state == "running":
+        if current is not None and current.state == "running" and self.runner is not None:
             log.warning("task=%s event=shutdown_cancel", current.id)
             self.runner.cancel(reason)
         if worker is not None:

@@ -55,6 +55,9 @@ TimeoutStartSec=600
 WatchdogSec={watchdog}
 Restart=on-failure
 RestartSec=5
+# Exit 2 is a configuration error: restarting cannot fix it (a missing or damaged model is served as
+# 'unhealthy' instead, with the reason in the status and the journal).
+RestartPreventExitStatus=2
 # SIGTERM: stop the episode (recorded as aborted), park the arm in its sleep pose, exit 0.
 KillSignal=SIGTERM
 KillMode=mixed

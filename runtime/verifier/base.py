@@ -48,6 +48,9 @@ class VerificationRequest:
     # Where the gripper appears in the post image, as (u, v) fractions of width and height, when the
     # caller can project it (the simulator can; an uncalibrated camera cannot). Narrows image checks.
     gripper_pixel: tuple[float, float] | None = None
+    # The scene text after the chunk, when the loop has one (the simulator's description, the same
+    # observation a text-only policy reads): it names each object's offset from the gripper.
+    scene_after: str | None = None
 
     def __post_init__(self) -> None:
         if not self.subtask.strip():

@@ -49,6 +49,9 @@ class HeuristicConfig(StrictModel):
         0.7, ge=-1, le=1, description="Cosine between achieved and commanded displacement needed for a move."
     )
     min_lift_m: float = Field(0.02, gt=0, description="Height gain that counts as a lift, metres.")
+    move_arrival_cm: float = Field(
+        3.0, gt=0, description="'Move to X' is done when X lies this close to the gripper horizontally (scene text only)."
+    )
     gripper_closed_max: float = Field(
         0.05, ge=0, lt=1, description="Finger opening (0 closed, 1 open) at or below which nothing is between them."
     )
@@ -191,6 +194,23 @@ def measure_motion(request: VerificationRequest, config: HeuristicConfig) -> Mot
     return Motion(c_len, a_len, fraction, cosine, commanded)
 
 
+_OFFSET = re.compile(r"(?P<name>[a-z][a-z ]*?) at x=-?\d+ y=-?\d+ z=-?\d+ cm \(dx=(?P<dx>[+-]?\d+) dy=(?P<dy>[+-]?\d+) dz=(?P<dz>[+-]?\d+) from the gripper\)")
+
+
+def target_offset(subtask: str, scene: str | None) -> tuple[str, tuple[int, int, int]] | None:
+    """The offset (cm) from the gripper of the object a "move to ..." subtask names, read from the scene
+    text; None without scene text or when no listed object is named (then motion alone decides)."""
+    if not scene:
+        return None
+    wanted = subtask.lower()
+    found = None
+    for match in _OFFSET.finditer(scene.split(". ", 1)[-1] if scene.startswith("gripper") else scene):
+        name = match["name"].strip()
+        if re.search(rf"\b{re.escape(name)}\b", wanted) and (found is None or len(name) > len(found[0])):
+            found = (name, (int(match["dx"]), int(match["dy"]), int(match["dz"])))
+    return found
+
+
 class HeuristicVerifier(Verifier):
     """Judges a step from the arm's own readings and a pixel difference; see the module table."""
 
@@ -254,9 +274,16 @@ class HeuristicVerifier(Verifier):
         if kind is SubtaskKind.move:
             if not motion.commanded:
                 return False, "no end-effector move was commanded, so the move cannot be confirmed"
-            if self._tracked(motion):
+            if not self._tracked(motion):
+                return False, "the end effector did not follow the commanded move"
+            target = target_offset(request.subtask, request.scene_after)
+            if target is None:
                 return True, "the end effector followed the commanded move"
-            return False, "the end effector did not follow the commanded move"
+            name, (dx, dy, _dz) = target
+            away = math.hypot(dx, dy)
+            if away <= c.move_arrival_cm:
+                return True, f"the gripper is over the {name} ({away:.0f} cm off, scene text)"
+            return False, f"the gripper followed the move but is still {away:.0f} cm from the {name} (scene text)"
         if kind is SubtaskKind.grasp:
             return self._holding(request, change)
         if kind is SubtaskKind.lift:

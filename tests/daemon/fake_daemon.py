@@ -62,6 +62,7 @@ def main() -> int:
     policy = ScriptedPolicy(
         actions=("[[0.03, 0, -0.02, 1], [0.03, 0, 0, 1]]", "[[-0.03, 0, 0.02, 0], [-0.03, 0, 0, 0]]"),
         on_step=slow_generation(args.step_s),
+        cycle=True,  # out and back in turn: many episodes in one daemon never walk the arm to the box's edge
     )
     with open_station(robot, sim=True, seed=settings.sim_seed, realtime=settings.sim_realtime) as station:
         daemon = Daemon(

@@ -19,8 +19,8 @@ from vlm2vla_edge.runtime.policy.interface import (
 class ScriptedPolicy:
     """Answers from fixed texts, parsed by the real parser, exactly like a model would be.
 
-    `actions` is a list of action-chunk texts used in turn (the last one repeats); `on_step` lets a
-    test observe or block each step.
+    `actions` is a list of action-chunk texts used in turn (the last one repeats, or all of them with
+    `cycle=True`); `on_step` lets a test observe or block each step.
     """
 
     def __init__(
@@ -30,12 +30,14 @@ class ScriptedPolicy:
         motion: str = "Move primarily forward and slightly down",
         needs_image: bool = True,
         on_step: Callable[[int, threading.Event | None], None] | None = None,
+        cycle: bool = False,
     ) -> None:
         self._subtasks = '["' + '", "'.join(subtasks) + '"]'
         self._actions = list(actions)
         self._motion = motion
         self._needs_image = needs_image
         self._on_step = on_step
+        self._cycle = cycle  # True: the action texts repeat in turn (a long-lived daemon does not drift)
         self.steps = 0
         self.retries = 0
         self.observations: list[Observation] = []
@@ -76,7 +78,7 @@ class ScriptedPolicy:
             self._on_step(index, cancel)
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("cancelled")
-        text = self._actions[min(index, len(self._actions) - 1)]
+        text = self._actions[index % len(self._actions) if self._cycle else min(index, len(self._actions) - 1)]
         return StepResult(
             motion=parse_motion_plan(self._motion),
             chunk=parse_action_chunk(text, self.action_language),

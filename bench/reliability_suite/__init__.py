@@ -1,0 +1,5 @@
+"""Reliability suites run by `bench/reliability.py`: fault injection, fuzzing, load and access checks."""
+
+from .tally import Tally
+
+__all__ = ["Tally"]
