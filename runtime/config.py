@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+import reprlib
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -350,17 +352,36 @@ def resolve_config_path(name_or_path: str | Path, model: type[BaseModel]) -> Pat
     raise ConfigError(f"no {model.__name__} preset named '{name_or_path}'{hint}")
 
 
+#: Far above any real config (the shipped ones are a few KB); a bigger file is a mistake, and parsing
+#: a huge one would stall start-up for minutes.
+MAX_CONFIG_BYTES = 1_048_576
+
+#: Deepest flow nesting ('[' / '{') accepted: PyYAML takes time quadratic in the depth (20,000 levels:
+#: ~20 s) before it fails, so a deeper file is refused before parsing.
+MAX_CONFIG_NESTING = 64
+
+# Bounded repr of a bad value: a YAML alias bomb, or a 100 KB string, must not be expanded into a message.
+_VALUE_REPR = reprlib.Repr()
+_VALUE_REPR.maxlevel, _VALUE_REPR.maxstring, _VALUE_REPR.maxother, _VALUE_REPR.maxlong = 2, 80, 80, 40
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 4
+_MAX_FIELDS_SHOWN = 8
+
+
 def describe_validation_error(where: str | Path, error: ValidationError) -> str:
     """One line naming `where` (a file, or a config section), each bad field, why, and the value given."""
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        message = message if len(message) <= 300 else message[:300] + "..."  # a validator may quote a huge input
         if item["type"] == "extra_forbidden":
             message = "unknown field (typo?)"
         value = item.get("input")
-        shown = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) else f" (got {value!r})"
+        plain = item["type"] in ("missing", "extra_forbidden") or isinstance(value, dict)
+        shown = "" if plain else f" (got {_VALUE_REPR.repr(value)})"
         parts.append(f"field '{field}': {message}{shown}")
+    if len(parts) > _MAX_FIELDS_SHOWN:
+        parts[_MAX_FIELDS_SHOWN:] = [f"and {len(parts) - _MAX_FIELDS_SHOWN} more"]
     return f"{where}: " + "; ".join(parts)
 
 
@@ -368,17 +389,25 @@ def load_config(name_or_path: str | Path, model: type[ModelT]) -> ModelT:
     """Read and validate a YAML config; every failure is a `ConfigError` naming file, field and range."""
     path = resolve_config_path(name_or_path, model)
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text") from exc
+    depth = _flow_depth(text)
+    if depth > MAX_CONFIG_NESTING:
+        raise ConfigError(f"{path}: brackets are nested {depth} levels deep; a config allows {MAX_CONFIG_NESTING}")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from exc
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: not valid YAML: collections are nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -387,6 +416,18 @@ def load_config(name_or_path: str | Path, model: type[ModelT]) -> ModelT:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(path, exc)) from exc
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of '[' and '{' (brackets inside strings and comments count too: an upper bound)."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def load_robot_config(name_or_path: str | Path = "widowx250s") -> RobotConfig:

@@ -103,8 +103,32 @@ class ApiHandler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch("HEAD")
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            if not self.requestline:  # the standard library closes silently on an empty request line
+                self.send_error(400, "empty request line")
+            return False
+        if self.request_version == "HTTP/0.9":  # no status line, no headers: not an answer our clients can read
+            self.send_error(400, "HTTP/0.9 is not supported")
+            return False
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (broken request lines, unknown methods) as our JSON errors,
+        always with a status line, and the connection closed after them."""
+        if self.request_version in ("HTTP/0.9", "", None):
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        text = _printable(message or explain or "bad request")
+        try:
+            self._send_json(code, {"error": {"status": code, "type": "bad_request" if code < 500 else "unsupported",
+                                             "message": text}})
+        except OSError:
+            pass
+
     def _dispatch(self, method: str) -> None:
         began = time.perf_counter()
+        self._body_read = self.headers.get("Content-Length") in (None, "0") and not self.headers.get("Transfer-Encoding")
         status = 500
         path = urlsplit(self.path).path
         try:
@@ -118,7 +142,13 @@ class ApiHandler(BaseHTTPRequestHandler):
             status = handler()
         except ApiError as exc:
             status = exc.status
-            self._send_error(exc)
+            if not self._body_read:  # an unread body must not be parsed as the next request
+                self.close_connection = True
+            try:
+                self._send_error(exc)
+            except OSError:  # the client left before the answer: nothing to tell it
+                status = 499
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             status = 499  # the client went away; nothing to answer
             self.close_connection = True
@@ -177,7 +207,8 @@ class ApiHandler(BaseHTTPRequestHandler):
             if required:
                 raise ApiError(411, "length_required", "a JSON body with a Content-Length is required")
             return {}
-        if not length_text.isdigit():
+        if not (length_text.isascii() and length_text.isdigit()):  # "²".isdigit() is True, int("²") fails
+            self.close_connection = True
             raise ApiError(400, "bad_request", "Content-Length must be a number")
         length = int(length_text)
         limit = self.server.config.max_request_bytes
@@ -187,6 +218,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self.rfile.read(length)
             raise ApiError(413, "too_large", f"the request body is {length} bytes; the limit is {limit}")
         raw = self.rfile.read(length) if length else b""
+        self._body_read = True
         if len(raw) < length:
             raise ApiError(400, "bad_request", "the request body ended early")
         if not raw.strip():
@@ -198,7 +230,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             raise ApiError(415, "unsupported_media_type", "send the body as application/json")
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: "[" * 3000
             raise ApiError(400, "bad_json", "the body is not valid UTF-8 JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
@@ -314,7 +346,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         task = self._find(task_id)
         query = parse_qs(urlsplit(self.path).query)
         since_text = (query.get("since") or ["0"])[0]
-        if not since_text.isdigit() or len(since_text) > 9:
+        if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 9:
             raise ApiError(400, "bad_request", "'since' must be a non-negative event number")
         since = int(since_text)
         self.send_response(200)

@@ -56,6 +56,7 @@ class ApiServerMixin:
 
 class UnixApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer, ApiServerMixin):
     daemon_threads = True
+    request_queue_size = 128  # the default 5 refuses bursts of clients, an e-stop among them
     block_on_close = False
 
     def __init__(self, path: Path, daemon: Daemon, config: DaemonConfig) -> None:
@@ -77,6 +78,7 @@ class UnixApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer, 
 
 class TcpApiServer(socketserver.ThreadingMixIn, socketserver.TCPServer, ApiServerMixin):
     daemon_threads = True
+    request_queue_size = 128  # the default 5 refuses bursts of clients, an e-stop among them
     block_on_close = False
     allow_reuse_address = True
 
