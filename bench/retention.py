@@ -28,7 +28,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -269,28 +268,15 @@ def check_adapter(adapter_dir: Path, base: Path) -> "AdapterInfo":
 
 
 def attach_adapter(model: Any, adapter: "AdapterInfo") -> Any:
-    """Wrap `model` with the adapter; refuses one whose tensors do not fill exactly the LoRA slots peft made."""
-    from peft import PeftModel
-    from safetensors import safe_open
+    """Wrap `model` with the adapter (the converter's own check: its tensors must fill exactly the LoRA
+    slots peft made), in eval mode."""
+    from vlm2vla_edge.convert.merge import AdapterError
+    from vlm2vla_edge.convert.merge import attach_adapter as attach
 
-    wrong_base = f"adapter {adapter.path} does not fit this base model (it was trained on another model)"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # missing keys are checked below, with a clear message
-        try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise RetentionError(wrong_base) from exc
-    slots = {name.replace(".default.", ".") for name, _ in peft_model.named_parameters() if ".lora_" in name}
-    if adapter.weights.suffix == ".safetensors":
-        with safe_open(str(adapter.weights), "pt") as handle:
-            saved = set(handle.keys())
-    else:
-        import torch
-
-        saved = set(torch.load(str(adapter.weights), map_location="cpu", weights_only=True))
-    if slots != saved:
-        raise RetentionError(wrong_base)
-    return peft_model.eval()
+    try:
+        return attach(model, adapter).eval()
+    except AdapterError as exc:
+        raise RetentionError(str(exc)) from None
 
 
 # --- the measurement ---------------------------------------------------------------------------------

@@ -163,12 +163,14 @@ def _adapter_keys(weights: Path) -> set[str]:
     return set(torch.load(str(weights), map_location="cpu", weights_only=True))
 
 
-def merge_adapter(model: Any, adapter: AdapterInfo, base: BaseModelSource) -> Any:
-    """`model` with the adapter merged in (peft `merge_and_unload`); refuses an adapter for another base."""
+def attach_adapter(model: Any, adapter: AdapterInfo, base: BaseModelSource | None = None) -> Any:
+    """`model` wrapped with the adapter (peft, not merged); refuses an adapter whose tensors do not fill
+    exactly the LoRA slots peft makes on this model (an adapter for another base)."""
     from peft import PeftModel
 
+    where = f" --base {base.path}" if base is not None else " this base model"
     wrong_base = (
-        f"--adapter {adapter.path} does not fit --base {base.path} (it was trained on another model"
+        f"--adapter {adapter.path} does not fit{where} (it was trained on another model"
         f"{': ' + str(adapter.config.get('base_model_name_or_path')) if adapter.config.get('base_model_name_or_path') else ''})"
     )
     with warnings.catch_warnings():
@@ -183,7 +185,12 @@ def merge_adapter(model: Any, adapter: AdapterInfo, base: BaseModelSource) -> An
     saved = _adapter_keys(adapter.weights)
     if slots != saved:
         raise AdapterError(wrong_base)
-    return peft_model.merge_and_unload()
+    return peft_model
+
+
+def merge_adapter(model: Any, adapter: AdapterInfo, base: BaseModelSource) -> Any:
+    """`model` with the adapter merged in (peft `merge_and_unload`); refuses an adapter for another base."""
+    return attach_adapter(model, adapter, base).merge_and_unload()
 
 
 def save_merged(
