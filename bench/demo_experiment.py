@@ -62,12 +62,10 @@ def evaluate(bundle: Path, *, episodes: int, language: str = "en", constraint: s
     return json.loads(report.to_json())
 
 
-def _overall(result: dict[str, Any], key: str) -> float | None:
-    return result["overall"][key]
-
-
-def _kind(result: dict[str, Any], kind: str, key: str) -> float | None:
-    return result["by_kind"].get(kind, {}).get(key)
+def _figure(result: dict[str, Any], kind: str, key: str) -> float | None:
+    """One summary figure of an eval result: of one task kind, or of all ("overall")."""
+    summary = result["overall"] if kind == "overall" else result["by_kind"].get(kind, {})
+    return summary.get(key)
 
 
 def _pct(value: float | None) -> str:
@@ -102,29 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     if "success" in parts:
         for name, bundle in (("base", base), ("fine_tuned", tuned)):
             results[f"success_{name}"] = evaluate(bundle, episodes=args.episodes, label=f"{name} (en)", **common)
+        b, t = results["success_base"], results["success_fine_tuned"]
         for kind in ("pick", "place", "composite", "overall"):
-            get = (lambda r, k: _overall(r, k)) if kind == "overall" else (lambda r, k, kind=kind: _kind(r, kind, k))
-            b, t = results["success_base"], results["success_fine_tuned"]
-            rows.append((f"sim success {kind}", _pct(get(b, "success_rate")), _pct(get(t, "success_rate"))))
-        rows.append(("partial credit composite", _pct(_kind(results["success_base"], "composite", "mean_partial_credit")),
-                     _pct(_kind(results["success_fine_tuned"], "composite", "mean_partial_credit"))))
-        rows.append(("plan hit rate", _pct(_overall(results["success_base"], "plan_hit_rate")),
-                     _pct(_overall(results["success_fine_tuned"], "plan_hit_rate"))))
+            rows.append((f"sim success {kind}", _pct(_figure(b, kind, "success_rate")), _pct(_figure(t, kind, "success_rate"))))
+        rows.append(("partial credit composite", _pct(_figure(b, "composite", "mean_partial_credit")),
+                     _pct(_figure(t, "composite", "mean_partial_credit"))))
+        rows.append(("plan hit rate", _pct(_figure(b, "overall", "plan_hit_rate")),
+                     _pct(_figure(t, "overall", "plan_hit_rate"))))
     if "languages" in parts:
         for language in ("es", "hi", "zh"):
             r = evaluate(tuned, episodes=args.language_episodes, language=language, label=f"fine-tuned ({language}, unseen)", **common)
             results[f"language_{language}"] = r
-            rows.append((f"sim success, unseen {language}", "", _pct(_overall(r, "success_rate"))))
-            rows.append((f"plan hit rate, unseen {language}", "", _pct(_overall(r, "plan_hit_rate"))))
+            rows.append((f"sim success, unseen {language}", "", _pct(_figure(r, "overall", "success_rate"))))
+            rows.append((f"plan hit rate, unseen {language}", "", _pct(_figure(r, "overall", "plan_hit_rate"))))
     if "format" in parts:
         for name, bundle in (("base", base), ("fine_tuned", tuned)):
             results[f"format_{name}"] = evaluate(
                 bundle, episodes=max(1, args.episodes // 2), constraint="none", label=f"{name}, grammar off", **common
             )
-        rows.append(("format validity, grammar off", _pct(_overall(results["format_base"], "format_validity")),
-                     _pct(_overall(results["format_fine_tuned"], "format_validity"))))
-        rows.append(("sim success, grammar off", _pct(_overall(results["format_base"], "success_rate")),
-                     _pct(_overall(results["format_fine_tuned"], "success_rate"))))
+        rows.append(("format validity, grammar off", _pct(_figure(results["format_base"], "overall", "format_validity")),
+                     _pct(_figure(results["format_fine_tuned"], "overall", "format_validity"))))
+        rows.append(("sim success, grammar off", _pct(_figure(results["format_base"], "overall", "success_rate")),
+                     _pct(_figure(results["format_fine_tuned"], "overall", "success_rate"))))
     if "quant" in parts:
         manifest = load_bundle(tuned, verify="size").manifest
         validation = dict(manifest.validation or {})
@@ -147,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}  {b:>8}  {t:>10}")
     print(f"results: {args.out} ({results['wall_s'] / 60:.1f} min)")
     if "success" in parts:
-        print(f"fine_tuned_success_rate: {_overall(results['success_fine_tuned'], 'success_rate'):.3f}")
+        print(f"fine_tuned_success_rate: {_figure(results['success_fine_tuned'], 'overall', 'success_rate'):.3f}")
     return 0
 
 

@@ -126,15 +126,11 @@ def validation_dataset(work: Path, episodes: int = 8) -> Path:
     """Held-out prompts in the demo model's own distribution (scene text, suite instructions) for the
     converter's validation; the built-in generic prompts are out of distribution for a model this small,
     where greedy outputs of two correct conversions can legitimately differ."""
-    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.runtime.sim.expert import run_expert_episode
-    from vlm2vla_edge.runtime.sim.tasks import sample_episode
-    from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, relabel
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.sim.expert import record_demonstrations
+    from vlm2vla_edge.train.data.local_annotator import local_annotator, relabel
 
-    robot = load_robot_config("widowx250s")
-    for seed in range(VALIDATION_SEED, VALIDATION_SEED + episodes):
-        run_expert_episode(sample_episode(seed, language="en"), robot, record_to=work / "episodes", frames=False,
-                           episode_id=f"sim-{seed:07d}")
-    annotator = LocalAnnotator(load_policy_config("policy").action_language, robot)
-    relabel(work / "episodes", work / "dataset", annotator, aux=False)
+    seeds = range(VALIDATION_SEED, VALIDATION_SEED + episodes)
+    record_demonstrations(work / "episodes", seeds, load_robot_config("widowx250s"), languages=("en",), frames=False)
+    relabel(work / "episodes", work / "dataset", local_annotator(), aux=False)
     return work / "dataset"

@@ -38,29 +38,28 @@ SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_c
 def record_demonstrations(out: Path, episodes: int, say: Callable[[str], None]) -> dict[str, Any]:
     """Seeded expert episodes (no frames: the demo model reads the scene as text)."""
     from vlm2vla_edge.runtime.config import load_robot_config
-    from vlm2vla_edge.runtime.sim.expert import run_expert_episode
-    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+    from vlm2vla_edge.runtime.sim.expert import DemoResult
+    from vlm2vla_edge.runtime.sim.expert import record_demonstrations as record
 
-    robot = load_robot_config("widowx250s")
-    out.mkdir(parents=True, exist_ok=True)
-    solved = 0
-    for seed in range(episodes):
-        language = TRAIN_LANGUAGES[seed % len(TRAIN_LANGUAGES)]
-        episode = sample_episode(seed, language=language)
-        result = run_expert_episode(episode, robot, record_to=out, frames=False, episode_id=f"sim-{seed:07d}")
-        solved += result.success
-        if (seed + 1) % 20 == 0 or seed + 1 == episodes:
-            say(f"  demonstrations {seed + 1}/{episodes} (expert solved {solved})")
+    done = 0
+
+    def progress(episode_id: str, result: DemoResult) -> None:
+        nonlocal done
+        done += 1
+        if done % 20 == 0 or done == episodes:
+            say(f"  demonstrations {done}/{episodes}")
+
+    results = record(out, range(episodes), load_robot_config("widowx250s"), languages=TRAIN_LANGUAGES, frames=False,
+                     progress=progress)
+    solved = sum(r.success for r in results)
+    say(f"  the expert solved {solved}/{episodes}")
     return {"episodes": episodes, "expert_solved": solved, "seeds": [0, episodes - 1], "languages": list(TRAIN_LANGUAGES)}
 
 
 def label(episodes: Path, dataset: Path) -> dict[str, int]:
-    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, relabel
+    from vlm2vla_edge.train.data.local_annotator import local_annotator, relabel
 
-    annotator = LocalAnnotator(load_policy_config("policy").action_language, load_robot_config("widowx250s"))
-    info = relabel(episodes, dataset, annotator, aux=True)
-    return dict(info.counts)
+    return dict(relabel(episodes, dataset, local_annotator(), aux=True).counts)
 
 
 def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None:

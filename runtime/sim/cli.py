@@ -65,28 +65,26 @@ def expert(
     robot: Annotated[str, typer.Option(help="Robot config: preset name or YAML path.")] = "widowx250s",
 ) -> None:
     """Record scripted-expert demonstrations of the task suite in the episode format."""
-    from vlm2vla_edge.runtime.sim.expert import run_expert_episode
-    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+    from vlm2vla_edge.runtime.sim.expert import DemoResult, expert_episode_id, record_demonstrations
 
     language = _check_language(language)
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
-    ids = [f"sim-{seed + i:07d}" for i in range(episodes)]
-    taken = [name for name in ids if (out / name).exists()]
+    seeds = range(seed, seed + episodes)
+    taken = [expert_episode_id(s) for s in seeds if (out / expert_episode_id(s)).exists()]
     if taken:
         raise typer.BadParameter(
             f"{out} already holds {taken[0]} (episodes are never overwritten); choose another folder or --seed",
             param_hint="--out",
         )
-    out.mkdir(parents=True, exist_ok=True)
-    config = load_robot_config(robot)
-    solved = 0
-    for i, episode_id in enumerate(ids):
-        episode = sample_episode(seed + i, language=language)  # type: ignore[arg-type]
-        result = run_expert_episode(episode, config, record_to=out, frames=frames, episode_id=episode_id)
-        solved += result.success
-        status = "ok" if result.success else "FAILED"
-        typer.echo(f"{episode_id} {status} steps={result.steps} {result.instruction}")
+
+    def report(episode_id: str, result: DemoResult) -> None:
+        typer.echo(f"{episode_id} {'ok' if result.success else 'FAILED'} steps={result.steps} {result.instruction}")
+
+    results = record_demonstrations(
+        out, seeds, load_robot_config(robot), languages=(language,) if language else None, frames=frames, progress=report
+    )
+    solved = sum(r.success for r in results)
     typer.echo(f"expert solved {solved}/{episodes} episodes; demonstrations in {out}")
     if solved < episodes:
         raise typer.Exit(code=1)

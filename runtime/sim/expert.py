@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -25,7 +25,16 @@ from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeWriter, ExecutedCom
 from vlm2vla_edge.runtime.robot.base import ArmState, MoveResult
 from vlm2vla_edge.runtime.safety import SafeCommand, SafetyLimiter
 from vlm2vla_edge.runtime.sim.scene import Scene
-from vlm2vla_edge.runtime.sim.tasks import LIFT_HEIGHT_M, CompositeTask, Episode, PickTask, PlaceTask, Task
+from vlm2vla_edge.runtime.sim.tasks import (
+    LIFT_HEIGHT_M,
+    CompositeTask,
+    Episode,
+    Language,
+    PickTask,
+    PlaceTask,
+    Task,
+    sample_episode,
+)
 from vlm2vla_edge.runtime.sim.world import SimArm, SimWorld
 
 Vec3 = tuple[float, float, float]
@@ -294,3 +303,34 @@ class _Recorder:
     def abort(self) -> None:
         if not self.writer.finished:
             self.writer.finish("error", "the expert run raised an exception")
+
+
+def expert_episode_id(seed: int) -> str:
+    """The folder name of the demonstration of suite episode `seed`."""
+    return f"sim-{seed:07d}"
+
+
+def record_demonstrations(
+    out: Path,
+    seeds: Sequence[int],
+    robot: RobotConfig,
+    *,
+    languages: Sequence[Language] | None = None,
+    frames: bool = True,
+    progress: Callable[[str, DemoResult], None] | None = None,
+) -> list[DemoResult]:
+    """Record the expert on the suite episodes of `seeds` as `out/sim-<seed>` folders. Episode i's
+    instruction is in `languages[i % len(languages)]` (None: drawn per episode from its seed);
+    `progress(episode_id, result)` follows each one."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, seed in enumerate(seeds):
+        language = languages[i % len(languages)] if languages else None
+        episode_id = expert_episode_id(seed)
+        result = run_expert_episode(
+            sample_episode(seed, language=language), robot, record_to=out, frames=frames, episode_id=episode_id
+        )
+        results.append(result)
+        if progress is not None:
+            progress(episode_id, result)
+    return results

@@ -204,7 +204,7 @@ def target_offset(subtask: str, scene: str | None) -> tuple[str, tuple[int, int,
         return None
     wanted = subtask.lower()
     found = None
-    for match in _OFFSET.finditer(scene.split(". ", 1)[-1] if scene.startswith("gripper") else scene):
+    for match in _OFFSET.finditer(scene):  # the gripper's own line has no offset, so it never matches
         name = match["name"].strip()
         if re.search(rf"\b{re.escape(name)}\b", wanted) and (found is None or len(name) > len(found[0])):
             found = (name, (int(match["dx"]), int(match["dy"]), int(match["dz"])))

@@ -129,11 +129,9 @@ def relabel(
     base_url: Annotated[Optional[str], typer.Option(help="Gemini endpoint override (a proxy).")] = None,
 ) -> None:
     """Label every episode of SRC into the hierarchical language dataset DEST (subtasks, motion, action, aux)."""
-    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, LocalAnnotator, find_episodes, relabel as run
+    from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, find_episodes, local_annotator, relabel as run
 
-    language = load_policy_config(policy).action_language
-    local = LocalAnnotator(language, load_robot_config(robot))
+    local = local_annotator(policy, robot)
     chosen: Any = local
     if annotator is AnnotatorName.gemini:
         from vlm2vla_edge.train.data.gemini_annotator import GeminiAnnotator, GeminiAnnotatorConfig

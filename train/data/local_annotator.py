@@ -189,6 +189,14 @@ def find_episodes(source: str | os.PathLike[str]) -> list[Path]:
 Progress = Callable[[Path, "EpisodeLabels | str", int], None]
 
 
+def local_annotator(policy: str = "policy", robot: str = "widowx250s") -> LocalAnnotator:
+    """The local annotator for a policy config's action language and a robot config's chunk limits
+    (preset names or YAML paths), as `data relabel` builds it."""
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+
+    return LocalAnnotator(load_policy_config(policy).action_language, load_robot_config(robot))
+
+
 def relabel(
     source: str | os.PathLike[str],
     dest: str | os.PathLike[str],
