@@ -46,7 +46,9 @@ def _wait_idle(client: DaemonClient, timeout_s: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = client.status()
-        if status["state"] != "running":
+        # An e-stop shows as state "estop" at once, while the stopped task is still wrapping up: wait
+        # for the task itself to have finished too.
+        if status["state"] != "running" and (status["task"] or {}).get("state") != "running":
             return status
         time.sleep(0.05)
     raise AssertionError("the daemon stayed busy")
