@@ -1,4 +1,5 @@
-"""`vlm2vla-edge data ...`: import datasets into episodes, relabel episodes into language, show statistics.
+"""`vlm2vla-edge data ...`: import datasets into episodes, export episodes as a LeRobot dataset, relabel
+episodes into language, show statistics.
 
 Mounted into the main CLI as the `data` sub-app. A mistake in the input (a missing folder, an
 unknown layout, an existing destination, a missing API key) ends with one sentence on stderr and
@@ -107,6 +108,44 @@ def import_(
                + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
     if not report.imported:
         raise UserError(f"nothing in {src} could be imported")
+
+
+class ExportFormat(str, Enum):
+    lerobot = "lerobot"
+
+
+class VideoCodec(str, Enum):
+    auto = "auto"
+    av1 = "av1"
+    h264 = "h264"
+    mpeg4 = "mpeg4"
+
+
+@app.command("export")
+@_user_errors
+def export(
+    src: Annotated[Path, typer.Argument(help="An episode folder, or a folder of episode folders.")],
+    dest: Annotated[Path, typer.Argument(help="New folder for the dataset (must not exist, or be empty).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="Dataset layout to write.")] = ExportFormat.lerobot,
+    fps: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Frames per second (default: from the steps' times).")] = None,
+    frames: Annotated[bool, typer.Option(help="Write the camera frames as videos (needs PyAV: the [video] extra).")] = True,
+    vcodec: Annotated[VideoCodec, typer.Option(help="Video codec; auto: AV1 (LeRobot's default), else H.264.")] = VideoCodec.auto,
+    robot_type: Annotated[Optional[str], typer.Option(help="robot_type in meta/info.json (default: the episodes' robot model).")] = None,
+) -> None:
+    """Write episodes as a LeRobot v3.0 dataset (parquet + MP4 videos) that LeRobot's tools and `data import` read."""
+    from vlm2vla_edge.train.data.lerobot_export import ExportSettings, export_lerobot
+    from vlm2vla_edge.train.data.video import VideoSettings
+
+    settings = ExportSettings(fps=fps, frames=frames, video=VideoSettings(codec=vcodec.value), robot_type=robot_type)
+    typer.echo(f"exporting {src} as a {format.value} dataset into {dest}")
+    report = export_lerobot(src, dest, settings, progress=lambda episode, n: typer.echo(f"  {episode}: {n} frames"))
+    for warning in report.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    for skipped in report.skipped:
+        typer.echo(f"skipped: {skipped}", err=True)
+    video = f", video {report.codec}" if report.codec else ", no video"
+    typer.echo(f"exported {len(report.episodes)} episodes ({report.frames} frames at {report.fps} fps{video}) into {dest}"
+               + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
 
 
 @app.command()

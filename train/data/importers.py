@@ -18,10 +18,12 @@ Three layouts are read; `detect_format` tells them apart and names what it expec
   (features), `meta/tasks.jsonl` or `meta/tasks.parquet`, per frame `observation.state`, `action`,
   `task_index`, `frame_index`, `timestamp`. Which state and action dimensions are the end
   effector's x, y, z and the gripper comes from the features' `names` where they say so, else from
-  `LeRobotMapping`. Frames stored as image structs (`observation.images.*` of dtype `image`) are
-  imported; frames stored as **videos are out of scope** (no video decoder here): the episodes are
-  imported without frames and the report says so. Parquet is read with pyarrow, imported lazily
-  (`pip install pyarrow`).
+  `LeRobotMapping`; the gripper state before a step is the state's gripper dimension where its names
+  name one, else the previous step's gripper command. Frames stored as image structs
+  (`observation.images.*` of dtype `image`) and frames stored as **videos** (dtype `video`: the
+  frame nearest each step's timestamp, decoded with PyAV, `pip install 'vlm2vla-edge[video]'`;
+  v2.x one file per episode, v3 episodes back to back from their `from_timestamp`, see
+  `lerobot_layout`) are imported. Parquet is read with pyarrow, imported lazily (`pip install pyarrow`).
 - **Our own episodes** (`import_episodes`): every episode is read in full (meta, every step, every
   referenced frame decoded) and copied as it is; a damaged episode is skipped with the reason.
 
@@ -58,6 +60,8 @@ from vlm2vla_edge.runtime.episode import (
     list_episodes,
 )
 from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.train.data.lerobot_layout import VideoLocation, locate, read_info, video_locations
+from vlm2vla_edge.train.data.video import decode_frames, require_av
 
 log = logging.getLogger(__name__)
 
@@ -389,11 +393,8 @@ def import_lerobot(
     _check_layout(root, "lerobot")
     pq = _require_pyarrow()
     info_path = root / "meta" / "info.json"
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        features: dict[str, Any] = info["features"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{info_path} is not a LeRobot info file with 'features' ({exc})") from None
+    info = read_info(root)
+    features: dict[str, Any] = info["features"]
     for key in ("observation.state", "action"):
         if key not in features:
             raise UserError(f"{info_path} has no '{key}' feature; the episode format needs end-effector states and actions")
@@ -402,6 +403,7 @@ def import_lerobot(
     state_xyz = mapping.state_xyz or _xyz_from_names(state_names)
     action_xyz = mapping.action_xyz or _xyz_from_names(action_names)
     gripper = mapping.action_gripper if mapping.action_gripper is not None else _gripper_from_names(action_names)
+    state_gripper = _gripper_from_names(state_names)
     if state_xyz is None:
         if state_names and any(".pos" in n or "joint" in n or "shoulder" in n for n in state_names):
             raise UserError(
@@ -418,17 +420,19 @@ def import_lerobot(
         report.warnings.append("action has no gripper name: its last dimension is taken as the gripper")
     images = sorted(k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") == "image")
     videos = sorted(k for k, f in features.items() if isinstance(f, dict) and f.get("dtype") == "video")
-    image_key = mapping.image_key or (images[0] if images else None)
-    if mapping.image_key and mapping.image_key not in images:
-        raise UserError(f"{mapping.image_key} is not an image feature of {root} (image features: {', '.join(images) or 'none'})")
+    image_key = mapping.image_key or (images[0] if images else videos[0] if videos else None)
+    if mapping.image_key and mapping.image_key not in images + videos:
+        raise UserError(f"{mapping.image_key} is not a camera feature of {root} (image and video features: "
+                        f"{', '.join(images + videos) or 'none'})")
     if frames and image_key is None:
-        if videos:
-            report.warnings.append(
-                f"{root} stores its camera frames as videos ({', '.join(videos)}); decoding videos is out of scope, "
-                "so the episodes are imported without frames"
-            )
-        else:
-            report.warnings.append(f"{root} has no camera frames; the episodes are imported without frames")
+        report.warnings.append(f"{root} has no camera frames; the episodes are imported without frames")
+    video_places: dict[int, dict[str, VideoLocation]] | None = None
+    if frames and image_key in videos:
+        try:
+            require_av()
+        except UserError as exc:
+            raise UserError(f"{root} stores its camera frames as videos; {exc}; or import without frames (--no-frames)") from None
+        video_places = video_locations(root, info, [image_key], pq)  # type: ignore[list-item]
     tasks = _lerobot_tasks(root, pq)
     files = sorted((root / "data").rglob("*.parquet"))
     if not files:
@@ -438,7 +442,7 @@ def import_lerobot(
     rows_by_episode: dict[int, list[tuple[Path, int]]] = {}
     tables: dict[Path, dict[str, list[Any]]] = {}
     wanted = ["observation.state", "action", "episode_index", "frame_index", "timestamp", "task_index"]
-    if frames and image_key:
+    if frames and image_key in images:
         wanted.append(image_key)
     for path in files:
         schema = pq.read_schema(path)
@@ -456,7 +460,8 @@ def import_lerobot(
         try:
             steps = _import_lerobot_episode(
                 rows, tables, out, ids[episode], tasks, state_xyz, action_xyz, gripper, mapping, image_key if frames else None,
-                fps, robot_name or info.get("robot_type"), root, report,
+                fps, robot_name or info.get("robot_type"), root, report, state_gripper=state_gripper,
+                video=(lambda e=episode: locate(root, info, e, image_key, video_places)) if video_places is not None else None,  # type: ignore[misc, arg-type]
             )
         except ValueError as exc:
             report.skipped.append(f"episode {episode}: {exc}")
@@ -482,6 +487,7 @@ def _import_lerobot_episode(
     rows: list[tuple[Path, int]], tables: dict[Path, dict[str, list[Any]]], out: Path, episode_id: str,
     tasks: dict[int, str], state_xyz: tuple[int, int, int], action_xyz: tuple[int, int, int], gripper: int,
     mapping: LeRobotMapping, image_key: str | None, fps: float, robot_name: str | None, root: Path, report: ImportReport,
+    *, state_gripper: int | None = None, video: Callable[[], VideoLocation] | None = None,
 ) -> int:
     def value(column: str, at: tuple[Path, int]) -> Any:
         table = tables[at[0]]
@@ -504,7 +510,17 @@ def _import_lerobot_episode(
     grip = actions[:, gripper] >= mapping.gripper_open_above
     if mapping.invert_gripper:
         grip = ~grip
+    # Gripper state before each step: measured (the state's gripper) where the dataset has it.
+    held = np.concatenate([grip[:1], grip[:-1]])
+    if state_gripper is not None and state_gripper < states.shape[1]:
+        held = (states[:, state_gripper] >= mapping.gripper_open_above) != mapping.invert_gripper
     stamps = [value("timestamp", at) for at in rows]
+    seconds = [float(s) if s is not None and math.isfinite(float(s)) else t / fps for t, s in enumerate(stamps)]
+    video_frames: list[np.ndarray] | None = None
+    if video is not None:
+        place = video()
+        # The frame a step shows is the one nearest its timestamp; farther than half a frame is misalignment.
+        video_frames = decode_frames(place.path, [place.from_timestamp + s for s in seconds], tolerance_s=0.5 / fps)
     start = time.time()
     meta = EpisodeMeta(
         instruction=tasks[int(task_index)], source="import:lerobot", robot_name=robot_name, robot_model=None,
@@ -514,16 +530,18 @@ def _import_lerobot_episode(
     with EpisodeWriter.create(out, meta, episode_id) as writer:
         for t, at in enumerate(rows):
             image = None
-            if image_key is not None:
+            if video_frames is not None:
+                image = writer.write_frame(video_frames[t])
+                report.frames += 1
+            elif image_key is not None:
                 pil = _decode_image(value(image_key, at), root)
                 if pil is not None:
                     image = writer.write_frame(pil)
                     report.frames += 1
-            seconds = float(stamps[t]) if stamps[t] is not None and math.isfinite(float(stamps[t])) else t / fps
             writer.append_step(StepRecord(
-                index=writer.next_index, t=seconds, wall_time=start + seconds,
+                index=writer.next_index, t=seconds[t], wall_time=start + seconds[t],
                 ee_position=tuple(float(v) for v in positions[t]),
-                gripper_open=bool(grip[t - 1] if t > 0 else grip[0]),
+                gripper_open=bool(held[t]),
                 action=[*(float(v) for v in moves[t]), 1.0 if grip[t] else 0.0],
                 image=image, stage="demo", extra={"gripper_raw": float(actions[t, gripper])},
             ))
