@@ -284,7 +284,7 @@ def test_missing_folder_and_manifest(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"files": {"model-f32.gguf": {"sha256": "nothex", "size": 1}}}, r"field 'files.model-f32.gguf.sha256'"),
-        ({"format_version": 2}, "field 'format_version'"),
+        ({"format_version": 3}, "field 'format_version'"),
         ({"created": "2026-11-24T10:00:00"}, "field 'created'.*timezone"),
         ({"text_model": "other.gguf"}, "text_model 'other.gguf' is not listed in files"),
         ({"mmproj": "model-f32.gguf"}, "mmproj and text_model must be different"),

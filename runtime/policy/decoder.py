@@ -226,6 +226,9 @@ class LlamaDecoder:
         self._model = None
         self._ctx = None
         self._mtmd = None
+        self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
+        self._active_adapter: str | None = None
+        self._adapter_scale = 1.0
         self._batch = None
         self._epoch = 0
         self._prefix: Prefix | None = None
@@ -357,6 +360,10 @@ class LlamaDecoder:
         if self._ctx is not None:
             ll.llama_free(self._ctx)
             self._ctx = None
+        for handle in self._adapters.values():  # after the context that used them, before their model
+            ll.llama_adapter_lora_free(handle)
+        self._adapters = {}
+        self._active_adapter = None
         if self._model is not None:
             ll.llama_model_free(self._model)
             self._model = None
@@ -393,6 +400,67 @@ class LlamaDecoder:
     def n_params(self) -> int:
         self._require_open()
         return int(self._ll.llama_model_n_params(self._model))
+
+    # --- LoRA adapters applied at run time -----------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a LoRA GGUF (general.type = adapter) for this model under `name`, without applying it.
+
+        A few MB per adapter; the base stays loaded once. llama.cpp refuses an adapter whose tensors do
+        not fit the model (another base, another architecture): that is a `ModelLoadError` with its reason.
+        """
+        self._require_open()
+        if name in self._adapters:
+            raise ValueError(f"an adapter named '{name}' is already loaded")
+        path = Path(path).expanduser()
+        _check_gguf(path, "LoRA adapter")
+        _take_recent_errors()
+        handle = self._ll.llama_adapter_lora_init(self._model, str(path).encode())
+        if not handle:
+            reason = _take_recent_errors()
+            raise ModelLoadError(
+                f"llama.cpp could not load the LoRA adapter {path} for {self.model_path.name} (made for another "
+                "model, or not a LoRA GGUF)" + (f": {reason}" if reason else "")
+            )
+        self._adapters[name] = handle
+        log.info("event=adapter_loaded name=%s path=%s", name, path)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self._adapters)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter applied now (None: the bare base model)."""
+        return self._active_adapter
+
+    def use_adapter(self, name: str | None, scale: float = 1.0) -> bool:
+        """Apply adapter `name` (None: none) to every following evaluation; True when that changed anything.
+
+        The base is not reloaded; only the adapter set of the context changes. Whatever the KV cache
+        holds was computed with the previous adapter, so a change clears it and makes every `Prefix`
+        handle stale: the next stage evaluates its prefix again.
+        """
+        self._require_open()
+        if name is not None and name not in self._adapters:
+            raise ValueError(f"no adapter named '{name}' is loaded (loaded: {', '.join(self._adapters) or 'none'})")
+        if name == self._active_adapter and (name is None or scale == self._adapter_scale):
+            return False
+        ll = self._ll
+        if name is None:
+            rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            handles = (ll.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            scales = (ctypes.c_float * 1)(scale)
+            rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
+        if rc != 0:
+            self._invalidate()
+            raise DecoderError(f"llama.cpp could not apply the LoRA adapter '{name}' (code {rc})")
+        self._active_adapter = name
+        self._adapter_scale = scale
+        self._clear()
+        log.debug("event=adapter_applied name=%s scale=%g", name, scale)
+        return True
 
     # --- tokens <-> text ----------------------------------------------------------------------------
 
@@ -480,7 +548,7 @@ class LlamaDecoder:
         self._prefix = None
         self._epoch += 1
 
-    def _decode(self, tokens: Sequence[int], *, logits_last: bool = True) -> None:
+    def _decode(self, tokens: Sequence[int], *, logits_last: bool = True, logits_all: bool = False) -> None:
         """Evaluate tokens at the end of sequence 0 in one llama_decode call (len <= n_batch)."""
         n = len(tokens)
         if n == 0:
@@ -495,7 +563,7 @@ class LlamaDecoder:
             batch.pos[i] = pos0 + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = 0
+            batch.logits[i] = 1 if logits_all else 0
         if logits_last:
             batch.logits[n - 1] = 1
         rc = self._ll.llama_decode(self._ctx, batch)
@@ -541,6 +609,28 @@ class LlamaDecoder:
         if not ptr:
             raise DecoderError("llama.cpp returned no logits for the last token")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def teacher_forced_logits(self, tokens: Sequence[int], prefix: Prefix) -> np.ndarray:
+        """Logits after each of `tokens` appended to `prefix`, evaluated as ONE batch (len x n_vocab).
+
+        Row i predicts tokens[i + 1]: what a model would write at each position of a known answer. One
+        batch costs about one prefill, where token-by-token teacher forcing costs a decode step per token.
+        """
+        self._require_open()
+        if prefix.epoch != self._epoch or self._prefix is None:
+            raise DecoderError("the prefix handle is stale: another prefix was evaluated since")
+        tokens = list(tokens)
+        if not 0 < len(tokens) <= self.n_batch:
+            raise ValueError(f"teacher forcing takes 1 to n_batch={self.n_batch} tokens, not {len(tokens)}")
+        self._truncate(prefix.n_pos)
+        self._decode(tokens, logits_all=True)
+        rows = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        for i in range(len(tokens)):
+            ptr = self._ll.llama_get_logits_ith(self._ctx, i)
+            if not ptr:
+                raise DecoderError(f"llama.cpp returned no logits for position {i}")
+            rows[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return rows
 
     def last_logits(self) -> np.ndarray:
         """A copy of the logits of the last evaluated token (for diagnostics and tests)."""
