@@ -625,6 +625,29 @@ def episode_report(
     typer.echo(f"report: {write_report(path, output)}")
 
 
+@episode_app.command("view")
+def episode_view(
+    path: Annotated[Path, typer.Argument(help="An episode folder (with meta.json and steps.jsonl).")],
+    output: Annotated[
+        Optional[Path], typer.Option("--out", help="Write the recording to this .rrd file (open it with 'rerun FILE').")
+    ] = None,
+    spawn: Annotated[bool, typer.Option("--spawn", help="Start a Rerun viewer and send the episode to it.")] = False,
+    connect: Annotated[
+        Optional[str], typer.Option(help="Send to the Rerun viewer at this gRPC URL (rerun+http://HOST:9876/proxy).")
+    ] = None,
+) -> None:
+    """Show a recorded episode in Rerun: frames, end-effector path in 3D, actions, safety decisions and each
+    stage's text on one timeline. Without --out it goes to a running viewer, or to EPISODE/episode.rrd when
+    none runs. Needs the [viewer] extra; 'episode report' is the zero-dependency view."""
+    from vlm2vla_edge.runtime.episode_view import view_episode
+
+    if output is not None and (spawn or connect):
+        raise UserError("give --out, --spawn or --connect, not several")
+    result = view_episode(path, out=output, spawn=spawn, connect=connect)
+    where = f"saved to {result.destination} (open it with: rerun {result.destination})" if result.saved else f"sent to {result.destination}"
+    typer.echo(f"{result.records} records, {result.frames} frames {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and turns our errors into one-line messages."""
     from vlm2vla_edge.runtime.cli_support import run_typer_app

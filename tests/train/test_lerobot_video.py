@@ -243,3 +243,22 @@ def test_cli_export_and_its_errors(demos: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "holds no episode folders" in result.output
     result = runner.invoke(app, ["import", str(tmp_path / "lr"), str(tmp_path / "back")])
     assert result.exit_code == 0 and "as lerobot" in result.output and "imported 2 episodes" in result.output
+
+
+@pytest.mark.parametrize("codec", ["av1", "h264"])
+def test_rerun_lerobot_reader_reads_the_export(demos: Path, tmp_path: Path, codec: str) -> None:
+    """A LeRobot reader that is not ours (Rerun's, in Rust) loads every episode, video included: the second
+    episode starts mid-file, so its first frame must be a keyframe and H.264 must have no B-frames."""
+    experimental = pytest.importorskip("rerun.experimental")
+    report = export_lerobot(demos, tmp_path / "lr", ExportSettings(video=VideoSettings(codec=codec)))
+    reader = experimental.LeRobotReader(tmp_path / "lr")
+    assert reader.version == "v3" and reader.episodes() == [0, 1]
+    lengths = [e["length"] for e in pq.read_table(tmp_path / "lr" / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pylist()]
+    assert sum(lengths) == report.frames
+    for episode, length in zip(reader.episodes(), lengths):
+        rows: dict[str, int] = {}
+        for chunk in reader.stream(episode).to_chunks():
+            if "frame_index" in chunk.timeline_names:
+                rows[chunk.entity_path] = rows.get(chunk.entity_path, 0) + chunk.num_rows
+        assert rows["/action"] == length and rows["/observation.state"] == length
+        assert rows[f"/{CAMERA_KEY}"] >= length  # video samples, decodable without an FFmpeg on the system

@@ -359,8 +359,8 @@ def export_lerobot(
                                                             file_index=video_roll.file)
                     video = VideoWriter(video_path, fps, settings.video)
                     video_frames_before = 0
-                for frame in frames:
-                    video.add(frame)
+                for i, frame in enumerate(frames):
+                    video.add(frame, keyframe=i == 0)
                     as_float = frame.reshape(-1, 3).astype(np.float64) / 255.0  # (H*W, 3)
                     pixel_sum += as_float.sum(axis=0)
                     pixel_sq += (as_float ** 2).sum(axis=0)

@@ -177,6 +177,10 @@ class VideoWriter:
         if crf is None:
             crf = 30 if self.codec == "libsvtav1" else 23
         options = {"crf": str(crf)} if self.codec in ("libsvtav1", "libx264") else {"qscale": "3"}
+        if self.codec == "libx264":
+            # No B-frames (decode order = display order, which Rerun's LeRobot reader needs without an FFmpeg);
+            # a forced keyframe is an IDR frame, so an episode can be cut out at its first frame.
+            options.update({"bf": "0", "forced-idr": "1"})
         if self.codec == "libsvtav1":
             options["preset"] = "8"  # fast; quality is set by crf
         stream.options = options
@@ -184,8 +188,9 @@ class VideoWriter:
         self.size = (height, width)
         self.padded = bool(width % 2 or height % 2)
 
-    def add(self, rgb: np.ndarray) -> None:
-        """Encode one frame (H x W x 3 uint8)."""
+    def add(self, rgb: np.ndarray, *, keyframe: bool = False) -> None:
+        """Encode one frame (H x W x 3 uint8); `keyframe` forces it to be one (an episode's first frame in a file
+        shared by many episodes: readers then cut the episode out without decoding its neighbour)."""
         array = np.asarray(rgb)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise ValueError(f"a video frame must be an H x W x 3 uint8 RGB array, got {array.shape} {array.dtype}")
@@ -199,6 +204,8 @@ class VideoWriter:
         frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
         frame.pts = self.frames
         frame.time_base = Fraction(1, self.fps)
+        if keyframe:
+            frame.pict_type = self._av.video.frame.PictureType.I
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
         self.frames += 1
