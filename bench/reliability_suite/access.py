@@ -24,13 +24,12 @@ import socket
 import stat
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from vlm2vla_edge.runtime.daemon.client import DaemonClient
-from vlm2vla_edge.runtime.daemon.server import TcpApiServer, prepare_socket_path
+from vlm2vla_edge.runtime.daemon.server import ApiServer, prepare_socket_path
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 
@@ -105,9 +104,9 @@ def check_tcp_token() -> Tally:
     tally = Tally("access", "tcp token")
     with tempfile.TemporaryDirectory(prefix="reliability-tcp-") as tmp, daemon_in_process(Path(tmp)) as (daemon, _):
         config = DaemonConfig(socket_path=Path(tmp) / "unused.sock")
-        server = TcpApiServer("127.0.0.1", 0, daemon, config, TOKEN.encode())
-        port = server.server_address[1]
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        server = ApiServer(daemon, config, tcp=("127.0.0.1", 0), token=TOKEN.encode()).start()
+        assert server.tcp_address is not None
+        port = server.tcp_address[1]
         wrong = {
             "no header": None,
             "empty bearer": "Bearer ",
@@ -134,8 +133,7 @@ def check_tcp_token() -> Tally:
                 tally.record(right.status == 200, f"the right token got HTTP {right.status}")
                 tally.record(len(calls) >= bearer_attempts + 1, "the right token was not compared with compare_digest")
         finally:
-            server.shutdown()
-            server.server_close()
+            server.close()
     return tally
 
 

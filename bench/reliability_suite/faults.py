@@ -14,7 +14,7 @@ the Gemini verifier against the local fake Gemini server (hanging, HTTP 500, gar
 that is missing or corrupted, a disk that fills up under the episode writer (ENOSPC from the one
 low-level write the episode files go through), and SIGKILL of a daemon process mid-episode.
 
-In-process scenarios run the product's `Daemon` and `UnixApiServer` on the non-real-time simulator
+In-process scenarios run the product's `Daemon` and `ApiServer` on the non-real-time simulator
 with a scripted policy (a second or two each); the model and SIGKILL scenarios start real daemon
 processes (`vlm2vla-edge serve`, tests/daemon/fake_daemon.py) and take longer.
 """
@@ -50,7 +50,7 @@ from vlm2vla_edge.runtime import episode as episode_module  # noqa: E402
 from vlm2vla_edge.runtime import files as files_module  # noqa: E402
 from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
 from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, DaemonUnavailable  # noqa: E402
-from vlm2vla_edge.runtime.daemon.server import UnixApiServer  # noqa: E402
+from vlm2vla_edge.runtime.daemon.server import ApiServer  # noqa: E402
 from vlm2vla_edge.runtime.daemon.service import Daemon  # noqa: E402
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader  # noqa: E402
 from vlm2vla_edge.runtime.local_run import Station  # noqa: E402
@@ -286,20 +286,13 @@ def _daemon(
         policy or _policy(), station, verifier or HeuristicVerifier(), robot=robot,
         episodes_dir=workdir / "episodes", config=config, runner_config=RUNNER,
     )
-    server = UnixApiServer(workdir / "d.sock", daemon, config)
-    server.server_bind()
-    server.server_activate()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server = ApiServer(daemon, config, unix_path=workdir / "d.sock").start()
     try:
         yield Harness(daemon, DaemonClient(workdir / "d.sock", timeout_s=30.0), watched, cam, workdir / "episodes")
     finally:
         with contextlib.suppress(Exception):
             daemon.shutdown("fault scenario over")
-        server.shutdown()
-        server.server_close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(workdir / "d.sock")
+        server.close()
         session.close()
 
 

@@ -595,9 +595,10 @@ def fuzz_api(n: int, seed: int = 0, *, timeout_s: float = 5.0, slowloris: int = 
     rng = random.Random(seed)
     tally = Tally("fuzz", "API requests")
     limit = 4096
-    stderr = io.StringIO()  # socketserver prints a handler's uncaught exception here, past the log
+    stderr = io.StringIO()  # an uncaught exception's traceback printed past the log would land here
+    server_errors = _ErrorRecords()  # the HTTP server's own errors (uvicorn: "Exception in ASGI application")
     with tempfile.TemporaryDirectory(prefix="reliability-api-") as tmp, _quiet_daemon_log(), \
-            contextlib.redirect_stderr(stderr):
+            contextlib.redirect_stderr(stderr), server_errors.watching("uvicorn.error"):
         folder = Path(tmp)
         config = DaemonConfig(socket_path=folder / "d.sock", max_request_bytes=limit, max_instruction_chars=200)
         with daemon_in_process(folder, config) as (daemon, path):
@@ -615,10 +616,33 @@ def fuzz_api(n: int, seed: int = 0, *, timeout_s: float = 5.0, slowloris: int = 
                     with contextlib.suppress(Exception):
                         daemon.reset(wait_s=2.0)
             _slowloris(path, slowloris, timeout_s, tally)
-    crashes = stderr.getvalue().count("Exception occurred during processing of request")
+    crashes = stderr.getvalue().count("Traceback (most recent call last)")
     tally.record(crashes == 0, f"{crashes} request handlers ended in an uncaught exception (a traceback on stderr, "
                                f"not in the log): {_last_exception_line(stderr.getvalue())}")
+    tally.record(not server_errors.messages, f"{len(server_errors.messages)} errors from the HTTP server itself, "
+                                             f"e.g. {server_errors.messages[:1]}")
     return tally
+
+
+class _ErrorRecords(logging.Handler):
+    """Collects ERROR (and worse) records of one logger for the duration of `watching`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.getMessage()[:150]} ({record.exc_info[1]!r})" if record.exc_info else
+                             record.getMessage()[:200])
+
+    @contextlib.contextmanager
+    def watching(self, name: str) -> Iterator[None]:
+        logger = logging.getLogger(name)
+        logger.addHandler(self)
+        try:
+            yield
+        finally:
+            logger.removeHandler(self)
 
 
 def _last_exception_line(text: str) -> str:

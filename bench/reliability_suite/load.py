@@ -38,7 +38,7 @@ import yaml
 
 from vlm2vla_edge.runtime.config import ActionLanguage, load_robot_config
 from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, DaemonUnavailable
-from vlm2vla_edge.runtime.daemon.server import UnixApiServer
+from vlm2vla_edge.runtime.daemon.server import ApiServer
 from vlm2vla_edge.runtime.daemon.service import Daemon
 from vlm2vla_edge.runtime.local_run import open_station
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan, parse_subtasks
@@ -103,27 +103,20 @@ class FixedVerifier(Verifier):
 
 @contextlib.contextmanager
 def daemon_in_process(folder: Path, config: DaemonConfig | None = None) -> Iterator[tuple[Daemon, Path]]:
-    """The product's `Daemon` and `UnixApiServer` in this process, on a non-real-time simulator whose
-    episodes (one subtask, verified at once) end within milliseconds."""
+    """The product's `Daemon` and `ApiServer` (Unix socket) in this process, on a non-real-time simulator
+    whose episodes (one subtask, verified at once) end within milliseconds."""
     robot = load_robot_config()
     config = config or DaemonConfig(socket_path=folder / "d.sock")
     assert config.socket_path is not None
     with open_station(robot, sim=True, seed=0, realtime=False) as station:
         daemon = Daemon(LoopPolicy(), station, FixedVerifier(done=True), robot=robot,
                         episodes_dir=folder / "episodes", config=config, record_frames=False)
-        server = UnixApiServer(config.socket_path, daemon, config)
-        server.server_bind()
-        server.server_activate()
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
+        server = ApiServer(daemon, config, unix_path=config.socket_path).start()
         try:
             yield daemon, config.socket_path
         finally:
             daemon.shutdown("fuzz finished")
-            server.shutdown()
-            server.server_close()
-            with contextlib.suppress(FileNotFoundError):
-                config.socket_path.unlink()
+            server.close()
 
 
 # --- raw HTTP (requests http.client cannot send) -----------------------------------------------

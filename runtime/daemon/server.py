@@ -1,5 +1,9 @@
 """`vlm2vla-edge serve`: bind the API, tell systemd we are ready, ping its watchdog, stop cleanly on SIGTERM.
 
+The HTTP server is uvicorn (h11) running the Starlette app of `http_api.py` on an event loop in a
+thread of its own (`ApiServer`); this module binds its sockets (the Unix socket's mode and group set
+before anyone can connect), and keeps signals, systemd notifications and the shutdown order.
+
 `serve()` takes an already-built `Daemon` (policy loaded, station connected) and runs until SIGTERM or
 SIGINT; `serve_from_config()` builds that daemon from the runtime config (bundle, simulator or
 devices, verifier) and calls `serve()`. Order on start: listeners bound -> READY=1. Order on stop:
@@ -16,6 +20,7 @@ API answers (200 or 503), not that the daemon is healthy, for the same reason. C
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import grp
@@ -23,15 +28,18 @@ import logging
 import os
 import signal
 import socket
-import socketserver
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from vlm2vla_edge.runtime.daemon import sd_notify
-from vlm2vla_edge.runtime.daemon.http_api import ApiHandler
-from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
+from vlm2vla_edge.runtime.daemon.http_api import create_app, error_body
 from vlm2vla_edge.runtime.daemon.service import Daemon
 from vlm2vla_edge.runtime.errors import ConfigError, UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig, RuntimeConfig, server_socket_path
@@ -43,50 +51,58 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_TOKEN_CHARS = 16
+#: Pending connections the kernel queues per listener (Python's socketserver kept 5: a burst of
+#: clients was refused, an e-stop among them).
+LISTEN_BACKLOG = 128
+#: Seconds an idle keep-alive connection stays open.
+KEEP_ALIVE_S = 5
+#: Seconds open requests (event streams) get to finish when the listeners close, before they are cancelled.
+GRACEFUL_CLOSE_S = 3.0
+#: Largest request line plus headers (bytes); more is a 400.
+MAX_HEAD_BYTES = 16_384
 
 
-class ApiServerMixin:
-    """What the handler needs from its server."""
+class JsonErrorH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the two behaviours this API needs on top.
 
-    daemon: Daemon
-    config: DaemonConfig
-    metrics: DaemonMetrics
-    token: bytes | None
+    - A request that is not HTTP/1.1 (a broken request line or header, a bad Content-Length, no Host)
+      is answered with the API's JSON error object instead of uvicorn's plain-text 400.
+    - A client that half-closes its side after sending (`shutdown(SHUT_WR)`) still gets its answer;
+      asyncio's default closes the connection on EOF, before the answer is written. A request whose
+      head or body ends at that EOF is a 400 ("ended early"), as HTTP/1.1 asks.
+    """
 
+    def send_400_response(self, msg: str) -> None:
+        self._send_error(400, "the request is not valid HTTP/1.1 (request line, headers or Content-Length)")
 
-class UnixApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer, ApiServerMixin):
-    daemon_threads = True
-    request_queue_size = 128  # the default 5 refuses bursts of clients, an e-stop among them
-    block_on_close = False
-
-    def __init__(self, path: Path, daemon: Daemon, config: DaemonConfig) -> None:
-        self.daemon, self.config, self.metrics, self.token = daemon, config, daemon.metrics, None
-        self.path = path
-        super().__init__(str(path), ApiHandler, bind_and_activate=False)
-
-    def server_bind(self) -> None:
-        # The socket must never exist with a wider mode than configured, not even for a moment.
-        previous = os.umask(0o177)
+    def _send_error(self, status: int, message: str) -> None:
+        body = error_body(status, "bad_request", message)
+        headers = [(b"content-type", b"application/json; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
         try:
-            super().server_bind()
-        finally:
-            os.umask(previous)
-        os.chmod(self.path, self.config.socket_mode)
-        if self.config.socket_group is not None:
-            os.chown(self.path, -1, _group_id(self.config.socket_group))
+            output = self.conn.send(h11.Response(status_code=status, headers=headers, reason=b"Bad Request"))
+            output += self.conn.send(h11.Data(data=body))
+            output += self.conn.send(h11.EndOfMessage())
+            self.transport.write(output)
+        except h11.LocalProtocolError:  # an answer is already under way on this connection: just close it
+            pass
+        self.transport.close()
 
-
-class TcpApiServer(socketserver.ThreadingMixIn, socketserver.TCPServer, ApiServerMixin):
-    daemon_threads = True
-    request_queue_size = 128  # the default 5 refuses bursts of clients, an e-stop among them
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(self, host: str, port: int, daemon: Daemon, config: DaemonConfig, token: bytes) -> None:
-        self.daemon, self.config, self.metrics, self.token = daemon, config, daemon.metrics, token
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.address_family = family
-        super().__init__((host, port), ApiHandler)
+    def eof_received(self) -> bool:
+        """Keep the writing side open after the client's EOF (True), so the answer can still be sent."""
+        if self.cycle is not None and self.cycle.response_started:
+            return True  # the answer is being written; the connection closes after it
+        their_state, pending = self.conn.their_state, self.conn.trailing_data[0]
+        if their_state is h11.SEND_BODY or (their_state is h11.IDLE and pending):
+            self.conn.receive_data(b"")
+            try:
+                self.conn.next_event()
+            except h11.RemoteProtocolError:
+                self._send_error(400, "the request ended early: the client closed its side before sending all of it")
+            return True
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()  # an idle connection that the client finished with
+        return True
 
 
 def _group_id(name: str) -> int:
@@ -142,8 +158,143 @@ def prepare_socket_path(path: Path, group: str | None) -> None:
         probe.close()
 
 
+def bind_unix_socket(path: Path, config: DaemonConfig) -> socket.socket:
+    """The listening Unix socket with the configured mode and group (never wider, not even for a moment)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, config.socket_mode)
+        if config.socket_group is not None:
+            os.chown(path, -1, _group_id(config.socket_group))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    finally:
+        os.umask(previous)
+    return sock
+
+
+def bind_tcp_socket(host: str, port: int) -> socket.socket:
+    """The listening TCP socket (IPv6 when the host has a ':'); port 0 picks a free port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+
+
+class ApiServer:
+    """The API's listeners (the Unix socket, and TCP with the token) on one uvicorn event loop in a
+    thread of its own: the caller's thread keeps the signals, the watchdog and the shutdown order.
+
+    `start()` binds and returns once uvicorn serves; `close()` stops accepting, gives open requests
+    `GRACEFUL_CLOSE_S` to finish, and removes the socket file. Also a context manager.
+    """
+
+    def __init__(
+        self,
+        daemon: Daemon,
+        config: DaemonConfig,
+        *,
+        unix_path: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        token: bytes | None = None,
+    ) -> None:
+        if unix_path is None and tcp is None:
+            raise ValueError("an ApiServer needs a Unix socket path, a TCP address, or both")
+        if tcp is not None and token is None:
+            raise ValueError("TCP needs a bearer token")
+        self.daemon, self.config, self.unix_path, self.tcp, self.token = daemon, config, unix_path, tcp, token
+        self._servers: list[tuple[uvicorn.Server, socket.socket]] = []
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.tcp_address: tuple[str, int] | None = None
+
+    def _server(self, token: bytes | None) -> uvicorn.Server:
+        return uvicorn.Server(uvicorn.Config(
+            create_app(self.daemon, self.config, token),
+            http=JsonErrorH11Protocol, ws="none", lifespan="off", log_config=None, access_log=False,
+            server_header=False, timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
+            backlog=LISTEN_BACKLOG, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        ))
+
+    def start(self, ready_timeout_s: float = 10.0) -> "ApiServer":
+        """Bind the listeners and serve; `UserError` when an address cannot be used."""
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # not its start/stop chatter, only problems
+        try:
+            if self.unix_path is not None:
+                try:
+                    sock = bind_unix_socket(self.unix_path, self.config)
+                except OSError as exc:
+                    raise UserError(f"cannot listen on {self.unix_path}: {exc.strerror or exc}") from None
+                self._servers.append((self._server(None), sock))
+            if self.tcp is not None:
+                host, port = self.tcp
+                try:
+                    sock = bind_tcp_socket(host, port)
+                except OSError as exc:
+                    raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+                self.tcp_address = sock.getsockname()[:2]
+                self._servers.append((self._server(self.token), sock))
+        except BaseException:
+            self._release()
+            raise
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + ready_timeout_s
+        while not all(server.started for server, _ in self._servers):
+            if self._failure is not None or not self._thread.is_alive():
+                self._release()
+                raise UserError(f"the API server did not start: {self._failure!r}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise UserError(f"the API server did not start within {ready_timeout_s:g} s")
+            time.sleep(0.005)
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve_all())
+        except BaseException as exc:  # noqa: BLE001 - reported by start() and alive
+            self._failure = exc
+            log.exception("event=api_server_failed")
+
+    async def _serve_all(self) -> None:
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in self._servers))
+
+    @property
+    def alive(self) -> bool:
+        """The serving thread runs (the watchdog's first check)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, timeout_s: float = GRACEFUL_CLOSE_S + 5.0) -> None:
+        """Stop accepting, let open requests finish (bounded), remove the socket file."""
+        for server, _ in self._servers:
+            server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("event=api_server_close_timeout seconds=%.1f", timeout_s)
+        self._release()
+
+    def _release(self) -> None:
+        for _, sock in self._servers:
+            sock.close()
+        self._servers.clear()
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
+
+    def __enter__(self) -> "ApiServer":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _self_check(path: Path, timeout_s: float) -> bool:
-    """GET /v1/health over our own socket: proves the accept loop and a handler thread still work.
+    """GET /v1/health over our own socket: proves the event loop and the worker threads still work.
 
     An unhealthy answer (503: no model, a device unplugged) counts as alive: a restart would not fix
     it, and withholding the ping would have systemd restart the daemon in a loop."""
@@ -166,23 +317,11 @@ def serve(
     path = server_socket_path(config)
     token = read_token(config.token_file) if config.tcp_port is not None and config.token_file is not None else None
     prepare_socket_path(path, config.socket_group)
-    servers: list[socketserver.BaseServer] = []
-    unix = UnixApiServer(path, daemon, config)
-    try:
-        unix.server_bind()
-        unix.server_activate()
-    except OSError as exc:
-        unix.server_close()
-        raise UserError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    servers.append(unix)
+    tcp = None
     if config.tcp_port is not None:
         assert config.tcp_host is not None and token is not None  # DaemonConfig checks both
-        try:
-            servers.append(TcpApiServer(config.tcp_host, config.tcp_port, daemon, config, token))
-        except OSError as exc:
-            unix.server_close()
-            os.unlink(path)
-            raise UserError(f"cannot listen on {config.tcp_host}:{config.tcp_port}: {exc.strerror or exc}") from None
+        tcp = (config.tcp_host, config.tcp_port)
+    api = ApiServer(daemon, config, unix_path=path, tcp=tcp, token=token).start()
 
     stop = threading.Event()
     received: list[str] = []
@@ -192,12 +331,6 @@ def serve(
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    threads = [
-        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, name=f"api-{i}", daemon=True)
-        for i, s in enumerate(servers)
-    ]
-    for thread in threads:
-        thread.start()
     where = str(path) + (f" and {config.tcp_host}:{config.tcp_port} (token)" if config.tcp_port else "")
     log.info("event=serving socket=%s mode=%04o tcp=%s", path, config.socket_mode,
              f"{config.tcp_host}:{config.tcp_port}" if config.tcp_port else "off")
@@ -211,7 +344,7 @@ def serve(
         while not stop.wait(interval if interval is not None else 1.0):
             if interval is None:
                 continue
-            alive = all(t.is_alive() for t in threads)
+            alive = api.alive
             if alive and _self_check(path, timeout_s=min(interval, 2.0)):
                 sd_notify.notify("WATCHDOG=1")
             else:  # no ping: systemd restarts us after WatchdogSec
@@ -223,11 +356,7 @@ def serve(
         try:
             daemon.shutdown(reason)
         finally:
-            for server in servers:
-                server.shutdown()
-                server.server_close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            api.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.warning("event=stopped")

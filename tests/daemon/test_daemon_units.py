@@ -119,25 +119,27 @@ def test_instruction_validation_normalises_whitespace() -> None:
 # --- metrics and events ----------------------------------------------------------------------------
 
 
-def test_metrics_text_format() -> None:
+def test_metrics_exposition_through_prometheus_client() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
     metrics = DaemonMetrics()
     result = EpisodeResult("success", "ok", duration_s=1.5, stage_latency_s={"action": [0.02, 0.3], "verify": [0.001]})
     metrics.on_event(RunnerEvent("episode_start", 0.0, {}))
     metrics.on_event(RunnerEvent("episode_end", 1.5, {"result": result, "outcome": "success", "detail": "ok"}))
     metrics.count_request(202)
-    text = metrics.render(estop_engaged=True)
-    lines = text.splitlines()
-    assert 'vlm2vla_episodes_total{outcome="success"} 1' in lines
-    assert 'vlm2vla_stage_latency_seconds_bucket{stage="action",le="0.025"} 1' in lines
-    assert 'vlm2vla_stage_latency_seconds_bucket{stage="action",le="+Inf"} 2' in lines
-    assert 'vlm2vla_stage_latency_seconds_count{stage="action"} 2' in lines
-    assert "vlm2vla_estop_engaged 1" in lines
-    assert 'vlm2vla_http_requests_total{code="202"} 1' in lines
-    for line in lines:  # every sample line is NAME[{labels}] VALUE
-        if not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            float(value.replace("+Inf", "inf"))
-            assert name.startswith("vlm2vla_")
+    text = metrics.render(estop_engaged=True).decode("utf-8")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("vlm2vla_episodes_total", (("outcome", "success"),))] == 1
+    assert samples[("vlm2vla_stage_latency_seconds_bucket", (("le", "0.025"), ("stage", "action")))] == 1
+    assert samples[("vlm2vla_stage_latency_seconds_bucket", (("le", "+Inf"), ("stage", "action")))] == 2
+    assert samples[("vlm2vla_stage_latency_seconds_count", (("stage", "action"),))] == 2
+    assert samples[("vlm2vla_estop_engaged", ())] == 1
+    assert samples[("vlm2vla_episode_running", ())] == 0
+    assert samples[("vlm2vla_http_requests_total", (("code", "202"),))] == 1
+    assert all(name.startswith("vlm2vla_") for name, _ in samples)
+    # each daemon has its own registry (not the library's global one): a second one starts from nothing
+    assert b'outcome="success"' not in DaemonMetrics().render(estop_engaged=False)
 
 
 def test_event_log_is_bounded_and_never_blocks_the_writer() -> None:
