@@ -37,6 +37,8 @@ def train_command(
     from vlm2vla_edge.train.lora.trainer import train
 
     result = train(dataset, base, out, train_config, resume=resume)
+    if not result.main_process:
+        return
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     typer.echo(
         f"done: {result.steps} steps, final loss {loss}, {result.tokens_per_s:.0f} tokens/s, "
