@@ -144,8 +144,10 @@ def load_base_model(base: BaseModelSource) -> Any:
     import transformers
 
     if base.kind == "gguf-text":
+        # Dense weights (transformers >= 5.2x would keep them packed): the merge adds the adapter to them.
         return transformers.AutoModelForCausalLM.from_pretrained(
-            str(base.path.parent), gguf_file=base.path.name, dtype=torch.float32
+            str(base.path.parent), gguf_file=base.path.name, dtype=torch.float32,
+            quantization_config=transformers.GgufConfig(dequantize=True),
         ).eval()
     if base.kind == "hf-vision":
         return transformers.Gemma3ForConditionalGeneration.from_pretrained(str(base.path), dtype=torch.float32).eval()

@@ -192,12 +192,12 @@ def check(
         _emit({"stage": stage.value, "ok": False, "rejected_by": "parser", "code": exc.code, "reason": str(exc)}, as_json)
         raise typer.Exit(1) from exc
 
-    from vlm2vla_edge.runtime.postprocess import reaggregate
+    from vlm2vla_edge.runtime.postprocess import postprocess_chunk
     from vlm2vla_edge.runtime.safety import SafetyLimiter
 
     robot_config = load_robot_config(robot)
     start_xyz = _parse_start(start) if start else _home_position(robot_config)
-    processed = reaggregate(chunk, policy_config.action_language.postprocess)
+    processed = postprocess_chunk(chunk, policy_config.action_language, robot_config.limits, gripper_open=True)
     verdict = SafetyLimiter(robot_config, reachable=_reachability(robot_config)).check_chunk(processed, start_xyz)
     result = {
         "stage": "action",

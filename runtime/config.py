@@ -281,6 +281,13 @@ class ActionLanguage(StrictModel):
     grammar_version: str = Field("1", description="Version of grammars/ the model was trained with.")
     units: Literal["m"] = Field("m", description="Unit of dx, dy, dz in the text.")
     decimals: int = Field(3, ge=1, le=3, description="Decimals written by the formatter (the grammar admits 1-3).")
+    actions: Literal["steps", "waypoints"] = Field(
+        "steps",
+        description="What one action means. steps: one arm command each (the paper's chunks of small deltas). "
+        "waypoints: a relative goal the runtime reaches in straight steps no longer than the robot's per-action "
+        "limit, up to the robot's per-chunk path budget (the rest of the way is the next step's: the loop "
+        "re-plans from the new observation). Either way every command passes the safety limiter.",
+    )
     max_abs_value_m: float = Field(0.2, gt=0, lt=1.0, description="Parser rejects any |dx|, |dy|, |dz| above this.")
     max_steps: int = Field(16, ge=1, le=16, description="Parser rejects chunks with more actions than this (v1 grammar: at most 16).")
     gripper: GripperValues = Field(default_factory=GripperValues)

@@ -54,15 +54,15 @@ class EpisodeRecorder:
                 error=data["error"], raw_text=data.get("raw_text"),
             )
             return
-        output: StageOutput = data["output"]
+        output: StageOutput | None = data["output"]  # None: the list was given, not generated
         self._append(
             stage="subtasks",
             state=data["state"],
             image=self._frame(data["frame"]),
-            prompt=output.prompt,
-            raw_text=output.raw_text,
+            prompt=output.prompt if output is not None else None,
+            raw_text=output.raw_text if output is not None else None,
             subtasks=list(data["subtasks"]),
-            timings=output.timings,
+            timings=output.timings if output is not None else None,
         )
 
     def _on_step(self, data: dict[str, Any]) -> None:

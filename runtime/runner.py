@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 from pydantic import Field
 
@@ -26,7 +26,7 @@ from vlm2vla_edge.runtime.config import StrictModel
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.parser import ParseError
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, Policy, PolicyOutputError, StepResult
-from vlm2vla_edge.runtime.postprocess import reaggregate
+from vlm2vla_edge.runtime.postprocess import postprocess_chunk
 from vlm2vla_edge.runtime.robot.base import Arm, ArmState, Camera, DeviceError, Frame, MoveResult
 from vlm2vla_edge.runtime.safety import ChunkVerdict, EStopEngaged, SafetyLimiter, SafetyViolation
 from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier
@@ -150,7 +150,9 @@ class EpisodeRunner:
 
     # --- the loop ------------------------------------------------------------------------------------
 
-    def run(self, instruction: str) -> EpisodeResult:
+    def run(self, instruction: str, subtasks: Sequence[str] | None = None) -> EpisodeResult:
+        """One episode. `subtasks` skips the subtask stage and works through the given list instead (the
+        per-subtask evaluation starts a policy on one subtask from an expert's state)."""
         instruction = " ".join(instruction.split())
         if not instruction:
             raise UserError("the instruction is empty")
@@ -166,7 +168,7 @@ class EpisodeRunner:
             self._emit("episode_start", instruction=instruction, bundle_id=self.policy.bundle_id)
             if self.limiter.engaged:
                 raise _Stop("aborted", f"the e-stop is engaged ({self.limiter.estop_reason}); reset it first")
-            result = self._episode(instruction, latencies, progress)
+            result = self._episode(instruction, latencies, progress, subtasks)
         except _Stop as stop:
             result = self._result(stop.outcome, stop.detail, latencies, progress)
         except (GenerationCancelled, EStopEngaged) as exc:
@@ -193,20 +195,30 @@ class EpisodeRunner:
             self._busy.release()
         return result
 
-    def _episode(self, instruction: str, latencies: dict[str, list[float]], progress: dict[str, Any]) -> EpisodeResult:
+    def _episode(
+        self, instruction: str, latencies: dict[str, list[float]], progress: dict[str, Any],
+        given: Sequence[str] | None = None,
+    ) -> EpisodeResult:
         cfg = self.config
         frame, state = self._observe()
-        began = self._clock()
-        try:
-            planned = self.policy.subtasks(self._observation(frame), instruction, cancel=self._cancel)
-        except PolicyOutputError as exc:  # recorded (raw text included) before the episode ends as failed
+        if given is not None:
+            subtasks = tuple(given)[: cfg.max_subtasks]
+            if not subtasks:
+                raise UserError("the given subtask list is empty")
+            progress["subtasks"] = subtasks
+            self._emit("subtasks", subtasks=list(subtasks), output=None, frame=frame, state=state)
+        else:
+            began = self._clock()
+            try:
+                planned = self.policy.subtasks(self._observation(frame), instruction, cancel=self._cancel)
+            except PolicyOutputError as exc:  # recorded (raw text included) before the episode ends as failed
+                latencies["subtasks"].append(self._clock() - began)
+                self._emit("subtasks", subtasks=[], error=str(exc), raw_text=exc.text, frame=frame, state=state)
+                raise
             latencies["subtasks"].append(self._clock() - began)
-            self._emit("subtasks", subtasks=[], error=str(exc), raw_text=exc.text, frame=frame, state=state)
-            raise
-        latencies["subtasks"].append(self._clock() - began)
-        subtasks = tuple(planned.subtasks)[: cfg.max_subtasks]
-        progress["subtasks"] = subtasks
-        self._emit("subtasks", subtasks=list(subtasks), output=planned.output, frame=frame, state=state)
+            subtasks = tuple(planned.subtasks)[: cfg.max_subtasks]
+            progress["subtasks"] = subtasks
+            self._emit("subtasks", subtasks=list(subtasks), output=planned.output, frame=frame, state=state)
 
         for index, subtask in enumerate(subtasks):
             next_subtask = subtasks[index + 1] if index + 1 < len(subtasks) else None
@@ -256,7 +268,9 @@ class EpisodeRunner:
         action_s = step.action_output.timings.get("total_s")
         latencies["motion"].append(motion_s if motion_s is not None else elapsed / 2)
         latencies["action"].append(action_s if action_s is not None else elapsed / 2)
-        chunk = reaggregate(step.chunk, self.policy.action_language.postprocess)
+        chunk = postprocess_chunk(
+            step.chunk, self.policy.action_language, self.limiter.robot.limits, pre_state.gripper_open
+        )
         self._emit(
             "step", subtask_index=index, subtask=subtask, retry=retry, step=step, postprocessed=chunk,
             frame=frame, state=pre_state,

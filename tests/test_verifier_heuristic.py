@@ -133,10 +133,12 @@ def test_move_succeeds_when_most_of_the_commanded_move_happened() -> None:
 
 
 def _scene(carrot_dx: int, carrot_dy: int) -> str:
+    """Scene text as the simulator writes it: offsets (metres) from the gripper to each object's points."""
     return (
-        "gripper at x=34 y=0 z=10 cm, open, holding nothing. "
-        f"carrot at x={34 + carrot_dx} y={carrot_dy} z=0 cm (dx={carrot_dx:+d} dy={carrot_dy:+d} dz=-10 from the gripper), "
-        "on the table. pan at x=20 y=-15 z=0 cm (dx=-14 dy=-15 dz=-10 from the gripper), on the table."
+        "gripper open, holding nothing. "
+        f"carrot on the table: above ({carrot_dx / 100:g}, {carrot_dy / 100:g}, 0), "
+        f"grasp ({carrot_dx / 100:g}, {carrot_dy / 100:g}, -0.08). "
+        "pan on the table: above (-0.14, -0.15, 0)."
     )
 
 

@@ -32,6 +32,8 @@ from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED
 TRAIN_LANGUAGES = ("en", "fr", "de")
 UNSEEN_LANGUAGES = ("es", "hi", "zh")
 RECIPE_CONFIG = "demo_270m.yaml"
+#: The policy preset whose action language the demo model speaks (waypoint actions, centimetre resolution).
+POLICY_PRESET = "policy_waypoints"
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_card.json", "recipe.json")
 
 
@@ -59,7 +61,7 @@ def record_demonstrations(out: Path, episodes: int, say: Callable[[str], None]) 
 def label(episodes: Path, dataset: Path) -> dict[str, int]:
     from vlm2vla_edge.train.data.local_annotator import local_annotator, relabel
 
-    return dict(relabel(episodes, dataset, local_annotator(), aux=True).counts)
+    return dict(relabel(episodes, dataset, local_annotator(POLICY_PRESET), aux=True).counts)
 
 
 def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None:
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "demo_model", help="where the adapter goes")
     parser.add_argument("--work", type=Path, default=Path("~/.cache/vlm2vla-edge/demo-recipe").expanduser(),
-                        help="folder for episodes, dataset and checkpoints (replaced)")
+                        help="folder for episodes, dataset and checkpoints (kept: a rerun resumes)")
+    parser.add_argument("--fresh", action="store_true", help="delete --work first instead of resuming")
     parser.add_argument("--episodes", type=int, default=240, help="expert demonstrations to record")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe config's)")
     parser.add_argument("--config", type=Path, default=None, help="training YAML (default: configs/train/demo_270m.yaml)")
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm2vla_edge.runtime.config import packaged_configs_dir
     from vlm2vla_edge.runtime.errors import UserError
     from vlm2vla_edge.train.lora.config import load_train_config
-    from vlm2vla_edge.train.lora.trainer import train
+    from vlm2vla_edge.train.lora.trainer import latest_checkpoint, train
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -109,25 +112,58 @@ def main(argv: list[str] | None = None) -> int:
             config = config.model_copy(update={"max_steps": args.max_steps})
         started = time.monotonic()
         phases: dict[str, float] = {}
-        shutil.rmtree(args.work, ignore_errors=True)
-        args.work.mkdir(parents=True)
+        if args.fresh:
+            shutil.rmtree(args.work, ignore_errors=True)
+        args.work.mkdir(parents=True, exist_ok=True)
+        # Resumable: each phase keeps its finished output under --work (episodes with a done marker, a
+        # finished dataset, training checkpoints); a rerun with the same options picks up where it stopped.
+        stamp = {"episodes": args.episodes, "policy": POLICY_PRESET, "config": config.model_dump(mode="json")}
+        stamp_file = args.work / "recipe-options.json"
+        if stamp_file.exists() and json.loads(stamp_file.read_text()) != stamp:
+            raise UserError(f"{args.work} holds a run with other options; pass --fresh to start over")
+        stamp_file.write_text(json.dumps(stamp, indent=2) + "\n")
 
         t = time.monotonic()
-        say(f"[1/4] recording {args.episodes} expert demonstrations ({', '.join(TRAIN_LANGUAGES)})")
-        demos = record_demonstrations(args.work / "episodes", args.episodes, say)
+        demos_file = args.work / "demonstrations.json"
+        if demos_file.exists():
+            demos = json.loads(demos_file.read_text())
+            say(f"[1/4] {args.episodes} expert demonstrations already recorded")
+        else:
+            say(f"[1/4] recording {args.episodes} expert demonstrations ({', '.join(TRAIN_LANGUAGES)})")
+            shutil.rmtree(args.work / "episodes", ignore_errors=True)
+            demos = record_demonstrations(args.work / "episodes", args.episodes, say)
+            demos_file.write_text(json.dumps(demos) + "\n")
         phases["demonstrations_s"] = round(time.monotonic() - t, 1)
 
         t = time.monotonic()
-        say("[2/4] labelling with the local annotator")
-        counts = label(args.work / "episodes", args.work / "dataset")
+        counts_file = args.work / "samples.json"
+        if counts_file.exists():
+            counts = json.loads(counts_file.read_text())
+            say("[2/4] dataset already labelled")
+        else:
+            say(f"[2/4] labelling with the local annotator ({POLICY_PRESET} action language)")
+            shutil.rmtree(args.work / "dataset", ignore_errors=True)
+            counts = label(args.work / "episodes", args.work / "dataset")
+            counts_file.write_text(json.dumps(counts) + "\n")
         phases["labels_s"] = round(time.monotonic() - t, 1)
         say(f"  {sum(counts.values())} samples: {counts}")
 
         t = time.monotonic()
         base = Path(assemble())
-        say(f"[3/4] LoRA on {base.name}: {config.max_steps} steps of {config.batch_size} samples")
-        result = train(args.work / "dataset", base, args.work / "adapter", config, progress=lambda line: say("  " + line))
+        adapter = args.work / "adapter"
+        resume = latest_checkpoint(adapter) is not None and not (adapter / "training_card.json").exists()
+        if (adapter / "training_card.json").exists():
+            say("[3/4] adapter already trained")
+            result = None
+        else:
+            say(f"[3/4] LoRA on {base.name}: {config.max_steps} steps of {config.batch_size} samples"
+                + (" (resuming from the last checkpoint)" if resume else ""))
+            result = train(args.work / "dataset", base, adapter, config, resume=resume,
+                           progress=lambda line: say("  " + line))
         phases["train_s"] = round(time.monotonic() - t, 1)
+        card = json.loads((adapter / "training_card.json").read_text())
+        final_loss = result.final_loss if result is not None else card.get("final_loss")
+        tokens_per_s = result.tokens_per_s if result is not None else card.get("tokens_per_s") or 0.0
 
         say(f"[4/4] writing the adapter to {args.out}")
         recipe = {
@@ -137,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             "unseen_languages": list(UNSEEN_LANGUAGES),
             "phases": phases,
             "total_s": round(time.monotonic() - started, 1),
-            "final_loss": result.final_loss,
-            "tokens_per_s": round(result.tokens_per_s, 1),
+            "final_loss": final_loss,
+            "tokens_per_s": round(float(tokens_per_s), 1),
+            "policy_preset": POLICY_PRESET,
             "command": "python train/demo_recipe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         export_adapter(args.work / "adapter", args.out, recipe)

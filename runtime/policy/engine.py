@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf
+from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.parser import ParseError, parse_action_chunk, parse_motion_plan, parse_subtasks
@@ -216,6 +217,22 @@ class Policy:
             retry=retry,
             timings=timings,
         )
+
+    def act(
+        self, observation: Observation, instruction: str, subtask: str, plan: str,
+        *, cancel: threading.Event | None = None,
+    ) -> tuple[ActionChunk, str]:
+        """Stage 3 alone, given a motion plan (teacher forcing: the open-loop evaluation gives the label's
+        plan to measure the action stage apart from the motion stage). Returns the chunk and its text."""
+        image, scene = self._split(observation)
+        prefix = self._prefix(self.prompts.render_step_prefix(instruction, subtask, scene), image, cancel)
+        gen = self._generate(self.prompts.render_action_suffix(plan), "action_chunk", self.sampling.action, prefix, cancel)
+        timings = StageTimings(prefix=prefix.timings, action=gen.timings, wall_s=0.0)
+        text = self._finished(gen, "action", timings)
+        try:
+            return parse_action_chunk(text, self.language), text
+        except ParseError as exc:
+            raise PolicyOutputError("action", text, str(exc), timings) from exc
 
     # --- helpers -------------------------------------------------------------------------------------
 

@@ -24,9 +24,8 @@ from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeWriter, ExecutedCommand, SafetyRecord, StepRecord
 from vlm2vla_edge.runtime.robot.base import ArmState, MoveResult
 from vlm2vla_edge.runtime.safety import SafeCommand, SafetyLimiter
-from vlm2vla_edge.runtime.sim.scene import Scene
+from vlm2vla_edge.runtime.sim.scene import KeyPoints
 from vlm2vla_edge.runtime.sim.tasks import (
-    LIFT_HEIGHT_M,
     CompositeTask,
     Episode,
     Language,
@@ -53,13 +52,10 @@ class Waypoint:
 
 @dataclass(frozen=True, slots=True)
 class Heights:
-    """Heights of the expert's motions (gripper tip, metres above the table)."""
+    """The expert's motions that are not a scene key point (`KeyPoints`), metres."""
 
-    hover_above_m: float = 0.06  # above an object's top before descending onto it
-    min_hover_m: float = 0.10
-    carry_m: float = 0.18  # travel height while holding something
-    lift_extra_m: float = 0.03  # margin over the lift height a "pick up" must reach
-    release_above_m: float = 0.03  # the held object's bottom this far above the surface when released
+    lift_m: float = 0.10  # "lift": straight up by this much from the grasp point
+    release_drop_m: float = 0.03  # "release": down by this much from the container's approach point, then open
 
 
 class ScriptedExpert:
@@ -68,6 +64,8 @@ class ScriptedExpert:
     def __init__(self, robot: RobotConfig, heights: Heights | None = None) -> None:
         self.robot = robot
         self.heights = heights or Heights()
+        # The fingertips' lowest point is the robot's floor: grasp points never go below it.
+        self.points = KeyPoints(min_grasp_z_m=max(robot.workspace.z.min, robot.z_floor) - robot.table_z + 0.001)
         limits = robot.limits
         self.step_m = limits.max_translation_per_action_m * _STEP_MARGIN
         self.chunk_len = limits.max_chunk_length
@@ -88,46 +86,53 @@ class ScriptedExpert:
             yield from self._chunk(self._actions(start, gripper, waypoints))
 
     def plan(self, task: Task, world: SimWorld) -> list[Waypoint]:
-        """Waypoints for one simple task (pick or place) from the current state."""
+        """Waypoints for one simple task (pick or place) from the current state.
+
+        Every waypoint is a scene key point or a fixed move from one, so that each subtask of a
+        demonstration ends where the scene text (`describe`) says it should: move to the object's
+        `above` point, descend to its `grasp` point and close, lift straight up by `lift_m`, and for a
+        placement move to the container's `above` point, descend `release_drop_m` and open.
+        """
         scene = world.scene
         h = self.heights
         table = scene.region.table_z
+        item = scene[task.item] if isinstance(task, (PickTask, PlaceTask)) else None
+        if item is None:
+            raise TypeError(f"the expert plans pick and place tasks, not {type(task).__name__}")
+        above = self.points.above(item, table)
+        grasp = self.points.grasp(item, table)
+        lifted = (grasp[0], grasp[1], grasp[2] + h.lift_m)
+        pick = [Waypoint(above, True), Waypoint(grasp, False), Waypoint(lifted, False)]
         if isinstance(task, PickTask):
-            item = scene[task.item]
-            grasp = self._grasp_point(scene, task.item)
-            lift_z = table + LIFT_HEIGHT_M + (grasp[2] - item.position[2]) + h.lift_extra_m
-            return [
-                *self._approach(grasp, item.top_z, world.gripper_open),
-                Waypoint(grasp, False),
-                Waypoint((grasp[0], grasp[1], max(lift_z, h.min_hover_m)), False),
-            ]
-        if isinstance(task, PlaceTask):
-            item, target = scene[task.item], scene[task.target]
-            grasp = self._grasp_point(scene, task.item)
-            hang = grasp[2] - item.position[2]  # the tip is this far above the held object's bottom
-            carry = table + h.carry_m
-            surface = target.position[2] + target.kind.surface_m
-            release_z = max(surface, target.top_z) + h.release_above_m + hang
-            tx, ty = target.position[0], target.position[1]
-            return [
-                *self._approach(grasp, item.top_z, world.gripper_open),
-                Waypoint(grasp, False),
-                Waypoint((grasp[0], grasp[1], carry), False),
-                Waypoint((tx, ty, carry), False),
-                Waypoint((tx, ty, release_z), True),
-                Waypoint((tx, ty, max(release_z, table + h.min_hover_m)), True),
-            ]
-        raise TypeError(f"the expert plans pick and place tasks, not {type(task).__name__}")
+            return pick
+        target = scene[task.target]
+        drop = self.points.above(target, table)
+        release = (drop[0], drop[1], drop[2] - h.release_drop_m)
+        return [*pick, Waypoint(drop, False), Waypoint(release, True)]
 
-    def _grasp_point(self, scene: Scene, name: str) -> Vec3:
-        obj = scene[name]
-        z = max(obj.position[2] + obj.kind.height_m / 2, self._lo[2] + 0.001)
-        return (obj.position[0], obj.position[1], z)
+    def subtask_names(self, task: Task) -> list[str]:
+        """The subtask of each waypoint `chunks` goes through, in the annotator's wording: one subtask per
+        waypoint ("Move to the carrot", "Grasp the carrot", "Lift the carrot", then for a placement
+        "Move to the pot", "Release the carrot")."""
+        names: list[str] = []
+        for part in task.parts if isinstance(task, CompositeTask) else (task,):
+            if not isinstance(part, (PickTask, PlaceTask)):
+                raise TypeError(f"the expert plans pick and place tasks, not {type(part).__name__}")
+            item = part.item
+            names += [f"Move to the {item}", f"Grasp the {item}", f"Lift the {item}"]
+            if isinstance(part, PlaceTask):
+                names += [f"Move to the {part.target}", f"Release the {item}"]
+        return names
 
-    def _approach(self, grasp: Vec3, top_z: float, gripper_open: bool) -> list[Waypoint]:
-        """Rise to a safe height, travel above the object with the gripper open, ready to descend."""
-        hover = max(top_z + self.heights.hover_above_m, self.heights.min_hover_m)
-        return [Waypoint((grasp[0], grasp[1], hover), True)]
+    def waypoint_chunks(self, task: Task, world: SimWorld, count: int) -> Iterator[ActionChunk]:
+        """The chunks of the first `count` waypoints of `task` (the state where subtask `count` begins)."""
+        done = 0
+        for part in task.parts if isinstance(task, CompositeTask) else (task,):
+            for waypoint in self.plan(part, world):
+                if done >= count:
+                    return
+                yield from self._chunk(self._actions(world.ee_position, world.gripper_open, [waypoint]))
+                done += 1
 
     # --- actions and chunks -------------------------------------------------------------------
 

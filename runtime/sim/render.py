@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlm2vla_edge.runtime.sim.kinematics import fk, link_points
+from vlm2vla_edge.runtime.action_text import format_number
 from vlm2vla_edge.runtime.robot.base import ArmState
-from vlm2vla_edge.runtime.sim.scene import ObjectKind, Scene, SceneObject
+from vlm2vla_edge.runtime.sim.scene import KeyPoints, ObjectKind, Scene, SceneObject
 
 Vec3 = tuple[float, float, float]
 
@@ -269,37 +270,45 @@ def save_png(image: np.ndarray, path: str) -> None:
 # --- text ------------------------------------------------------------------------------------------
 
 
-def _cm(v: float) -> str:
-    return f"{v * 100:.0f}"
+#: Decimals of the offsets in the scene text: the action language's metres at centimetre resolution, so a
+#: policy can copy an offset into its plan and its action chunk digit for digit.
+SCENE_DECIMALS = 2
 
 
-def _signed_cm(v: float) -> str:
-    cm = round(v * 100)
-    return f"{cm:+d}" if cm else "0"
+def _offset(point: tuple[float, float, float], gripper: tuple[float, float, float]) -> str:
+    """Offset between positions rounded to the text's resolution first, so that the labeller's offsets
+    (`segment.rounded_offset`, from recorded positions) match the scene's digit for digit."""
+    scale = 10**SCENE_DECIMALS
+    return "(" + ", ".join(
+        format_number((round(p * scale) - round(g * scale)) / scale, SCENE_DECIMALS) for p, g in zip(point, gripper)
+    ) + ")"
 
 
-def describe(scene: Scene, arm_state: ArmState) -> str:
-    """A short, deterministic text of the scene for text-only models (positions in cm, base frame).
+def describe(scene: Scene, arm_state: ArmState, points: KeyPoints = KeyPoints()) -> str:
+    """A short, deterministic text of the scene for text-only models (offsets in metres, base frame).
 
-    Objects are listed by name; each says where it is, its offset from the gripper (so a small text
-    model reads the direction to move instead of having to subtract coordinates) and what it rests
-    in or on. The gripper line says its position, whether it is open and what it holds.
+    It is what a perception stack could report, and the same whatever the task: the gripper's state,
+    then per object (by name) what it rests on and the offsets from the gripper to its key points
+    (`KeyPoints`: `above` for every object that is not held, `grasp` for graspable ones). Offsets rather
+    than positions, so a small text model reads the move instead of subtracting coordinates.
     """
-    gx, gy, gz = arm_state.position
+    gripper = arm_state.position
     held = scene.held
     state = "open" if arm_state.gripper_open else "closed"
     holding = f"holding the {held}" if held is not None else "holding nothing"
-    lines = [f"gripper at x={_cm(gx)} y={_cm(gy)} z={_cm(gz)} cm, {state}, {holding}."]
+    table = scene.region.table_z
+    lines = [f"gripper {state}, {holding}."]
     for name in sorted(scene.objects):
         obj = scene.objects[name]
-        x, y, z = obj.position
         if name == held:
-            where = "in the gripper"
-        elif obj.support is not None:
-            relation = scene.objects[obj.support].kind.container or "on"
-            where = f"{relation} the {obj.support}"
+            lines.append(f"{name} in the gripper.")
+            continue
+        if obj.support is not None:
+            where = f"{scene.objects[obj.support].kind.container or 'on'} the {obj.support}"
         else:
             where = "on the table"
-        offset = f"dx={_signed_cm(x - gx)} dy={_signed_cm(y - gy)} dz={_signed_cm(z - gz)}"
-        lines.append(f"{name} at x={_cm(x)} y={_cm(y)} z={_cm(z)} cm ({offset} from the gripper), {where}.")
+        text = f"{name} {where}: above {_offset(points.above(obj, table), gripper)}"
+        if obj.kind.graspable:
+            text += f", grasp {_offset(points.grasp(obj, table), gripper)}"
+        lines.append(text + ".")
     return " ".join(lines)

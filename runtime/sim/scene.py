@@ -119,6 +119,30 @@ class GraspRule:
     above_top_m: float = 0.02  # ...or at most this far above its top (fingers reach down)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyPoints:
+    """Where a gripper goes to act on an object: the geometry a policy needs, as a perception would report it.
+
+    `above` is the approach point: over the object's centre, `hover_above_m` over its top and at least
+    `min_hover_m` over the table (for a container: where a held object is let go). `grasp` is the
+    object's centre at half height (never below `min_grasp_z_m`, the lowest point the fingertips may
+    reach). The scripted expert moves to exactly these points, and the scene text states them as offsets
+    from the gripper, so a policy copies a point instead of computing it.
+    """
+
+    hover_above_m: float = 0.06
+    min_hover_m: float = 0.10
+    min_grasp_z_m: float = 0.021
+
+    def above(self, obj: "SceneObject", table_z: float = 0.0) -> Vec3:
+        x, y, _ = obj.position
+        return (x, y, max(obj.top_z + self.hover_above_m, table_z + self.min_hover_m))
+
+    def grasp(self, obj: "SceneObject", table_z: float = 0.0) -> Vec3:
+        x, y, z = obj.position
+        return (x, y, max(z + obj.kind.height_m / 2, table_z + self.min_grasp_z_m))
+
+
 @dataclass(slots=True)
 class Scene:
     """Objects on a table and what the gripper holds. Mutable: the world changes it as the arm acts."""

@@ -194,20 +194,27 @@ def measure_motion(request: VerificationRequest, config: HeuristicConfig) -> Mot
     return Motion(c_len, a_len, fraction, cosine, commanded)
 
 
-_OFFSET = re.compile(r"(?P<name>[a-z][a-z ]*?) at x=-?\d+ y=-?\d+ z=-?\d+ cm \(dx=(?P<dx>[+-]?\d+) dy=(?P<dy>[+-]?\d+) dz=(?P<dz>[+-]?\d+) from the gripper\)")
+# One object of the simulator's scene text (`runtime.sim.render.describe`): "carrot on the table: above
+# (-0.18, -0.16, -0.06), grasp (...)": the offset, metres, from the gripper to the object's approach point.
+_NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
+_OFFSET = re.compile(
+    rf"(?P<name>[a-z][a-z ]*?) (?:on|in) the [a-z ]+?: above \((?P<dx>{_NUMBER}), (?P<dy>{_NUMBER}), (?P<dz>{_NUMBER})\)"
+)
 
 
 def target_offset(subtask: str, scene: str | None) -> tuple[str, tuple[int, int, int]] | None:
-    """The offset (cm) from the gripper of the object a "move to ..." subtask names, read from the scene
-    text; None without scene text or when no listed object is named (then motion alone decides)."""
+    """The offset (cm) from the gripper to the approach point of the object a "move to ..." subtask names,
+    read from the scene text; None without scene text or when no listed object is named (then motion
+    alone decides)."""
     if not scene:
         return None
     wanted = subtask.lower()
     found = None
-    for match in _OFFSET.finditer(scene):  # the gripper's own line has no offset, so it never matches
+    for match in _OFFSET.finditer(scene):  # the gripper's own line and a held object have no offset
         name = match["name"].strip()
         if re.search(rf"\b{re.escape(name)}\b", wanted) and (found is None or len(name) > len(found[0])):
-            found = (name, (int(match["dx"]), int(match["dy"]), int(match["dz"])))
+            offset = tuple(round(float(match[axis]) * 100) for axis in ("dx", "dy", "dz"))
+            found = (name, (offset[0], offset[1], offset[2]))
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Callable, Sequence
 
@@ -97,3 +98,67 @@ def block_until_cancelled(started: threading.Event, limit_s: float = 10.0) -> Ca
             raise GenerationCancelled("cancelled mid-generation")
 
     return hook
+
+
+class SceneCopyPolicy:
+    """What a trained waypoint model should do, done by rules: a text-only policy that copies the key point
+    of the subtask's object from the simulator's scene text into its plan and its one-action chunk.
+
+    It speaks the `policy_waypoints` action language with the annotator's plan wording, so runs with it
+    measure the ceiling of the loop around the model (runner, interpolation, limiter, verifier, sim).
+    """
+
+    _OBJECT = re.compile(r"([a-z]+) (?:on|in) the [a-z]+: above (\([^)]*\))(?:, grasp (\([^)]*\)))?")
+
+    def __init__(self, subtasks: Sequence[str], language: ActionLanguage | None = None) -> None:
+        from vlm2vla_edge.runtime.config import load_policy_config
+
+        self._subtasks = list(subtasks)
+        self._language = language or load_policy_config("policy_waypoints").action_language
+        self.steps = 0
+
+    @property
+    def needs_image(self) -> bool:
+        return False
+
+    @property
+    def action_language(self) -> ActionLanguage:
+        return self._language
+
+    @property
+    def bundle_id(self) -> str:
+        return "scene-copy-fake"
+
+    def subtasks(self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None) -> SubtasksResult:
+        text = '["' + '", "'.join(self._subtasks) + '"]'
+        return SubtasksResult(subtasks=parse_subtasks(text), output=StageOutput("subtasks", instruction, text, {}))
+
+    def step(
+        self, observation: Observation, instruction: str, subtask: str, *, retry: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        from vlm2vla_edge.train.data.segment import waypoint_plan_text
+
+        self.steps += 1
+        assert observation.scene is not None
+        points = {m[1]: (m[2], m[3]) for m in self._OBJECT.finditer(observation.scene)}
+        verb, name = subtask.split(" ")[0], subtask.rsplit(" ", 1)[-1]
+        offset, gripper, event = "(0, 0, 0)", "1", None
+        if verb == "Move" and name in points:
+            offset = points[name][0]
+            gripper = "0" if "holding nothing" not in observation.scene else "1"
+        elif verb == "Grasp" and name in points and points[name][1]:
+            offset, gripper, event = points[name][1], "0", "close"
+        elif verb == "Lift":
+            offset, gripper = "(0, 0, 0.1)", "0"
+        elif verb == "Release":
+            offset, gripper, event = "(0, 0, -0.03)", "1", "open"
+        values = [float(v) for v in offset.strip("()").split(", ")]
+        plan = waypoint_plan_text(subtask, values, event, self._language.decimals)
+        text = f"[[{offset.strip('()')}, {gripper}]]"
+        return StepResult(
+            motion=parse_motion_plan(plan),
+            chunk=parse_action_chunk(text, self._language),
+            motion_output=StageOutput("motion", subtask, plan, {}),
+            action_output=StageOutput("action", subtask, text, {}),
+        )

@@ -20,7 +20,7 @@ def test_render_writes_a_png_of_the_requested_size(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     image = np.asarray(Image.open(out))
     assert image.shape == (128, 128, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 20
-    assert "task: " in result.output and "gripper at x=46 y=0 z=36 cm" in result.output
+    assert "task: " in result.output and "gripper open, holding nothing." in result.output
 
 
 def test_render_refuses_bad_paths_and_sizes(tmp_path: Path) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vlm2vla_edge.runtime.action_text import format_number
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.robot.base import ArmState
 from vlm2vla_edge.runtime.sim.kinematics import link_points
 from vlm2vla_edge.runtime.sim.render import ARM_RGB, ArmView, PinholeCamera, Renderer, describe
-from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
+from vlm2vla_edge.runtime.sim.scene import CATALOGUE, KeyPoints, Scene
 
 ROBOT = load_robot_config()
 RENDERER = Renderer(PinholeCamera(width=256, height=256))
@@ -67,22 +68,28 @@ def test_open_and_closed_grippers_look_different() -> None:
     assert not np.array_equal(RENDERER.render(scene, ArmView(joints, True)), RENDERER.render(scene, ArmView(joints, False)))
 
 
-def test_describe_lists_objects_in_centimetres_and_what_is_held() -> None:
+def test_describe_lists_each_objects_key_points_as_offsets_and_what_is_held() -> None:
     scene = Scene.random(2, required=["carrot", "plate"], n_distractors=0)
-    carrot = scene["carrot"]
+    carrot, plate = scene["carrot"], scene["plate"]
     state = ArmState(position=(0.30, -0.05, 0.20), rpy=(0, 0, 0), gripper_open=True)
     text = describe(scene, state)
     assert text == describe(scene, state)
-    assert text.startswith("gripper at x=30 y=-5 z=20 cm, open, holding nothing.")
-    dx, dy = round((carrot.position[0] - 0.30) * 100), round((carrot.position[1] + 0.05) * 100)
-    assert (
-        f"carrot at x={carrot.position[0] * 100:.0f} y={carrot.position[1] * 100:.0f} z=0 cm "
-        f"(dx={dx:+d} dy={dy:+d} dz=-20 from the gripper), on the table." in text
-    )
+    assert text.startswith("gripper open, holding nothing.")
+
+    def offset(point: tuple[float, float, float]) -> str:
+        cm = [round(p * 100) - round(g * 100) for p, g in zip(point, state.position)]
+        return "(" + ", ".join(format_number(v / 100, 2) for v in cm) + ")"
+
+    points = KeyPoints()
+    assert (f"carrot on the table: above {offset(points.above(carrot))}, grasp {offset(points.grasp(carrot))}."
+            in text)
+    # a container has an approach point but nothing to grasp
+    assert f"plate on the table: above {offset(points.above(plate))}." in text
+    # the carrot (2.4 cm high) is approached 6 cm over its top but never lower than 10 cm over the table
+    assert points.above(carrot)[2] == pytest.approx(0.10) and points.grasp(carrot)[2] == pytest.approx(0.021)
     scene.close_gripper((carrot.position[0], carrot.position[1], 0.01))
     held = describe(scene, ArmState(position=(0.3, 0.0, 0.01), rpy=(0, 0, 0), gripper_open=False))
-    assert "closed, holding the carrot" in held and "carrot at" in held and "in the gripper" in held
-    plate = scene["plate"]
+    assert held.startswith("gripper closed, holding the carrot.") and "carrot in the gripper." in held
     scene.follow((plate.position[0], plate.position[1], 0.1))
     scene.open_gripper()
-    assert "on the plate" in describe(scene, state)
+    assert "carrot on the plate: above" in describe(scene, state)

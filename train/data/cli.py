@@ -213,6 +213,41 @@ def relabel(
         raise UserError(f"no episode of {src} could be labelled (see the skipped lines above)")
 
 
+@app.command("eval")
+@_user_errors
+def eval_(
+    dataset: Annotated[Path, typer.Argument(help="A labelled dataset folder (data relabel's output), e.g. of held-out episodes.")],
+    bundle: Annotated[Path, typer.Option(help="Model bundle folder (with manifest.json).")],
+    policy: Annotated[str, typer.Option(help="Policy config (sampling, constraint): preset name or YAML path.")] = "policy",
+    max_samples: Annotated[Optional[int], typer.Option(min=1, help="At most this many subtask and action samples each (a fixed subset).")] = None,
+    teacher_forcing: Annotated[bool, typer.Option(help="Also ask the action stage after the label's plan.")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="Write every score as JSON here.")] = None,
+) -> None:
+    """Open-loop evaluation: ask the bundle every stage of DATASET's samples and score each stage apart.
+
+    Subtask lists (exact, same objects), motion plans (exact, same directions) and action chunks (error of
+    the summed move in cm, after the model's own plan and after the label's; sign and gripper agreement),
+    by subtask kind and by distance, next to the error of always answering the mean move.
+    """
+    import contextlib
+
+    from vlm2vla_edge.runtime.config import load_policy_config
+    from vlm2vla_edge.runtime.local_run import load_policy
+    from vlm2vla_edge.train.data.dataset import read_dataset
+    from vlm2vla_edge.train.data.open_loop import evaluate_open_loop, write_report
+
+    if not bundle.expanduser().is_dir():
+        raise UserError(f"the bundle folder {bundle} does not exist")
+    labelled = read_dataset(dataset, check_images=False)
+    with contextlib.closing(load_policy(bundle.expanduser(), load_policy_config(policy), typer.echo)) as engine:
+        report = evaluate_open_loop(engine, labelled, max_samples=max_samples, teacher_forcing=teacher_forcing,
+                                    echo=typer.echo)
+    typer.echo("")
+    typer.echo(report.table())
+    if out is not None:
+        typer.echo(f"wrote {write_report(report, out)}")
+
+
 @app.command()
 @_user_errors
 def stats(

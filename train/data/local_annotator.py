@@ -34,6 +34,7 @@ from vlm2vla_edge.train.data.segment import (
     parse_instruction,
     segment,
     settings_dict,
+    waypoint_windows,
     windows,
 )
 
@@ -88,7 +89,11 @@ class LocalAnnotator:
         segments = segment(traj, self.segment_rules)
         parsed = parse_instruction(traj.instruction, traj.instruction_en)
         subtasks, segment_subtask = name_subtasks(traj, segments, parsed)
-        wins = windows(traj, segments, self.language, self.limits, self.wording)
+        if self.language.actions == "waypoints":
+            names = [subtasks[i] for i in segment_subtask]
+            wins = waypoint_windows(traj, segments, self.language, names)
+        else:
+            wins = windows(traj, segments, self.language, self.limits, self.wording)
         return EpisodeLabels(traj, segments, wins, subtasks, segment_subtask, [w.plan for w in wins])
 
     def prepare(self) -> None:
@@ -151,7 +156,9 @@ def build_samples(labels: EpisodeLabels, writer: DatasetWriter | None = None, *,
         samples.append(Sample(id=f"{episode}/{step:06d}/action", stage="action", motion_plan=plan,
                               target=window.chunk_text, **common))
         phrase = direction_phrase(window.displacement)
-        if aux and phrase is not None:
+        # Waypoint windows of one segment share their end: one directional question per segment is enough.
+        first_of_end = all(w.end != window.end or w.segment != window.segment for w in labels.windows[: labels.windows.index(window)])
+        if aux and phrase is not None and first_of_end:
             samples.append(Sample(
                 id=f"{episode}/{step:06d}/aux", episode=episode, step=step, stage="aux",
                 instruction=aux_question(window.displacement), target=phrase,

@@ -46,7 +46,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from vlm2vla_edge.runtime.action_text import format_action_chunk, format_motion_plan, format_subtasks
+from vlm2vla_edge.runtime.action_text import format_action_chunk, format_motion_plan, format_number, format_subtasks
 from vlm2vla_edge.runtime.actions import Action, ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeReader
@@ -684,6 +684,62 @@ def windows(
     return out
 
 
+def waypoint_plan_text(
+    name: str | None, displacement: Sequence[float], event: GripperEvent | None, decimals: int,
+    rules: WordingRules = WordingRules(),
+) -> str:
+    """The motion plan of a waypoint window: the subtask (which names its object) and the offset to reach,
+    in the numbers the action chunk will copy, e.g. "Move to the lemon: (-0.18, -0.16, -0.06)." or
+    "Grasp the lemon: (0, 0, -0.08), then close the gripper." Naming the object before its numbers is
+    what lets a small model find the right object's line in the scene (DESIGN.md §5b). A subtask the
+    plan grammar cannot hold (non-ASCII, too long) is replaced by the direction phrase."""
+    offset = "(" + ", ".join(format_number(float(v), decimals) for v in displacement) + ")"
+    gripper = {"close": ", then close the gripper", "open": ", then open the gripper", None: ""}[event]
+    head = (name or "").strip().rstrip(".")
+    for lead in (head, direction_phrase(displacement, rules) or "Stay in place"):
+        text = f"{lead}: {offset}{gripper}."
+        if lead and _MOTION_PLAN_TEXT.fullmatch(text):
+            return format_motion_plan(text)
+    return format_motion_plan(f"Move: {offset}{gripper}.")
+
+
+_MOTION_PLAN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9 ,.;:'()/%+-]{0,159}")
+
+
+def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) -> tuple[float, float, float]:
+    """end - start with both rounded to `decimals` first: a difference of rounded positions is what a scene
+    text states (`runtime.sim.render.describe`), so labels and observations agree exactly instead of
+    disagreeing at rounding ties."""
+    scale = 10**decimals
+    d = [(round(float(e) * scale) - round(float(s) * scale)) / scale + 0.0 for s, e in zip(start, end)]
+    return (d[0], d[1], d[2])
+
+
+def waypoint_windows(
+    traj: Trajectory, segments: list[Segment], language: ActionLanguage, segment_names: Sequence[str | None]
+) -> list[Window]:
+    """Windows of a waypoint action language: one per recorded row, each a one-action chunk to the end of
+    its segment (where the arm went, not where it was told to go) with the segment's final gripper value.
+
+    Every row is a training state, so the model learns the same copy from every point along a move,
+    including the mid-way states it meets after a move the runtime cut at the chunk budget.
+    """
+    out: list[Window] = []
+    for k, seg in enumerate(segments):
+        end_gripper = 1.0 if traj.gripper_cmd[seg.end - 1] else 0.0
+        event = seg.event
+        for row in range(seg.start, seg.end):
+            rounded = rounded_offset(traj.positions[row], traj.positions[seg.end], language.decimals)
+            chunk = ActionChunk((Action(rounded[0], rounded[1], rounded[2], end_gripper),))
+            # The gripper event belongs to the window only when the gripper is not already where it ends.
+            before = 1.0 if traj.gripper_before[row] else 0.0
+            window_event = event if before != end_gripper else None
+            text = format_action_chunk(chunk, language)
+            plan = waypoint_plan_text(segment_names[k], rounded, window_event, language.decimals)
+            out.append(Window(row, seg.end, k, chunk, text, rounded, window_event, plan))  # type: ignore[arg-type]
+    return out
+
+
 def settings_dict(segment_rules: SegmentRules, wording: WordingRules, limits: ChunkLimits) -> dict[str, object]:
     """The rules as plain data, recorded in dataset.json."""
     return {"segment": asdict(segment_rules), "wording": asdict(wording), "chunk_limits": asdict(limits)}
@@ -692,6 +748,6 @@ def settings_dict(segment_rules: SegmentRules, wording: WordingRules, limits: Ch
 __all__ = [
     "AXIS_WORDS", "ChunkLimits", "NotADemonstration", "ParsedInstruction", "Segment", "SegmentRules", "TaskPart",
     "Trajectory", "Window", "WordingRules", "build_chunk", "direction_phrase", "gripper_events", "load_trajectory",
-    "motion_plan_text", "name_subtasks", "named_directions", "parse_instruction", "plan_contradiction", "segment",
-    "settings_dict", "windows",
+    "motion_plan_text", "name_subtasks", "rounded_offset", "named_directions", "parse_instruction", "plan_contradiction", "segment",
+    "settings_dict", "waypoint_plan_text", "waypoint_windows", "windows",
 ]

@@ -43,6 +43,11 @@ class TrainConfig(StrictModel):
     stages: tuple[Stage, ...] = Field(
         ("subtasks", "motion", "action", "aux"), min_length=1, description="Dataset stages to train on."
     )
+    stage_repeats: dict[Stage, int] = Field(
+        default_factory=dict,
+        description="Times each sample of a stage appears per epoch (default 1). A dataset holds one subtask-list "
+        "sample per episode against a dozen motion and action samples: repeating the rare stage balances it.",
+    )
 
     # Numerics and speed.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
@@ -66,6 +71,8 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":
+        if any(n < 1 or n > 100 for n in self.stage_repeats.values()):
+            raise ValueError("stage_repeats must be 1 to 100 per stage")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must not repeat a stage, got {list(self.stages)}")
         if not all(0 <= b < 1 for b in self.adam_betas):

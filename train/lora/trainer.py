@@ -367,6 +367,7 @@ def train(
     report(f"loaded {loaded.identity.kind} base {loaded.identity.id} in {time.monotonic() - started:.1f} s")
 
     chats = chat_samples(dataset, vision=loaded.vision, stages=config.stages, templates=DEFAULT_PROMPTS)
+    chats = [chat for chat in chats for _ in range(config.stage_repeats.get(chat.stage, 1))]
     encoded, too_long = encode_all(chats, loaded.tokenizer, loaded.image_tokens, config.max_length)
     if not encoded:
         raise UserError(f"every sample is longer than max_length={config.max_length} tokens; raise it in the config")
