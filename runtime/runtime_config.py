@@ -62,6 +62,15 @@ class DaemonConfig(StrictModel):
     safe_pose_on_shutdown: Literal["sleep", "home", "hold"] = Field(
         "sleep", description="Where the arm goes on shutdown: its sleep (rest) pose, home pose, or hold where it is."
     )
+    api_thread_nice: int | None = Field(
+        -10, ge=-20, le=19,
+        description=(
+            "Nice value of the API's event-loop thread, which handles the e-stop, so it is scheduled ahead of "
+            "the model's decoding threads (they keep the process's priority). Needs the unit's LimitNICE= "
+            "(or CAP_SYS_NICE); refused, the daemon logs a warning and serves at the process's priority. "
+            "None leaves the thread alone."
+        ),
+    )
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -26,6 +26,50 @@ settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 from vlm2vla_edge.runtime.policy.bundle import Bundle
 
+# --- no test reaches the robot's real daemon ------------------------------------------------------------
+# A test that asks socket discovery for "the daemon" must never find the system service's socket
+# (/run/vlm2vla-edge/daemon.sock): on a robot with the service up it would submit real tasks. The autouse
+# fixture below points discovery at a temporary folder; the audit hook in tests/daemon_guard/ refuses
+# the system folder outright, in this process and (through PYTHONPATH and its sitecustomize.py) in every
+# Python subprocess; pytest_sessionfinish fails the run if anything tried.
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+_GUARD_DIR = Path(__file__).resolve().parent / "daemon_guard"
+sys.path.insert(0, str(_GUARD_DIR))
+import system_daemon_guard  # noqa: E402
+
+from vlm2vla_edge.runtime import runtime_config  # noqa: E402
+
+if str(_GUARD_DIR) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_GUARD_DIR), os.environ.get("PYTHONPATH", "")) if p)
+if system_daemon_guard.LOG_ENV not in os.environ:
+    _fd, _log = tempfile.mkstemp(prefix="vlm2vla-edge-guard-", suffix=".log")
+    os.close(_fd)
+    os.environ[system_daemon_guard.LOG_ENV] = _log
+system_daemon_guard.install()
+
+
+@pytest.fixture(autouse=True)
+def _socket_discovery_in_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Socket discovery (system service, systemd's RUNTIME_DIRECTORY, the user's XDG folder, the
+    VLM2VLA_EDGE_SOCKET override) finds only a folder of this session, where no daemon runs unless a
+    test starts one there."""
+    run = tmp_path_factory.getbasetemp() / "run"
+    monkeypatch.setattr(runtime_config, "SYSTEM_RUNTIME_DIR", run / "vlm2vla-edge")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run / "user"))
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.delenv("VLM2VLA_EDGE_SOCKET", raising=False)
+    return run
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    touched = system_daemon_guard.touches()
+    if touched:
+        print(f"\nFAILED: tests touched {system_daemon_guard.SYSTEM_DIR} (the real daemon's folder):\n  "
+              + "\n  ".join(touched[:20]), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def _missing_tool(exc: ImportError) -> None:
     message = f"the test-model build needs the 'convert' extra ({exc}); pip install -e '.[convert]'"

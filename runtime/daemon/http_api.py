@@ -22,23 +22,27 @@ the client.
 Threads: the e-stop runs on the event loop itself, so it never queues behind the worker threads
 that the other endpoints use for daemon calls that may block (status reads the arm, submit creates
 the episode folder, cancel and reset wait for the arm); event streams wait for events on their own
-bounded pool of threads, so many open streams cannot starve the other endpoints.
+bounded pool of threads, so many open streams cannot starve the other endpoints. The event loop's
+thread may run at a raised priority (`priority.py`); both pools put their threads back to the
+process's priority, and so everything they start (the episode worker, llama.cpp's threads) too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -46,6 +50,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlm2vla_edge.runtime.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vlm2vla_edge.runtime.daemon.priority import reset_thread_priority
 from vlm2vla_edge.runtime.daemon.service import (
     CannotRecord,
     Daemon,
@@ -61,6 +66,7 @@ from vlm2vla_edge.runtime.errors import Vlm2VlaError
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Seconds between keep-alive comments on an idle event stream (clients time out well after this).
 KEEPALIVE_S = 5.0
@@ -71,6 +77,8 @@ BODY_TIMEOUT_S = 30.0
 DRAIN_LIMIT = 1_048_576
 #: Event streams waiting for events at the same time (each waits on a worker thread).
 MAX_STREAMS = 64
+#: Worker threads for the daemon calls that may block (status, submit, cancel, reset, metrics).
+MAX_WORKERS = 8
 #: Field names that smell of file system access: the API never takes paths from clients.
 _PATHLIKE_FIELD = re.compile(r"(path|dir|file|bundle|config|device|socket)", re.IGNORECASE)
 
@@ -121,7 +129,17 @@ class Api:
 
     def __init__(self, daemon: Daemon, config: DaemonConfig) -> None:
         self.daemon, self.config = daemon, config
-        self._streams = anyio.CapacityLimiter(MAX_STREAMS)
+        self._workers = ThreadPoolExecutor(MAX_WORKERS, "api-worker", initializer=reset_thread_priority)
+        self._streams = ThreadPoolExecutor(MAX_STREAMS, "api-stream", initializer=reset_thread_priority)
+
+    async def _call(self, fn: Callable[..., _T], *args: Any, pool: ThreadPoolExecutor | None = None) -> _T:
+        """`fn(*args)` on a worker thread at the process's priority; the event loop stays free for the e-stop."""
+        return await asyncio.get_running_loop().run_in_executor(pool or self._workers, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        """Let the worker threads go (calls under way finish on their own; none is waited for)."""
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._streams.shutdown(wait=False, cancel_futures=True)
 
     # --- request helpers -----------------------------------------------------------------------
 
@@ -193,11 +211,11 @@ class Api:
     # --- endpoints -----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        ok, detail = await run_in_threadpool(self.daemon.health)
+        ok, detail = await self._call(self.daemon.health)
         return _json(200 if ok else 503, {"ok": ok, "detail": detail})
 
     async def status(self, request: Request) -> Response:
-        return _json(200, await run_in_threadpool(self.daemon.status))
+        return _json(200, await self._call(self.daemon.status))
 
     async def submit(self, request: Request) -> Response:
         data = await self._body(request, required=True)
@@ -206,7 +224,7 @@ class Api:
             raise ApiError(400, "bad_request", "the body needs an 'instruction'")
         try:
             validate_instruction(data["instruction"], self.config.max_instruction_chars)
-            task = await run_in_threadpool(self.daemon.submit, data["instruction"])
+            task = await self._call(self.daemon.submit, data["instruction"])
         except InvalidRequest as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         except DaemonBusy as exc:
@@ -230,7 +248,7 @@ class Api:
     async def cancel(self, request: Request) -> Response:
         await self._body(request, required=False)
         task = self._find(request)
-        await run_in_threadpool(self.daemon.cancel, task.id)
+        await self._call(self.daemon.cancel, task.id)
         return _json(202 if task.state == "running" else 200, task.to_json())
 
     async def estop(self, request: Request) -> Response:
@@ -248,13 +266,13 @@ class Api:
     async def reset(self, request: Request) -> Response:
         self._only(await self._body(request, required=False), set())
         try:
-            await run_in_threadpool(self.daemon.reset)
+            await self._call(self.daemon.reset)
         except DaemonBusy as exc:
             raise ApiError(409, "busy", str(exc)) from None
         return _json(200, {"estop": {"engaged": False, "reason": None}})
 
     async def metrics(self, request: Request) -> Response:
-        body = await run_in_threadpool(self.daemon.metrics.render, self.daemon.station.limiter.engaged)
+        body = await self._call(self.daemon.metrics.render, self.daemon.station.limiter.engaged)
         return Response(body, 200, {"Cache-Control": "no-store"}, media_type=METRICS_CONTENT_TYPE)
 
     async def events(self, request: Request) -> Response:
@@ -270,7 +288,7 @@ class Api:
     async def _stream(self, task: Any, since: int) -> AsyncIterator[ServerSentEvent]:
         """The task's events from `since` until its log closes, then an `end` event."""
         while True:
-            items, since, closed = await anyio.to_thread.run_sync(task.events.read, since, 1.0, limiter=self._streams)
+            items, since, closed = await self._call(task.events.read, since, 1.0, pool=self._streams)
             for n, item in items:
                 yield ServerSentEvent(json.dumps(item, ensure_ascii=False, allow_nan=False), event=item["kind"], id=str(n))
             if closed and not items:
@@ -312,13 +330,13 @@ async def _crash(request: Request, exc: Exception) -> Response:
     return _error_response(ApiError(500, "internal", "internal error (see the daemon's log)"))
 
 
-class _Outer:
+class ApiApp:
     """The outermost ASGI layer: bearer token (TCP), one log line and one metric per request, and no
     exception ever escapes to the server (a bug answers 500 once and is logged here, never killing the
     server or the episode)."""
 
-    def __init__(self, app: ASGIApp, daemon: Daemon, token: bytes | None) -> None:
-        self.app, self.daemon, self.token = app, daemon, token
+    def __init__(self, app: ASGIApp, api: Api, token: bytes | None) -> None:
+        self.app, self.api, self.daemon, self.token = app, api, api.daemon, token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
@@ -364,13 +382,14 @@ class _Outer:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"), self.token)
 
 
-def create_app(daemon: Daemon, config: DaemonConfig, token: bytes | None = None) -> ASGIApp:
-    """The API for one listener: the Unix socket (`token=None`) or TCP (every request needs the token)."""
+def create_app(daemon: Daemon, config: DaemonConfig, token: bytes | None = None) -> "ApiApp":
+    """The API for one listener: the Unix socket (`token=None`) or TCP (every request needs the token).
+    Its `api.close()` lets its worker threads go once the server has stopped."""
     api = Api(daemon, config)
     app = Starlette(
         routes=api.routes(),
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _crash},
     )
     app.router.redirect_slashes = False  # "/v1/status/" is a 404, not a redirect our clients would not follow
-    return _Outer(app, daemon, token)
+    return ApiApp(app, api, token)
 

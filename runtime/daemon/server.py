@@ -39,7 +39,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vlm2vla_edge.runtime.daemon import sd_notify
-from vlm2vla_edge.runtime.daemon.http_api import create_app, error_body
+from vlm2vla_edge.runtime.daemon.http_api import ApiApp, create_app, error_body
+from vlm2vla_edge.runtime.daemon.priority import set_thread_nice
 from vlm2vla_edge.runtime.daemon.service import Daemon
 from vlm2vla_edge.runtime.errors import ConfigError, UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig, RuntimeConfig, server_socket_path
@@ -207,13 +208,16 @@ class ApiServer:
             raise ValueError("TCP needs a bearer token")
         self.daemon, self.config, self.unix_path, self.tcp, self.token = daemon, config, unix_path, tcp, token
         self._servers: list[tuple[uvicorn.Server, socket.socket]] = []
+        self._apps: list[ApiApp] = []
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self.tcp_address: tuple[str, int] | None = None
 
     def _server(self, token: bytes | None) -> uvicorn.Server:
+        app = create_app(self.daemon, self.config, token)
+        self._apps.append(app)
         return uvicorn.Server(uvicorn.Config(
-            create_app(self.daemon, self.config, token),
+            app,
             http=JsonErrorH11Protocol, ws="none", lifespan="off", log_config=None, access_log=False,
             server_header=False, timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_CLOSE_S,
             backlog=LISTEN_BACKLOG, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
@@ -254,6 +258,8 @@ class ApiServer:
         return self
 
     def _run(self) -> None:
+        if self.config.api_thread_nice is not None:  # the e-stop's thread: see priority.py
+            set_thread_nice(self.config.api_thread_nice)
         try:
             asyncio.run(self._serve_all())
         except BaseException as exc:  # noqa: BLE001 - reported by start() and alive
@@ -279,6 +285,9 @@ class ApiServer:
         self._release()
 
     def _release(self) -> None:
+        for app in self._apps:
+            app.api.close()
+        self._apps.clear()
         for _, sock in self._servers:
             sock.close()
         self._servers.clear()

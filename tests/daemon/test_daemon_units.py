@@ -20,6 +20,7 @@ from vlm2vla_edge.runtime.daemon.service import InvalidRequest, validate_instruc
 from vlm2vla_edge.runtime.daemon.unit import UnitOptions, render_unit
 from vlm2vla_edge.runtime.errors import ConfigError
 from vlm2vla_edge.runtime.runner import EpisodeResult, RunnerEvent
+from vlm2vla_edge.runtime import runtime_config
 from vlm2vla_edge.runtime.runtime_config import client_socket_candidates, server_socket_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +86,9 @@ def test_socket_paths(tmp_path: Path) -> None:
     config = DaemonConfig()
     assert server_socket_path(config, {"RUNTIME_DIRECTORY": "/run/vlm2vla-edge"}) == Path("/run/vlm2vla-edge/daemon.sock")
     assert server_socket_path(config, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == Path("/run/user/1000/vlm2vla-edge/daemon.sock")
-    assert client_socket_candidates(config, {})[0] == Path("/run/vlm2vla-edge/daemon.sock")
+    # the system service's socket first (tests/conftest.py points that folder into the session's temporary
+    # folder; tests/test_no_system_daemon.py checks the product's own value, /run/vlm2vla-edge)
+    assert client_socket_candidates(config, {})[0] == runtime_config.SYSTEM_RUNTIME_DIR / "daemon.sock"
     assert client_socket_candidates(config, {"VLM2VLA_EDGE_SOCKET": str(tmp_path / "s")}) == [tmp_path / "s"]
     assert server_socket_path(DaemonConfig(socket_path=tmp_path / "x.sock"), {}) == tmp_path / "x.sock"
 
