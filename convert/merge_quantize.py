@@ -146,25 +146,34 @@ def _check_destination(options: ConvertOptions) -> None:
         raise BundleError(f"{options.out} exists and is not a folder")
 
 
-def _manifest_fields(options: ConvertOptions, adapter: Any, base: Any) -> dict[str, Any]:
-    """Base id, prompts and action language: from the training card and dataset when they say so."""
+def adapter_fields(
+    adapter: Any, base_path: Path, base_model_id: str | None = None, dataset: Path | None = None
+) -> dict[str, Any]:
+    """Base id, prompts and action language of an adapter (`AdapterInfo`): from its training card, and the
+    dataset when the card does not say; the same for merged bundles and run-time adapters, so whatever
+    the training recorded (a new action language, new templates) reaches the runtime unchanged."""
     from vlm2vla_edge.runtime.config import ActionLanguage
     from vlm2vla_edge.runtime.policy.bundle import runtime_grammar_version
     from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
 
     card = adapter.training_card or {}
-    base_id = options.base_model_id or (card.get("base_model") or {}).get("id") or base.path.name
+    base_id = base_model_id or (card.get("base_model") or {}).get("id") or base_path.name
     templates = ((card.get("prompts") or {}).get("templates")) or None
     prompts = PromptTemplates.model_validate(templates) if templates else DEFAULT_PROMPTS
     language_data = (card.get("dataset") or {}).get("action_language")
-    if language_data is None and options.dataset is not None:
-        info = options.dataset / "dataset.json"
+    if language_data is None and dataset is not None:
+        info = dataset / "dataset.json"
         if info.is_file():
             language_data = json.loads(info.read_text(encoding="utf-8")).get("action_language")
     language = ActionLanguage.model_validate(language_data) if language_data else ActionLanguage(
         grammar_version=runtime_grammar_version()
     )
-    return {"base_model": base_id, "prompts": prompts, "action_language": language}
+    trained_base = {k: v for k, v in ((card.get("base_model") or {}).get("sha256") or {}).items() if isinstance(v, str)}
+    return {"base_model": base_id, "prompts": prompts, "action_language": language, "trained_base_sha256": trained_base}
+
+
+def _manifest_fields(options: ConvertOptions, adapter: Any, base: Any) -> dict[str, Any]:
+    return adapter_fields(adapter, base.path, options.base_model_id, options.dataset)
 
 
 def convert(options: ConvertOptions, progress: Progress = print) -> ConvertResult:

@@ -51,6 +51,9 @@ class Thresholds:
     chunk_tolerance_cm: float = 1.0
     # (b) mean |difference| of the translations of agreeing-length chunks, centimetres
     max_mean_abs_diff_cm: float = 1.0
+    # (a') adapter mode: share of teacher-forced positions where base + run-time LoRA and the merged F16
+    # reference pick the same next token (DESIGN.md §5b: 0.98 for the demo adapter on the Q4_K_M base)
+    min_adapter_top1_agreement: float = 0.95
 
 
 # --- cases -----------------------------------------------------------------------------------------
@@ -263,6 +266,81 @@ def compare_logits(
     return result
 
 
+# --- (a') two llama.cpp models against each other (run-time adapter vs merged F16) ---------------------------
+
+
+def _forced_rows(decoder: Any, prefix_text: str, image: np.ndarray | None, forced: list[int]) -> np.ndarray:
+    """Like `_teacher_forced_llama`, but the forced tokens go in as one batch with logits at every
+    position (`teacher_forced_logits`): the cost of one prefill instead of one decode step per token."""
+    prefix = decoder.eval_prefix(prefix_text, image)
+    first = decoder.last_logits()[None, :]
+    if len(forced) == 1:
+        return first
+    return np.concatenate([first, decoder.teacher_forced_logits(forced[:-1], prefix)])
+
+
+def compare_decoders(
+    reference: Any,
+    candidate: Any,
+    cases: list[ValidationCase],
+    prompts: PromptTemplates,
+    *,
+    progress: Callable[[str], None] = lambda line: None,
+) -> LogitsComparison:
+    """Top-1 agreement of two llama.cpp models (e.g. merged F16 and base + run-time LoRA), teacher-forced
+    over each prompt's stage question and target answer, through the runtime decoder's own prefix path."""
+    result = LogitsComparison()
+    for case in cases:
+        prefix_text, suffix = case.prompt(prompts)
+        forced = reference.tokenize(suffix) + reference.tokenize(case.target)
+        if forced != candidate.tokenize(suffix) + candidate.tokenize(case.target):
+            raise UserError("the two models tokenize the validation prompts differently: not the same vocabulary")
+        ours = _forced_rows(reference, prefix_text, case.image, forced)
+        theirs = _forced_rows(candidate, prefix_text, case.image, forced)
+        agree = int((ours.argmax(1) == theirs.argmax(1)).sum())
+        diff = float(np.abs(ours - theirs).max())
+        result.positions += len(forced)
+        result.top1_agree += agree
+        result.max_logit_diff = max(result.max_logit_diff, diff)
+        result.per_case.append((case.source, agree / len(forced), diff))
+        progress(f"  {case.source}: top-1 {agree}/{len(forced)}, max |logit diff| {diff:.4f}")
+    return result
+
+
+@dataclass(frozen=True)
+class LabelFit:
+    """How well a model predicts the labelled answers (teacher-forced, answer tokens and end of turn)."""
+
+    positions: int
+    top1: float  # share of answer tokens that are the model's first choice
+    nll: float  # mean negative log-likelihood per answer token, nats
+
+
+def label_fit(decoder: Any, cases: list[ValidationCase], prompts: PromptTemplates) -> LabelFit:
+    """Teacher-forced fit of `decoder` (with whatever adapter it applies) to the cases' target answers.
+
+    A cheap check that an adapter is really applied: on the demo adapter's held-out prompts the bare
+    base scores about 1.6 nats per answer token and the base + adapter about 0.2.
+    """
+    positions = agree = 0
+    nll = 0.0
+    end = decoder.tokenize(prompts.answer_end) if getattr(prompts, "answer_end", "") else []
+    for case in cases:
+        prefix_text, suffix = case.prompt(prompts)
+        question = decoder.tokenize(suffix)
+        answer = decoder.tokenize(case.target) + end[:1]
+        rows = _forced_rows(decoder, prefix_text, case.image, question + answer)[len(question) :]
+        targets = np.asarray(answer)
+        top = rows.max(axis=1)
+        log_z = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+        nll += float((log_z - rows[np.arange(len(targets)), targets]).sum())
+        agree += int((rows.argmax(axis=1) == targets).sum())
+        positions += len(targets)
+    if positions == 0:
+        raise UserError("no validation prompts to measure the adapter on")
+    return LabelFit(positions, agree / positions, nll / positions)
+
+
 # --- (b) the quantised model against F16 ----------------------------------------------------------------
 
 
@@ -356,6 +434,9 @@ class ValidationReport:
     chunks: ChunkComparison | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     seconds: float = 0.0
+    adapter_logits: LogitsComparison | None = None  # adapter mode: base + LoRA vs merged F16
+    label_fit: LabelFit | None = None  # the final model's fit to the labelled answers
+    chunk_label: str = "quant"  # what the chunk figures compare with the reference: "quant" or "adapter"
 
     @property
     def figures(self) -> dict[str, float]:
@@ -369,13 +450,27 @@ class ValidationReport:
                 f16_prompts=float(len(self.logits.per_case)),
             )
         if self.chunks is not None:
+            c = self.chunk_label
+            out.update({
+                f"{c}_chunk_agreement": round(self.chunks.agreement, 6),
+                f"{c}_mean_abs_diff_cm": round(self.chunks.mean_abs_diff_cm, 6),
+                f"{c}_max_abs_diff_cm": round(self.chunks.max_abs_diff_cm, 6),
+                f"{c}_prompts": float(self.chunks.prompts),
+                f"{c}_f16_chunks_parsed": float(self.chunks.reference_parsed),
+                f"{c}_chunks_parsed": float(self.chunks.candidate_parsed),
+            })
+        if self.adapter_logits is not None:
             out.update(
-                quant_chunk_agreement=round(self.chunks.agreement, 6),
-                quant_mean_abs_diff_cm=round(self.chunks.mean_abs_diff_cm, 6),
-                quant_max_abs_diff_cm=round(self.chunks.max_abs_diff_cm, 6),
-                quant_prompts=float(self.chunks.prompts),
-                quant_f16_chunks_parsed=float(self.chunks.reference_parsed),
-                quant_chunks_parsed=float(self.chunks.candidate_parsed),
+                adapter_top1_agreement=round(self.adapter_logits.top1_agreement, 6),
+                adapter_max_logit_diff=round(self.adapter_logits.max_logit_diff, 6),
+                adapter_positions=float(self.adapter_logits.positions),
+                threshold_min_adapter_top1_agreement=self.thresholds.min_adapter_top1_agreement,
+            )
+        if self.label_fit is not None:
+            out.update(
+                label_top1=round(self.label_fit.top1, 6),
+                label_nll=round(self.label_fit.nll, 6),
+                label_positions=float(self.label_fit.positions),
             )
         t = self.thresholds
         out.update(
@@ -396,13 +491,19 @@ class ValidationReport:
                 failed.append(f"F16 top-1 agreement {self.logits.top1_agreement:.2%} < {t.min_top1_agreement:.2%}")
             if self.logits.max_logit_diff > t.max_logit_diff:
                 failed.append(f"F16 max |logit diff| {self.logits.max_logit_diff:.3f} > {t.max_logit_diff}")
+        what = "quantised" if self.chunk_label == "quant" else "run-time adapter"
         if self.chunks is not None:
             if self.chunks.agreement < t.min_chunk_agreement:
-                failed.append(f"quantised chunk agreement {self.chunks.agreement:.2%} < {t.min_chunk_agreement:.2%}")
+                failed.append(f"{what} chunk agreement {self.chunks.agreement:.2%} < {t.min_chunk_agreement:.2%}")
             if self.chunks.compared_values and self.chunks.mean_abs_diff_cm > t.max_mean_abs_diff_cm:
                 failed.append(
-                    f"quantised mean |diff| {self.chunks.mean_abs_diff_cm:.3f} cm > {t.max_mean_abs_diff_cm} cm"
+                    f"{what} mean |diff| {self.chunks.mean_abs_diff_cm:.3f} cm > {t.max_mean_abs_diff_cm} cm"
                 )
+        if self.adapter_logits is not None and self.adapter_logits.top1_agreement < t.min_adapter_top1_agreement:
+            failed.append(
+                f"run-time adapter top-1 agreement with merged F16 {self.adapter_logits.top1_agreement:.2%} < "
+                f"{t.min_adapter_top1_agreement:.2%}"
+            )
         return failed
 
 

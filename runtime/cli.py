@@ -267,6 +267,10 @@ def do(
         Optional[Path], typer.Option(help="Model bundle folder (with manifest.json); default: runtime config's.")
     ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Simulator scene seed.")] = 0,
+    adapter: Annotated[
+        Optional[str],
+        typer.Option(help="Which LoRA adapter (skill) of a base + adapters bundle runs the task; default: the bundle's default."),
+    ] = None,
     devices: Annotated[
         Optional[Path], typer.Option(help="Real robot: YAML with 'arm:' and 'camera:' device sections.")
     ] = None,
@@ -299,7 +303,7 @@ def do(
     from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
 
     if not local:
-        raise typer.Exit(_do_via_daemon(instruction, runtime_config, socket_path))
+        raise typer.Exit(_do_via_daemon(instruction, runtime_config, socket_path, adapter))
     if not instruction.strip():
         raise UserError("the instruction is empty")
     settings = load_runtime_config(runtime_config)
@@ -318,6 +322,7 @@ def do(
         verifier=VerifierConfig(kind=verifier.value),
         runner=RunnerConfig(max_retries_per_subtask=max_retries, episode_timeout_s=timeout),
         realtime=realtime,
+        adapter=adapter,
     )
     outcome = run_local(options, echo=typer.echo)
     typer.echo(f"episode recorded in {outcome.episode_dir}")
@@ -421,13 +426,13 @@ def _call(action: Callable[[], object]) -> object:
         raise typer.Exit(1) from None
 
 
-def _do_via_daemon(instruction: str, runtime_config: str, socket_path: Optional[Path]) -> int:
+def _do_via_daemon(instruction: str, runtime_config: str, socket_path: Optional[Path], adapter: Optional[str] = None) -> int:
     from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonUnavailable, format_event
 
     if not instruction.strip():
         raise UserError("the instruction is empty")
     client = _client(runtime_config, socket_path)
-    task = _call(lambda: client.submit(instruction))
+    task = _call(lambda: client.submit(instruction, adapter))
     assert isinstance(task, dict)
     task_id = str(task["id"])
     typer.echo(f"task {task_id} accepted by the daemon at {client.where}")
@@ -510,6 +515,8 @@ def status(
         return
     typer.echo(f"daemon: {data['state']} ({client.where}); model {data['bundle_id']}; robot {data['robot']}"
                + (" (simulated)" if data.get("sim") else ""))
+    if data.get("adapters"):
+        typer.echo(f"adapter: {data.get('adapter')} (loaded: {', '.join(data['adapters'])})")
     if data.get("error"):
         typer.echo(f"problem: {data['error']}")
     estop = data.get("estop") or {}

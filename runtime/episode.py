@@ -195,6 +195,9 @@ class EpisodeMeta(_Record):
     action_units: str = Field("m", description="Unit of dx, dy, dz in actions and of positions.")
     grammar_version: str | None = Field(None, description="Version of grammars/ the policy used.")
     bundle_id: str | None = Field(None, description="Model bundle identifier (from its manifest); None without a model.")
+    adapter: str | None = Field(
+        None, description="The bundle's LoRA adapter (skill) the policy applied at run time; None for a merged model."
+    )
     start_wall_time: Num | None = Field(None, description="Unix time (UTC seconds) of the start; set by the writer.")
     end_wall_time: Num | None = Field(None, description="Unix time of the end; set by finish.")
     outcome: Outcome | None = Field(None, description="None while running (or never finished).")

@@ -44,6 +44,7 @@ class LocalRunOptions:
     runner: RunnerConfig = RunnerConfig()
     realtime: bool = False
     record_frames: bool = True
+    adapter: str | None = None  # a base + adapters bundle's adapter (skill); None: the bundle's default
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class LocalRunResult:
 
 def run_local(options: LocalRunOptions, echo: Callable[[str], None] = print) -> LocalRunResult:
     """Run one episode end to end; Ctrl-C cancels it cleanly (arm stopped, episode recorded)."""
-    with contextlib.closing(load_policy(options.bundle, options.policy, echo)) as policy:
+    with contextlib.closing(load_policy(options.bundle, options.policy, echo, adapter=options.adapter)) as policy:
         with open_station(
             options.robot, sim=options.sim, seed=options.seed, instruction=options.instruction,
             devices=options.devices, realtime=options.realtime,
@@ -73,14 +74,27 @@ def run_local(options: LocalRunOptions, echo: Callable[[str], None] = print) -> 
             return LocalRunResult(result, writer.path)
 
 
-def load_policy(bundle_path: Path, config: PolicyConfig, echo: Callable[[str], None] = print) -> "Policy":
-    """The llama.cpp policy of a verified bundle (the caller closes it)."""
+def load_policy(
+    bundle_path: Path, config: PolicyConfig, echo: Callable[[str], None] = print, *, adapter: str | None = None
+) -> "Policy":
+    """The llama.cpp policy of a verified bundle (the caller closes it); a base + adapters bundle starts
+    with `adapter` (None: its default) and holds all its adapters."""
     from vlm2vla_edge.runtime.policy.bundle import load_bundle
     from vlm2vla_edge.runtime.policy.engine import Policy
 
     bundle = load_bundle(bundle_path)
-    echo(f"loading model bundle {bundle.manifest.name} ({bundle.text_model.name})...")
-    return Policy.from_bundle(bundle, config)
+    if bundle.adapters:
+        chosen = bundle.adapter(adapter).name
+        echo(
+            f"loading model bundle {bundle.manifest.name} ({bundle.text_model.name} + LoRA adapter '{chosen}'"
+            + (f"; also {', '.join(n for n in bundle.adapters if n != chosen)}" if len(bundle.adapters) > 1 else "")
+            + ")..."
+        )
+    else:
+        if adapter is not None:
+            bundle.adapter(adapter)  # BundleError: a merged bundle has no adapters
+        echo(f"loading model bundle {bundle.manifest.name} ({bundle.text_model.name})...")
+    return Policy.from_bundle(bundle, config, adapter=adapter)
 
 
 def episode_meta(
@@ -96,6 +110,8 @@ def episode_meta(
         action_units=policy.action_language.units,
         grammar_version=policy.action_language.grammar_version,
         bundle_id=policy.bundle_id,
+        # Only the engine's policy has run-time adapters; fakes and merged-model policies may lack the attribute.
+        adapter=getattr(policy, "adapter", None),
         extra={"seed": seed} if seed is not None else {},
     )
 

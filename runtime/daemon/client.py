@@ -137,8 +137,12 @@ class DaemonClient:
     def status(self) -> dict[str, Any]:
         return self._checked("GET", "/v1/status")
 
-    def submit(self, instruction: str) -> dict[str, Any]:
-        return self._checked("POST", "/v1/tasks", {"instruction": instruction})
+    def submit(self, instruction: str, adapter: str | None = None) -> dict[str, Any]:
+        """Start a task; `adapter` names one of the bundle's LoRA adapters (None: the bundle's default)."""
+        body: dict[str, Any] = {"instruction": instruction}
+        if adapter is not None:
+            body["adapter"] = adapter
+        return self._checked("POST", "/v1/tasks", body)
 
     def task(self, task_id: str) -> dict[str, Any]:
         return self._checked("GET", f"/v1/tasks/{task_id}")

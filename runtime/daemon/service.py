@@ -86,6 +86,24 @@ def validate_instruction(text: object, max_chars: int) -> str:
     return cleaned
 
 
+def validate_adapter(name: object, known: tuple[str, ...]) -> str | None:
+    """The adapter a task asked for (None: the bundle's default), or `InvalidRequest` naming the choices."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidRequest("'adapter' must be a string (the name of one of the bundle's adapters)")
+    if not known:
+        raise InvalidRequest(f"the loaded model bundle has no adapters (its model is merged), so no adapter '{_printable(name)}'")
+    if name not in known:
+        raise InvalidRequest(f"the loaded model bundle has no adapter '{_printable(name)}'; its adapters: {', '.join(known)}")
+    return name
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return cleaned if len(cleaned) <= limit else cleaned[:limit] + "..."
+
+
 def valid_task_id(text: str) -> bool:
     return bool(_TASK_ID.match(text))
 
@@ -99,6 +117,7 @@ class Task:
     submitted_at: float  # wall time
     events: TaskEventLog
     episode_dir: Path
+    adapter: str | None = None  # the bundle's LoRA adapter the task runs with (None: a merged model)
     state: TaskState = "running"
     result: EpisodeResult | None = None
     finished_at: float | None = None
@@ -108,6 +127,7 @@ class Task:
         return {
             "id": self.id,
             "instruction": self.instruction,
+            "adapter": self.adapter,
             "state": self.state,
             "submitted_at": self.submitted_at,
             "finished_at": self.finished_at,
@@ -192,6 +212,8 @@ class Daemon:
         self._stopping = False
         self._episodes = 0
         self._sim_seed = sim_seed
+        self._adapter_switches = 0
+        self._last_switch_s: float | None = None
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
 
@@ -202,9 +224,24 @@ class Daemon:
         current = self._current
         return current.id if current is not None and current.state == "running" else None
 
-    def submit(self, instruction: str) -> Task:
-        """Start an episode on the worker thread; `DaemonBusy`, `EStopLatched` or `ServiceStopping` if not now."""
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The loaded bundle's adapters (skills); empty for a merged model or no model."""
+        return tuple(getattr(self.policy, "adapters", ()))  # fakes and merged models have none
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter applied now."""
+        return getattr(self.policy, "adapter", None)
+
+    def submit(self, instruction: str, adapter: str | None = None) -> Task:
+        """Start an episode on the worker thread; `DaemonBusy`, `EStopLatched` or `ServiceStopping` if not now.
+
+        `adapter` names one of the bundle's LoRA adapters (None: the bundle's default); switching is done
+        here, between episodes, in milliseconds: the base model stays loaded.
+        """
         instruction = validate_instruction(instruction, self.config.max_instruction_chars)
+        adapter = validate_adapter(adapter, self.adapters)
         with self._lock:
             if self._stopping:
                 raise ServiceStopping("the daemon is shutting down")
@@ -215,6 +252,12 @@ class Daemon:
             healthy, why = self.health()
             if not healthy or self.policy is None or self.runner is None:
                 raise Unavailable(f"cannot run a task: {why}")
+            if self.adapters:
+                wanted = adapter or getattr(self.policy, "default_adapter", None) or self.adapters[0]
+                if wanted != self.adapter:
+                    seconds = self.policy.use_adapter(wanted)  # type: ignore[union-attr]
+                    self._adapter_switches += 1
+                    self._last_switch_s = seconds
             seed = self._sim_seed + self._episodes
             try:
                 writer = EpisodeWriter.create(
@@ -231,7 +274,7 @@ class Daemon:
                 log.info("event=sim_scene_reset seed=%d", seed)
             task = Task(
                 id=writer.episode_id, instruction=instruction, submitted_at=time.time(),
-                events=TaskEventLog(self.config.events_per_task), episode_dir=writer.path,
+                events=TaskEventLog(self.config.events_per_task), episode_dir=writer.path, adapter=self.adapter,
             )
             self._tasks[task.id] = task
             self._forget_old_tasks()
@@ -239,7 +282,10 @@ class Daemon:
             self._fanout.targets = [EpisodeRecorder(writer, self.record_frames), task.events]
             self._worker = threading.Thread(target=self._run, args=(task, writer), name=f"episode-{task.id}", daemon=True)
             self._worker.start()
-        log.info("task=%s event=submitted instruction=%s", task.id, json.dumps(instruction, ensure_ascii=False))
+        log.info(
+            "task=%s event=submitted adapter=%s instruction=%s", task.id, task.adapter or "-",
+            json.dumps(instruction, ensure_ascii=False),
+        )
         return task
 
     def _run(self, task: Task, writer: EpisodeWriter) -> None:
@@ -329,6 +375,10 @@ class Daemon:
             "estop": {"engaged": limiter.engaged, "reason": limiter.estop_reason},
             "task": current.to_json() if current is not None else None,
             "bundle_id": self.policy.bundle_id if self.policy is not None else None,
+            "adapter": self.adapter,
+            "adapters": list(self.adapters),
+            "adapter_switches": self._adapter_switches,
+            "last_adapter_switch_ms": round(self._last_switch_s * 1000, 2) if self._last_switch_s is not None else None,
             "robot": self.robot.name,
             "camera": self.station.camera_name,
             "sim": self.station.sim is not None,

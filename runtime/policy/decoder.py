@@ -294,14 +294,8 @@ class LlamaDecoder:
             self._piece_buf = ctypes.create_string_buffer(256)
             self._bitmask = np.zeros((1, (self.n_vocab + 31) // 32), dtype=np.int32)
             self._neg_inf = np.float32(-np.inf)
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():  # it calls a deprecated llama.cpp getter once per token
-                warnings.simplefilter("ignore", DeprecationWarning)
-                try:
-                    self._lltok = lltokenizer_from_vocab(vocab, eos_token=list(self.eog_tokens))
-                except TypeError:  # llguidance < 1.7 takes a single EOS token
-                    self._lltok = lltokenizer_from_vocab(vocab, eos_token=self.eog_tokens[0])
-            log.debug("event=tokenizer_built seconds=%.2f n_vocab=%d", time.perf_counter() - t0, self.n_vocab)
+            self._lltok_factory = lltokenizer_from_vocab
+            self._lltok_cache = None  # built on the first grammar (1.2 s on Gemma's vocabulary)
             self._warm_up()
             if mmproj_path is not None:
                 self._init_mtmd(Path(mmproj_path), n_threads)
@@ -313,6 +307,21 @@ class LlamaDecoder:
             "event=model_loaded path=%s n_ctx=%d n_threads=%d vision=%s", self.model_path, self.n_ctx, n_threads,
             self._mtmd is not None,
         )
+
+    @property
+    def _lltok(self):  # noqa: ANN202 - llguidance.LLTokenizer
+        """llguidance's view of the vocabulary, built once, when the first grammar needs it: a decoder that
+        never constrains (teacher-forced validation) does not pay its 1.2 s."""
+        if self._lltok_cache is None:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():  # it calls a deprecated llama.cpp getter once per token
+                warnings.simplefilter("ignore", DeprecationWarning)
+                try:
+                    self._lltok_cache = self._lltok_factory(self._vocab, eos_token=list(self.eog_tokens))
+                except TypeError:  # llguidance < 1.7 takes a single EOS token
+                    self._lltok_cache = self._lltok_factory(self._vocab, eos_token=self.eog_tokens[0])
+            log.debug("event=tokenizer_built seconds=%.2f n_vocab=%d", time.perf_counter() - t0, self.n_vocab)
+        return self._lltok_cache
 
     def _warm_up(self) -> None:
         """Run one token through the model so the first real step does not pay for page-ins and

@@ -1,6 +1,9 @@
 """The three-stage VLM2VLA policy: subtasks once per episode, then per step a motion plan and an action chunk.
 
-One model answers all three questions (the paper's design). Each step evaluates the shared prefix
+One model answers all three questions (the paper's design). A base + adapters bundle holds one base
+and several LoRA adapters (skills): the base is loaded once, every adapter is loaded next to it (a few
+MB each), and `use_adapter` switches the one llama.cpp applies, together with that adapter's prompts,
+action language and grammars, in milliseconds and without reloading the base. Each step evaluates the shared prefix
 (turn start + observation + instruction + subtask) once, image included, and both stages append
 their short suffix to it, so the image is encoded and prefilled once per step and the action stage
 prefills only its suffix. Every output is generated inside its grammar and then parsed by the
@@ -22,7 +25,7 @@ from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.parser import ParseError, parse_action_chunk, parse_motion_plan, parse_subtasks
-from vlm2vla_edge.runtime.policy.bundle import Bundle
+from vlm2vla_edge.runtime.policy.bundle import Bundle, BundleError
 from vlm2vla_edge.runtime.policy.decoder import Generation, Grammar, LlamaDecoder, Prefix, Timings
 from vlm2vla_edge.runtime.policy.interface import (
     GenerationCancelled,
@@ -36,7 +39,19 @@ from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationCancelled", "Policy", "PolicyOutputError", "StageTimings", "retry_sampling"]
+__all__ = ["GenerationCancelled", "Policy", "PolicyOutputError", "Skill", "StageTimings", "retry_sampling"]
+
+
+@dataclass(frozen=True)
+class Skill:
+    """What one adapter of a base + adapters bundle brings: its prompts and action language (and the
+    grammars compiled for them), and how llama.cpp applies it."""
+
+    adapter: str
+    prompts: PromptTemplates
+    language: ActionLanguage
+    scale: float
+    bundle_id: str  # the bundle and this adapter, as episodes record it
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,30 +117,102 @@ class Policy:
         self.vision = vision
         if vision and not decoder.has_vision:
             raise UserError("a vision policy needs a decoder loaded with a vision projector (mmproj)")
-        # Compiled now so that a grammar that does not compile fails at load, not mid-episode.
-        # The action grammar is narrowed to this bundle's bounds, so nothing it admits can fail the parser.
-        action_gbnf = action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps)
-        self.grammars: dict[str, Grammar] = {
-            "subtasks": decoder.compile_grammar(load_gbnf("subtasks"), "subtasks"),
-            "motion_plan": decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan"),
-            "action_chunk": decoder.compile_grammar(action_gbnf, "action_chunk"),
+        self._grammar_cache: dict[tuple[str, str], Grammar] = {}
+        self._skills: dict[str, Skill] = {}
+        self._adapter: str | None = None
+        self.default_adapter: str | None = None  # a task that names no adapter gets this one
+        self.grammars: dict[str, Grammar] = self._grammars_for(language)
+
+    def _grammars_for(self, language: ActionLanguage) -> dict[str, Grammar]:
+        """The three stage grammars for an action language, compiled once per distinct GBNF text.
+
+        Compiled at load so that a grammar that does not compile fails then, not mid-episode. The action
+        grammar is narrowed to the language's bounds, so nothing it admits can fail the parser.
+        """
+        sources = {
+            "subtasks": load_gbnf("subtasks"),
+            "motion_plan": load_gbnf("motion_plan"),
+            "action_chunk": action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps),
         }
+        grammars = {}
+        for name, text in sources.items():
+            key = (name, text)
+            if key not in self._grammar_cache:
+                self._grammar_cache[key] = self.decoder.compile_grammar(text, name)
+            grammars[name] = self._grammar_cache[key]
+        return grammars
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, config: PolicyConfig | None = None) -> "Policy":
-        """Load a verified bundle: its model, prompts and action language (the manifest's, not the config's)."""
+    def from_bundle(cls, bundle: Bundle, config: PolicyConfig | None = None, adapter: str | None = None) -> "Policy":
+        """Load a verified bundle: its model, prompts and action language (the manifest's, not the config's).
+
+        A base + adapters bundle loads its base once and every adapter beside it, and starts with
+        `adapter` (None: the bundle's default); a merged bundle refuses an adapter name.
+        """
         config = config or PolicyConfig()
+        if adapter is not None:
+            bundle.adapter(adapter)  # a clear BundleError before minutes of loading
         decoder = LlamaDecoder(bundle.text_model, config, mmproj_path=bundle.mmproj)
         try:
             digest = bundle.manifest.files[bundle.text_model.name].sha256[:12]
-            return cls(
+            base_id = f"{bundle.manifest.name}@{digest}"
+            policy = cls(
                 decoder, bundle.prompts, bundle.action_language, config.sampling,
-                vision=bundle.is_vision, bundle_id=f"{bundle.manifest.name}@{digest}",
-                constrained=config.constraint != "none",
+                vision=bundle.is_vision, bundle_id=base_id, constrained=config.constraint != "none",
             )
+            for name, entry in bundle.adapters.items():
+                decoder.load_adapter(name, entry.path)
+                policy.add_skill(Skill(
+                    adapter=name, prompts=entry.prompts, language=entry.action_language, scale=entry.info.scale,
+                    bundle_id=f"{base_id}+{name}@{entry.sha256[:12]}",
+                ))
+            if bundle.adapters:
+                policy.default_adapter = bundle.default_adapter
+                policy.use_adapter(adapter or bundle.default_adapter)
+            return policy
         except BaseException:
             decoder.close()
             raise
+
+    # --- adapters (skills) ---------------------------------------------------------------------------
+
+    def add_skill(self, skill: Skill) -> None:
+        """Register an adapter the decoder has loaded, with its prompts and action language (grammars
+        are compiled now, so a bad one fails at load)."""
+        if skill.adapter not in self.decoder.adapter_names:
+            raise ValueError(f"the decoder has no adapter '{skill.adapter}' loaded")
+        self._grammars_for(skill.language)
+        self._skills[skill.adapter] = skill
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of the adapters this policy can switch between (empty for a merged model)."""
+        return tuple(self._skills)
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter applied now (None: a merged model, or the bare base)."""
+        return self._adapter
+
+    def use_adapter(self, name: str) -> float:
+        """Switch to adapter `name`: llama.cpp applies it from the next evaluation (the KV cache is cleared,
+        since it holds the previous adapter's computation), and the prompts, action language and grammars
+        become that adapter's. Returns the seconds it took (milliseconds: the base is not reloaded).
+        Not while a step runs: the caller (runner, daemon) switches between episodes."""
+        if name not in self._skills:
+            known = ", ".join(self._skills) or "none: this bundle's model is merged"
+            raise BundleError(f"unknown adapter '{name}'; this bundle's adapters: {known}")
+        t0 = time.perf_counter()
+        skill = self._skills[name]
+        self.decoder.use_adapter(name, skill.scale)
+        self.prompts = skill.prompts
+        self.language = skill.language
+        self.grammars = self._grammars_for(skill.language)
+        self._adapter = name
+        self._bundle_id = skill.bundle_id
+        seconds = time.perf_counter() - t0
+        log.info("event=adapter_switch adapter=%s seconds=%.4f", name, seconds)
+        return seconds
 
     @property
     def needs_image(self) -> bool:
