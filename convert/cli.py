@@ -16,7 +16,8 @@ from vlm2vla_edge.runtime.cli_support import run_typer_app
 
 from vlm2vla_edge.runtime.errors import UserError
 
-_QUANT_HELP = "Quantisation of the text model: Q4_K_M (default), Q5_K_M, Q8_0, Q4_0, Q4_K_S, Q6_K, F16 or F32."
+_QUANT_HELP = ("Quantisation of the text model: Q4_K_M (default), Q5_K_M, Q8_0, Q4_0, Q4_K_S, Q6_K, F16 or F32. "
+               "--mode adapter keeps a quantised GGUF base as it is (default: its own type).")
 
 
 def convert_command(
@@ -27,7 +28,25 @@ def convert_command(
     ],
     adapter: Annotated[Path, typer.Option(help="LoRA adapter folder (peft save_pretrained: adapter_config.json + weights).")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (model-<quant>.gguf, mmproj-f16.gguf, manifest.json).")],
-    quant: Annotated[str, typer.Option(help=_QUANT_HELP)] = "Q4_K_M",
+    quant: Annotated[Optional[str], typer.Option(help=_QUANT_HELP)] = None,
+    mode: Annotated[
+        str,
+        typer.Option(help="merge: bake the adapter into the weights and quantise (one model per skill). adapter: keep "
+                     "the base as it is (a quantised GGUF base untouched; a Hugging Face base quantised once) and "
+                     "write the adapter as a LoRA GGUF that llama.cpp applies at run time (one base, many skills)."),
+    ] = "merge",
+    adapter_name: Annotated[
+        Optional[str], typer.Option(help="--mode adapter: the adapter's name in the bundle, which tasks use (default: the adapter folder's name).")
+    ] = None,
+    add: Annotated[
+        bool, typer.Option("--add", help="--mode adapter: add the adapter to the base + adapters bundle at --out (same base).")
+    ] = False,
+    make_default: Annotated[
+        bool, typer.Option("--make-default", help="--mode adapter --add: tasks that name no adapter get this one.")
+    ] = False,
+    min_adapter_top1: Annotated[
+        float, typer.Option(help="--mode adapter: least top-1 agreement of base + run-time LoRA with the merged F16 reference.")
+    ] = 0.95,
     dataset: Annotated[
         Optional[Path],
         typer.Option(help="Labelled dataset folder (samples.jsonl) to take held-out validation prompts from; "
@@ -60,7 +79,8 @@ def convert_command(
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out.")] = False,
 ) -> None:
-    """Merge a LoRA adapter into its base, convert to GGUF, quantise, validate and write a model bundle.
+    """Merge a LoRA adapter into its base, convert to GGUF, quantise, validate and write a model bundle;
+    or (--mode adapter) keep the base and ship the adapter as a LoRA GGUF applied at run time.
 
     Validation: (a) the unquantised GGUF against the merged transformers model (top-1 next-token agreement,
     largest logit difference, teacher-forced over the action prompt and its answer); (b) the quantised model
@@ -70,7 +90,9 @@ def convert_command(
     from vlm2vla_edge.convert.merge_quantize import ConvertOptions, convert
     from vlm2vla_edge.convert.validate import Thresholds
 
-    for label, value in (("--min-top1", min_top1), ("--min-chunk-agreement", min_chunk_agreement)):
+    for label, value in (
+        ("--min-top1", min_top1), ("--min-chunk-agreement", min_chunk_agreement), ("--min-adapter-top1", min_adapter_top1)
+    ):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{label} must be between 0 and 1, not {value}")
     options = ConvertOptions(
@@ -78,6 +100,10 @@ def convert_command(
         adapter=adapter,
         out=out,
         quant=quant,
+        mode=mode.lower(),
+        adapter_name=adapter_name,
+        add=add,
+        make_default=make_default,
         dataset=dataset,
         name=name,
         base_model_id=base_model_id,
@@ -89,6 +115,7 @@ def convert_command(
             min_chunk_agreement=min_chunk_agreement,
             chunk_tolerance_cm=chunk_tolerance_cm,
             max_mean_abs_diff_cm=max_mean_diff_cm,
+            min_adapter_top1_agreement=min_adapter_top1,
         ),
         max_prompts=max_prompts,
         n_threads=threads,
@@ -98,7 +125,9 @@ def convert_command(
     result = convert(options, progress=lambda line: typer.echo(line))
     figures = ", ".join(f"{k}={v:g}" for k, v in result.report.figures.items() if not k.startswith("threshold_"))
     typer.echo(f"validation: {figures}")
-    typer.echo(f"bundle written: {result.bundle.root} ({result.bundle.manifest.quant_type})")
+    adapters = result.bundle.adapters
+    typer.echo(f"bundle written: {result.bundle.root} ({result.bundle.manifest.quant_type}"
+               + (f" base + LoRA adapters {', '.join(adapters)}; default {result.bundle.default_adapter})" if adapters else ")"))
 
 
 app = typer.Typer(

