@@ -208,6 +208,12 @@ def convert(options: ConvertOptions, progress: Progress = print) -> ConvertResul
     existing = _existing_bundle(options, base) if options.add else None
     if existing is None:
         _check_destination(options)
+    if options.mode == "adapter":
+        _check_adapter_name(options.adapter_name or default_adapter_name(adapter.path), existing, options)
+    if existing is not None:  # the bundle's base stays as it is
+        if options.quant is not None and normalize_quant(options.quant) != existing.manifest.quant_type:
+            raise UserError(f"--add: the bundle's base is {existing.manifest.quant_type}; leave out --quant")
+        quant = existing.manifest.quant_type
     if options.dataset is not None and not (options.dataset / "samples.jsonl").is_file():
         raise UserError(f"--dataset {options.dataset} has no samples.jsonl")
     fields = _manifest_fields(options, adapter, base)
@@ -260,6 +266,18 @@ def _choose_quant(options: ConvertOptions, base: Any) -> str:
         f"--base {base.path.name} is already {own}; --mode adapter keeps a quantised base as it is, so leave out "
         f"--quant (or give --quant {own}), or start from an F16 base"
     )
+
+
+def _check_adapter_name(name: str, existing: Any, options: ConvertOptions) -> None:
+    """Before minutes of work: a valid name, not taken in the bundle it is added to (unless --overwrite)."""
+    from vlm2vla_edge.runtime.policy.bundle import ADAPTER_NAME_RULE, BundleError, valid_adapter_name
+
+    if not valid_adapter_name(name):
+        raise UserError(f"--adapter-name '{name}' is not {ADAPTER_NAME_RULE}")
+    if existing is not None and name in existing.adapters and not options.overwrite:
+        raise BundleError(
+            f"--add: {options.out} already has an adapter '{name}'; give another --adapter-name, or --overwrite to replace it"
+        )
 
 
 def _existing_bundle(options: ConvertOptions, base: Any) -> Any:
@@ -467,10 +485,6 @@ def _finish_adapter(
     from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 
     name = options.adapter_name or default_adapter_name(adapter.path)
-    if existing is not None and name in existing.adapters and not options.overwrite:
-        raise UserError(
-            f"--add: {options.out} already has an adapter '{name}'; give another --adapter-name, or --overwrite to replace it"
-        )
     if existing is not None:
         base_gguf, quant, mmproj = existing.text_model, existing.manifest.quant_type, existing.mmproj
     elif base.kind == "gguf-text" and _gguf_quant(base.path) == quant:

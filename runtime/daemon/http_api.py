@@ -10,7 +10,7 @@ the client.
 
     GET  /v1/health                  200 {"ok": true} | 503
     GET  /v1/status                  the daemon's state, e-stop, current task, arm
-    POST /v1/tasks                   {"instruction": "..."} -> 202 {"id", ...} | 409 busy | 423 e-stop latched
+    POST /v1/tasks                   {"instruction": "...", "adapter": optional LoRA skill name} -> 202 {"id", ...} | 409 busy | 423 e-stop latched
                                      | 503 no model / arm or camera not connected | 507 episodes disk full
     GET  /v1/tasks/{id}              one task
     GET  /v1/tasks/{id}/events       server-sent events (`?since=N` resumes)
@@ -219,12 +219,12 @@ class Api:
 
     async def submit(self, request: Request) -> Response:
         data = await self._body(request, required=True)
-        self._only(data, {"instruction"})
+        self._only(data, {"instruction", "adapter"})
         if "instruction" not in data:
             raise ApiError(400, "bad_request", "the body needs an 'instruction'")
         try:
             validate_instruction(data["instruction"], self.config.max_instruction_chars)
-            task = await self._call(self.daemon.submit, data["instruction"])
+            task = await self._call(self.daemon.submit, data["instruction"], data.get("adapter"))
         except InvalidRequest as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         except DaemonBusy as exc:

@@ -336,6 +336,10 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
+def valid_adapter_name(name: str) -> bool:
+    return bool(_ADAPTER_NAME.match(name))
+
+
 class BundleAdapter(StrictModel):
     """One LoRA adapter of a base + adapters bundle, applied by llama.cpp on the untouched base at run time.
 

@@ -100,3 +100,51 @@ def test_adapter_for_another_base_is_refused(tmp_path: Path, tiny_vision_gguf: m
     with pytest.raises(AdapterError, match="does not fit --base"):
         convert(options, progress=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "text-base"]
+
+
+def test_adapter_mode_on_a_vision_base_then_a_second_adapter_added(
+    tmp_path: Path, tiny_vision_gguf: model_fixtures.VisionModelFiles, tiny_adapter: Path
+) -> None:
+    """A Hugging Face base is converted once, without the adapter; `--add` puts a second adapter beside the
+    first on the very same base file (hard-linked, not rewritten), and the policy switches between them."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from vlm2vla_edge.runtime.policy.bundle import BundleError
+
+    out = tmp_path / "skills"
+    options = _options(tiny_vision_gguf, tiny_adapter, out, quant="F16", mode="adapter", adapter_name="pick")
+    lines: list[str] = []
+    result = convert(options, progress=lines.append)
+    assert any(line.startswith("[4/7] base:") for line in lines) and any(line.startswith("[7/7] write: done") for line in lines)
+    assert result.report.adapter_logits is not None and result.report.adapter_logits.top1_agreement >= 0.99
+    first = load_bundle(out)
+    assert first.manifest.format_version == 2 and first.mmproj is not None and set(first.adapters) == {"pick"}
+    assert first.adapter("pick").info.validation["adapter_top1_agreement"] >= 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["skills"]  # the work folder is gone
+    base_inode = first.text_model.stat().st_ino
+
+    second = make_adapter(
+        Gemma3Config.from_pretrained(str(tiny_vision_gguf.hf_dir)), Gemma3ForConditionalGeneration,
+        tmp_path.parent / f"{tmp_path.name}-second", seed=11,
+    )
+    with pytest.raises(BundleError, match="already has an adapter 'pick'"):
+        convert(_options(tiny_vision_gguf, second, out, quant=None, mode="adapter", adapter_name="pick", add=True),
+                progress=lambda line: None)
+    lines.clear()
+    convert(_options(tiny_vision_gguf, second, out, quant=None, mode="adapter", adapter_name="place", add=True,
+                     make_default=True),
+            progress=lines.append)
+    assert not any(" base:" in line for line in lines)  # the bundle's base is reused, not converted again
+    both = load_bundle(out)
+    assert set(both.adapters) == {"pick", "place"} and both.default_adapter == "place"
+    assert both.text_model.stat().st_ino == base_inode
+    assert both.adapter("pick").info.validation == first.adapter("pick").info.validation
+
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[10:40, 20:50] = (200, 60, 40)
+    with Policy.from_bundle(both, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
+        assert policy.adapter == "place"
+        policy.step(image, "put the carrot on the plate", "pick up the carrot")
+        policy.use_adapter("pick")
+        step = policy.step(image, "put the carrot on the plate", "pick up the carrot")
+    assert 1 <= len(step.chunk) <= both.action_language.max_steps
