@@ -55,6 +55,17 @@ class DaemonMetrics:
         self.requests = Counter("vlm2vla_http_requests_total", "API requests answered, by status code.", ["code"], registry=r)
         self.estop_engaged = Gauge("vlm2vla_estop_engaged", "1 while the e-stop is latched.", registry=r)
         self.running = Gauge("vlm2vla_episode_running", "1 while an episode runs.", registry=r)
+        self.adapter = Gauge(
+            "vlm2vla_adapter_active", "1 for the LoRA adapter (skill) applied now, 0 for the bundle's others.",
+            ["adapter"], registry=r,
+        )
+        self.adapter_switches = Counter(
+            "vlm2vla_adapter_switches_total", "Switches to each LoRA adapter between tasks.", ["adapter"], registry=r
+        )
+        self.adapter_switch = Histogram(
+            "vlm2vla_adapter_switch_seconds", "Time of one adapter switch (the base stays loaded).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
 
     # --- subscriber ----------------------------------------------------------------------------
 
@@ -90,6 +101,14 @@ class DaemonMetrics:
 
     def count_estop(self) -> None:
         self.estops.inc()
+
+    def adapter_applied(self, active: str, loaded: tuple[str, ...], switch_s: float | None = None) -> None:
+        """The adapter now applied (of those `loaded`); `switch_s` when a switch just took that long."""
+        for name in loaded:
+            self.adapter.labels(adapter=name).set(1 if name == active else 0)
+        if switch_s is not None:
+            self.adapter_switches.labels(adapter=active).inc()
+            self.adapter_switch.observe(switch_s)
 
     def render(self, estop_engaged: bool) -> bytes:
         """The whole exposition (`CONTENT_TYPE`), with the e-stop gauge read now."""

@@ -203,6 +203,8 @@ class Daemon:
             config=runner_config, hooks=station.hooks,
             subscribers=[self._fanout, self.metrics, _JournalLines(self)],
         )
+        if self.adapters and self.adapter is not None:
+            self.metrics.adapter_applied(self.adapter, self.adapters)
         # Episodes a killed predecessor left unfinished (outcome null): say so on disk, once.
         mark_interrupted(self.episodes_dir)
         self._lock = threading.Lock()
@@ -258,6 +260,7 @@ class Daemon:
                     seconds = self.policy.use_adapter(wanted)  # type: ignore[union-attr]
                     self._adapter_switches += 1
                     self._last_switch_s = seconds
+                    self.metrics.adapter_applied(wanted, self.adapters, seconds)
             seed = self._sim_seed + self._episodes
             try:
                 writer = EpisodeWriter.create(

@@ -88,6 +88,10 @@ def test_tasks_name_their_adapter_and_the_episode_records_it(daemon: Daemon) -> 
     assert default.adapter == "pick" and policy.switches == ["wipe", "pick"]
     assert default.done.wait(60)
 
+    text = daemon.metrics.render(estop_engaged=False).decode()
+    assert 'vlm2vla_adapter_active{adapter="pick"} 1.0' in text and 'vlm2vla_adapter_active{adapter="wipe"} 0.0' in text
+    assert 'vlm2vla_adapter_switches_total{adapter="wipe"} 1.0' in text and "vlm2vla_adapter_switch_seconds_count 2.0" in text
+
     with pytest.raises(InvalidRequest, match="no adapter 'mop'"):
         daemon.submit("lift the carrot", adapter="mop")
     assert policy.adapter == "pick"  # a refused task changes nothing
