@@ -9,7 +9,7 @@ one run:
   tokens fed one llama_decode each (teacher-forced, so both models do exactly the same work);
   configurations interleaved round by round, the ratio is the median of per-round ratios, which
   cancels most of the load other users put on a shared machine. The bare base is measured too, to
-  show what the adapter itself costs.
+  show what the adapter itself costs, and the adapter with F32 instead of F16 A/B matrices.
 - memory: peak RSS of a process holding one base + 3 adapters (3 skills; one decode each) against
   one holding 3 merged Q8_0 models (distinct files: 3 skills), each with the policy's context
   (n_ctx 4096, full-size sliding-window cache), measured in child processes.
@@ -173,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         with_adapter = LlamaDecoder(base, config)
         with_adapter.load_adapter("demo", loras[0])
         with_adapter.use_adapter("demo")
+        with_f32 = LlamaDecoder(base, config)  # the same adapter with F32 A/B matrices (no F16 conversions)
+        with_f32.load_adapter("demo", write_lora_gguf(adapter_dir, base, work / "f32.gguf", dtype="f32").path)
+        with_f32.use_adapter("demo")
         bare = LlamaDecoder(base, config)
         q8 = LlamaDecoder(merged, config)
         tokens = q8.tokenize(suffix) + q8.tokenize(answer)
-        paths = {"merged Q8_0": q8, "Q4_K_M + LoRA": with_adapter, "Q4_K_M bare": bare}
+        paths = {"merged Q8_0": q8, "Q4_K_M + LoRA": with_adapter, "Q4_K_M + LoRA f32": with_f32, "Q4_K_M bare": bare}
         per_round: dict[str, list[float]] = {name: [] for name in paths}
         for name, decoder in paths.items():  # warm-up: page everything in
             per_token_decode_s(decoder, prefix_text, tokens[:8])
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_round[name].append(per_token_decode_s(paths[name], prefix_text, tokens))
         ratio_adapter = statistics.median(a / m for a, m in zip(per_round["Q4_K_M + LoRA"], per_round["merged Q8_0"]))
         ratio_bare = statistics.median(a / m for a, m in zip(per_round["Q4_K_M bare"], per_round["merged Q8_0"]))
+        ratio_f32 = statistics.median(a / m for a, m in zip(per_round["Q4_K_M + LoRA f32"], per_round["merged Q8_0"]))
         for decoder in paths.values():
             decoder.close()
 
@@ -229,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in ms.items():
         print(f"{name:<22}{value:>20.2f}")
     print(f"decode ratio, Q4_K_M + LoRA / merged Q8_0 (median of per-round ratios): {ratio_adapter:.3f}")
+    print(f"decode ratio, Q4_K_M + LoRA with F32 A/B / merged Q8_0: {ratio_f32:.3f}")
     print(f"decode ratio, Q4_K_M bare / merged Q8_0: {ratio_bare:.3f}")
     print(f"peak RSS: base + {N_ADAPTERS} adapters {rss_adapters:.0f} MB, {N_ADAPTERS} merged Q8_0 {rss_merged:.0f} MB, "
           f"ratio {rss_adapters / rss_merged:.3f}")

