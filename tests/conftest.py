@@ -43,10 +43,11 @@ from vlm2vla_edge.runtime import runtime_config  # noqa: E402
 
 if str(_GUARD_DIR) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_GUARD_DIR), os.environ.get("PYTHONPATH", "")) if p)
+_GUARD_LOG: str | None = None  # the log this session created (removed at its end)
 if system_daemon_guard.LOG_ENV not in os.environ:
-    _fd, _log = tempfile.mkstemp(prefix="vlm2vla-edge-guard-", suffix=".log")
+    _fd, _GUARD_LOG = tempfile.mkstemp(prefix="vlm2vla-edge-guard-", suffix=".log")
     os.close(_fd)
-    os.environ[system_daemon_guard.LOG_ENV] = _log
+    os.environ[system_daemon_guard.LOG_ENV] = _GUARD_LOG
 system_daemon_guard.install()
 
 
@@ -65,6 +66,8 @@ def _socket_discovery_in_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     touched = system_daemon_guard.touches()
+    if _GUARD_LOG is not None:
+        Path(_GUARD_LOG).unlink(missing_ok=True)
     if touched:
         print(f"\nFAILED: tests touched {system_daemon_guard.SYSTEM_DIR} (the real daemon's folder):\n  "
               + "\n  ".join(touched[:20]), file=sys.stderr)
