@@ -177,12 +177,6 @@ def test_a_huge_bad_value_is_shortened_in_the_message(tmp_path: Path) -> None:
 
 # --- the daemon's API ---------------------------------------------------------------------------
 
-DAEMON_API_BUGS = (
-    "runtime/daemon/http_api.py (not owned here): malformed request lines are answered HTTP/0.9-style (no status "
-    "line, sometimes invalid JSON); deeply nested JSON and 'Content-Length: \u00b2' answer 500; a BrokenPipe in the "
-    "ApiError branch escapes as a traceback on stderr. See the report for the exact fixes."
-)
-
 
 @pytest.mark.slow
 def test_api_fuzz_every_request_gets_a_clean_answer() -> None:

@@ -12,10 +12,6 @@ from reliability_suite.load import LoadStats, daemon_in_process, load_during_epi
 
 from vlm2vla_edge.runtime.daemon.client import DaemonClient
 
-BACKLOG = ("runtime/daemon/server.py (not owned here): UnixApiServer/TcpApiServer keep socketserver's listen backlog "
-           "of 5, so a burst of clients gets EAGAIN ('Resource temporarily unavailable') instead of a queue slot; "
-           "an e-stop sent during a burst can be refused. Fix: request_queue_size = 128 on both servers.")
-
 
 def test_a_burst_of_clients_is_queued_not_refused() -> None:
     errors: list[str] = []
