@@ -136,3 +136,41 @@ def test_moves_above_the_thresholds_pass_through(c: ActionChunk) -> None:
     pp = PostProcess(per_direction_threshold_m=1e-9, absolute_threshold_m=1e-9)
     moves = [a.translation() for a in reaggregate(c, pp) if any(a.translation())]
     assert moves == [a.translation() for a in c if any(a.translation())]
+
+
+# --- waypoint interpolation ------------------------------------------------------------------------
+
+from vlm2vla_edge.runtime.postprocess import LIMIT_MARGIN, interpolate_waypoints  # noqa: E402
+
+
+def test_a_waypoint_becomes_equal_steps_within_the_step_limit_with_the_gripper_change_last() -> None:
+    out = interpolate_waypoints(chunk((0.0, 0.0, -0.12, 0.0)), 0.05, 0.20, gripper=1.0)
+    assert len(out) == 3 and all(a.norm() <= 0.05 * LIMIT_MARGIN + 1e-12 for a in out)
+    assert sum(a.dz for a in out) == pytest.approx(-0.12)
+    assert [a.gripper for a in out] == [1.0, 1.0, 0.0]  # closes only once the grasp point is reached
+
+
+def test_a_waypoint_beyond_the_chunk_budget_stops_there_without_its_gripper_change() -> None:
+    out = interpolate_waypoints(chunk((-0.3, 0.0, -0.2, 0.0)), 0.05, 0.20, gripper=1.0)
+    travelled = sum(a.norm() for a in out)
+    assert travelled == pytest.approx(0.20 * LIMIT_MARGIN)
+    assert all(a.gripper == 1.0 for a in out)  # not there yet: the gripper stays open
+    direction = [sum(getattr(a, axis) for a in out) / travelled for axis in ("dx", "dy", "dz")]
+    assert direction == pytest.approx([-0.3 / math.hypot(0.3, 0.2), 0.0, -0.2 / math.hypot(0.3, 0.2)])
+
+
+def test_a_gripper_only_action_is_one_command_and_a_second_waypoint_follows_the_first() -> None:
+    assert rows(interpolate_waypoints(chunk((0, 0, 0, 1.0)), 0.05, 0.2, gripper=0.0)) == [[0, 0, 0, 1.0]]
+    out = interpolate_waypoints(chunk((0, 0, 0.06, 0.0), (0.04, 0, 0, 1.0)), 0.05, 0.2, gripper=0.0)
+    assert [a.gripper for a in out] == [0.0, 0.0, 1.0]
+    assert sum(a.dx for a in out) == pytest.approx(0.04) and sum(a.dz for a in out) == pytest.approx(0.06)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(*(st.floats(-0.5, 0.5) for _ in range(3)), st.sampled_from([0.0, 1.0])), min_size=1, max_size=4),
+       st.sampled_from([0.0, 1.0]))
+def test_interpolation_never_exceeds_the_limits_nor_lengthens_the_path(raw, gripper) -> None:
+    original = ActionChunk(tuple(Action(*r) for r in raw))
+    out = interpolate_waypoints(original, 0.05, 0.20, gripper=gripper)
+    assert all(a.norm() <= 0.05 * LIMIT_MARGIN + 1e-9 for a in out)
+    assert sum(a.norm() for a in out) <= min(0.20 * LIMIT_MARGIN, sum(a.norm() for a in original)) + 1e-9

@@ -32,7 +32,9 @@ class ScriptedPolicy:
         needs_image: bool = True,
         on_step: Callable[[int, threading.Event | None], None] | None = None,
         cycle: bool = False,
+        language: ActionLanguage | None = None,
     ) -> None:
+        self._language = language or ActionLanguage()
         self._subtasks = '["' + '", "'.join(subtasks) + '"]'
         self._actions = list(actions)
         self._motion = motion
@@ -49,7 +51,7 @@ class ScriptedPolicy:
 
     @property
     def action_language(self) -> ActionLanguage:
-        return ActionLanguage()
+        return self._language
 
     @property
     def bundle_id(self) -> str:
@@ -110,10 +112,13 @@ class SceneCopyPolicy:
 
     _OBJECT = re.compile(r"([a-z]+) (?:on|in) the [a-z]+: above (\([^)]*\))(?:, grasp (\([^)]*\)))?")
 
-    def __init__(self, subtasks: Sequence[str], language: ActionLanguage | None = None) -> None:
+    def __init__(
+        self, subtasks: Sequence[str] | Callable[[str], Sequence[str]], language: ActionLanguage | None = None
+    ) -> None:
+        """`subtasks`: the list to answer, or a function of the instruction giving it."""
         from vlm2vla_edge.runtime.config import load_policy_config
 
-        self._subtasks = list(subtasks)
+        self._subtasks = subtasks if callable(subtasks) else (lambda _instruction, fixed=list(subtasks): fixed)
         self._language = language or load_policy_config("policy_waypoints").action_language
         self.steps = 0
 
@@ -130,7 +135,7 @@ class SceneCopyPolicy:
         return "scene-copy-fake"
 
     def subtasks(self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None) -> SubtasksResult:
-        text = '["' + '", "'.join(self._subtasks) + '"]'
+        text = '["' + '", "'.join(self._subtasks(instruction)) + '"]'
         return SubtasksResult(subtasks=parse_subtasks(text), output=StageOutput("subtasks", instruction, text, {}))
 
     def step(

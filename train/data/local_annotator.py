@@ -91,7 +91,7 @@ class LocalAnnotator:
         subtasks, segment_subtask = name_subtasks(traj, segments, parsed)
         if self.language.actions == "waypoints":
             names = [subtasks[i] for i in segment_subtask]
-            wins = waypoint_windows(traj, segments, self.language, names)
+            wins = waypoint_windows(traj, segments, self.language, names, self.limits)
         else:
             wins = windows(traj, segments, self.language, self.limits, self.wording)
         return EpisodeLabels(traj, segments, wins, subtasks, segment_subtask, [w.plan for w in wins])

@@ -260,7 +260,7 @@ def evaluate_open_loop(
             score.plan = step.motion.text
             score.plan_exact = step.motion.text == sample.motion_plan
             score.plan_directions_agree = named_directions(step.motion.text) == named_directions(sample.motion_plan)
-            score.chunk = step.action_output.text if step.action_output is not None else None
+            score.chunk = step.action_output.raw_text
             move = _summed(step.chunk)
             score.error_cm = float(np.linalg.norm(move - label_move))
             for axis in range(3):

@@ -715,20 +715,35 @@ def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) 
     return (d[0], d[1], d[2])
 
 
-def waypoint_windows(
-    traj: Trajectory, segments: list[Segment], language: ActionLanguage, segment_names: Sequence[str | None]
-) -> list[Window]:
-    """Windows of a waypoint action language: one per recorded row, each a one-action chunk to the end of
-    its segment (where the arm went, not where it was told to go) with the segment's final gripper value.
+def waypoint_rows(traj: Trajectory, seg: Segment, budget_m: float) -> list[int]:
+    """The rows of a segment where a waypoint policy's loop stands: its start, and each point where the path
+    from the start first reaches another chunk budget (the runtime walks at most one budget per step).
+    Other rows would teach answers the observation cannot tell apart (half-way up a lift looks like its
+    start), and the loop never stands there."""
+    rows = [seg.start]
+    travelled, next_stop = 0.0, budget_m
+    for row in range(seg.start, seg.end - 1):
+        travelled += float(np.linalg.norm(traj.deltas[row]))
+        if travelled >= next_stop - 1e-6:
+            rows.append(row + 1)
+            next_stop += budget_m
+    return rows
 
-    Every row is a training state, so the model learns the same copy from every point along a move,
-    including the mid-way states it meets after a move the runtime cut at the chunk budget.
-    """
+
+def waypoint_windows(
+    traj: Trajectory, segments: list[Segment], language: ActionLanguage, segment_names: Sequence[str | None],
+    limits: ChunkLimits,
+) -> list[Window]:
+    """Windows of a waypoint action language: a one-action chunk from each row where the loop stands
+    (`waypoint_rows`) to the end of its segment (where the arm went, not where it was told to go), with
+    the segment's final gripper value."""
+    from vlm2vla_edge.runtime.postprocess import LIMIT_MARGIN
+
     out: list[Window] = []
     for k, seg in enumerate(segments):
         end_gripper = 1.0 if traj.gripper_cmd[seg.end - 1] else 0.0
         event = seg.event
-        for row in range(seg.start, seg.end):
+        for row in waypoint_rows(traj, seg, limits.max_chunk_path_m * LIMIT_MARGIN):
             rounded = rounded_offset(traj.positions[row], traj.positions[seg.end], language.decimals)
             chunk = ActionChunk((Action(rounded[0], rounded[1], rounded[2], end_gripper),))
             # The gripper event belongs to the window only when the gripper is not already where it ends.
@@ -749,5 +764,5 @@ __all__ = [
     "AXIS_WORDS", "ChunkLimits", "NotADemonstration", "ParsedInstruction", "Segment", "SegmentRules", "TaskPart",
     "Trajectory", "Window", "WordingRules", "build_chunk", "direction_phrase", "gripper_events", "load_trajectory",
     "motion_plan_text", "name_subtasks", "rounded_offset", "named_directions", "parse_instruction", "plan_contradiction", "segment",
-    "settings_dict", "waypoint_plan_text", "waypoint_windows", "windows",
+    "settings_dict", "waypoint_plan_text", "waypoint_rows", "waypoint_windows", "windows",
 ]
