@@ -123,10 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("sim success, grammar off", _pct(_figure(results["format_base"], "overall", "success_rate")),
                      _pct(_figure(results["format_fine_tuned"], "overall", "success_rate"))))
     if "quant" in parts:
-        manifest = load_bundle(tuned, verify="size").manifest
+        tuned_bundle = load_bundle(tuned, verify="size")
+        manifest = tuned_bundle.manifest
         validation = dict(manifest.validation or {})
+        if tuned_bundle.adapters:  # base + run-time LoRA: the figures are the adapter's
+            validation.update(tuned_bundle.adapter().info.validation)
         results["quant_validation"] = validation
         shown = {
+            "label_nll": f"{manifest.quant_type} + LoRA, nats per held-out answer token",
+            "base_label_nll": f"{manifest.quant_type} bare base, nats per held-out answer token",
+            "adapter_top1_agreement": f"{manifest.quant_type} + LoRA vs merged F16, top-1 agreement",
+            "adapter_chunk_agreement": f"{manifest.quant_type} + LoRA vs merged F16, action chunks agreeing",
             "f16_top1_agreement": "F16 GGUF vs transformers, top-1 agreement",
             "quant_chunk_agreement": f"{manifest.quant_type} vs F16, action chunks agreeing",
             "quant_mean_abs_diff_cm": f"{manifest.quant_type} vs F16, mean |diff| cm",

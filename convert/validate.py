@@ -186,10 +186,16 @@ class LogitsComparison:
     top1_agree: int = 0
     max_logit_diff: float = 0.0
     per_case: list[tuple[str, float, float]] = field(default_factory=list)  # (source, agreement, max diff)
+    answer_positions: int = 0  # the positions that predict the answer's tokens (not the question's)
+    answer_top1_agree: int = 0
 
     @property
     def top1_agreement(self) -> float:
         return self.top1_agree / self.positions if self.positions else 0.0
+
+    @property
+    def answer_top1_agreement(self) -> float:
+        return self.answer_top1_agree / self.answer_positions if self.answer_positions else 0.0
 
 
 def _teacher_forced_llama(decoder: Any, prefix_text: str, image: np.ndarray | None, forced: list[int]) -> np.ndarray:
@@ -292,15 +298,19 @@ def compare_decoders(
     result = LogitsComparison()
     for case in cases:
         prefix_text, suffix = case.prompt(prompts)
-        forced = reference.tokenize(suffix) + reference.tokenize(case.target)
+        question = reference.tokenize(suffix)
+        forced = question + reference.tokenize(case.target)
         if forced != candidate.tokenize(suffix) + candidate.tokenize(case.target):
             raise UserError("the two models tokenize the validation prompts differently: not the same vocabulary")
         ours = _forced_rows(reference, prefix_text, case.image, forced)
         theirs = _forced_rows(candidate, prefix_text, case.image, forced)
-        agree = int((ours.argmax(1) == theirs.argmax(1)).sum())
+        same = ours.argmax(1) == theirs.argmax(1)
+        agree = int(same.sum())
         diff = float(np.abs(ours - theirs).max())
         result.positions += len(forced)
         result.top1_agree += agree
+        result.answer_positions += len(forced) - len(question)
+        result.answer_top1_agree += int(same[len(question) :].sum())
         result.max_logit_diff = max(result.max_logit_diff, diff)
         result.per_case.append((case.source, agree / len(forced), diff))
         progress(f"  {case.source}: top-1 {agree}/{len(forced)}, max |logit diff| {diff:.4f}")
@@ -462,6 +472,8 @@ class ValidationReport:
         if self.adapter_logits is not None:
             out.update(
                 adapter_top1_agreement=round(self.adapter_logits.top1_agreement, 6),
+                adapter_answer_top1_agreement=round(self.adapter_logits.answer_top1_agreement, 6),
+                adapter_answer_positions=float(self.adapter_logits.answer_positions),
                 adapter_max_logit_diff=round(self.adapter_logits.max_logit_diff, 6),
                 adapter_positions=float(self.adapter_logits.positions),
                 threshold_min_adapter_top1_agreement=self.thresholds.min_adapter_top1_agreement,
