@@ -200,6 +200,8 @@ def convert(options: ConvertOptions, progress: Progress = print) -> ConvertResul
         raise UserError(f"--mode must be merge or adapter, not '{options.mode}'")
     if options.mode == "merge" and (options.add or options.adapter_name or options.make_default):
         raise UserError("--add, --adapter-name and --make-default are for --mode adapter")
+    if options.quant is not None:
+        normalize_quant(options.quant)  # a typo is the first thing to report
     check_gguf_module()
     base = resolve_base(options.base)
     quant = _choose_quant(options, base)
