@@ -308,8 +308,17 @@ def do(
         raise UserError("the instruction is empty")
     settings = load_runtime_config(runtime_config)
     chosen_bundle = bundle or settings.bundle
+    if chosen_bundle is None and sim:
+        # A newcomer's first try: the simulator with no bundle runs the demo model, built or cached as `demo` does.
+        from vlm2vla_edge.runtime.demo import find_or_build_bundle
+
+        chosen_bundle = find_or_build_bundle(echo=typer.echo).path
+        typer.echo(f"no bundle given: running the demo model ({chosen_bundle})")
     if chosen_bundle is None:
-        raise UserError("no model bundle: pass --bundle PATH (a folder with manifest.json) or set 'bundle' in the runtime config")
+        raise UserError(
+            "no model bundle: pass --bundle PATH (a folder with manifest.json) or set 'bundle' in the runtime config "
+            "(with --sim and no bundle the demo model runs)"
+        )
     options = LocalRunOptions(
         instruction=instruction,
         bundle=chosen_bundle,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 import yaml
@@ -17,6 +17,9 @@ from pydantic import ValidationError
 
 from vlm2vla_edge.runtime.config import PolicyConfig, describe_validation_error, load_policy_config
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from vlm2vla_edge.runtime.evaluation import EvalConfig
 
 
 class EvalVerifier(str, Enum):
@@ -96,6 +99,11 @@ def eval_command(
     ] = None,
     record: Annotated[bool, typer.Option("--record", help="Also record every episode under OUT/episodes.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print every loop event, not only one line per episode.")] = False,
+    per_subtask: Annotated[
+        bool,
+        typer.Option("--per-subtask", help="Score each subtask apart: start it where the scripted expert leaves the "
+                     "scene, let the policy do that subtask alone, check the simulator's ground truth."),
+    ] = False,
 ) -> None:
     """Evaluate a model bundle on the simulated task suite: N seeded episodes per task kind.
 
@@ -133,6 +141,9 @@ def eval_command(
         bundle=bundle.expanduser(),
         record_dir=out_dir / "episodes" if record else None,
     )
+    if per_subtask:
+        _per_subtask(config, out_dir)
+        return
     report = evaluate_bundle(config, echo=typer.echo, verbose=verbose)
     typer.echo("")
     typer.echo(report.table())
@@ -140,3 +151,30 @@ def eval_command(
     typer.echo(f"wrote {json_path} and {csv_path}" + (" (partial)" if report.partial else ""))
     if report.partial:
         raise typer.Exit(130)
+
+
+def _per_subtask(config: "EvalConfig", out_dir: Path) -> None:
+    """`eval --per-subtask`: the same held-out seeds, each subtask from the expert's state."""
+    import contextlib
+
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.evaluation import select_seeds
+    from vlm2vla_edge.runtime.files import atomic_write
+    from vlm2vla_edge.runtime.local_run import load_policy
+    from vlm2vla_edge.runtime.sim.session import make_sim_session
+    from vlm2vla_edge.runtime.subtask_eval import run_subtask_eval
+    from vlm2vla_edge.runtime.verifier.fallback import make_verifier
+
+    assert config.bundle is not None
+    seeds = [seed for kind in config.tasks for seed in select_seeds(kind, config.episodes, config.seed_start, config.language)]
+    with contextlib.closing(load_policy(config.bundle, config.policy, typer.echo)) as policy:
+        report = run_subtask_eval(
+            policy, load_robot_config(config.robot), seeds, config.language,
+            lambda robot, seed, language: make_sim_session(robot, seed, language=language),
+            make_verifier(config.verifier), config.runner, echo=typer.echo,
+        )
+    typer.echo("")
+    typer.echo(report.table())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "per_subtask.json", report.model_dump_json(indent=2).encode())
+    typer.echo(f"wrote {out_dir / 'per_subtask.json'}")
