@@ -164,7 +164,7 @@ def adapter_fields(
     """Base id, prompts and action language of an adapter (`AdapterInfo`): from its training card, and the
     dataset when the card does not say; the same for merged bundles and run-time adapters, so whatever
     the training recorded (a new action language, new templates) reaches the runtime unchanged."""
-    from vlm2vla_edge.runtime.config import ActionLanguage
+    from vlm2vla_edge.runtime.config import ActionLanguage, StageSampling
     from vlm2vla_edge.runtime.policy.bundle import runtime_grammar_version
     from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
 
@@ -181,7 +181,10 @@ def adapter_fields(
         grammar_version=runtime_grammar_version()
     )
     trained_base = {k: v for k, v in ((card.get("base_model") or {}).get("sha256") or {}).items() if isinstance(v, str)}
-    return {"base_model": base_id, "prompts": prompts, "action_language": language, "trained_base_sha256": trained_base}
+    # The sampling the model's recipe validated it with (a card may carry it; the bundle then recommends it).
+    sampling = StageSampling.model_validate(card["sampling"]) if card.get("sampling") else None
+    return {"base_model": base_id, "prompts": prompts, "action_language": language, "trained_base_sha256": trained_base,
+            "sampling": sampling}
 
 
 def _manifest_fields(options: ConvertOptions, adapter: Any, base: Any) -> dict[str, Any]:
@@ -455,6 +458,7 @@ def _write_merged(
             quant_type=quant,
             prompts=fields["prompts"],
             action_language=fields["action_language"],
+            sampling=fields["sampling"],
             adapter_sha256=adapter.sha256,
             validation=validation,
             move=True,
@@ -557,6 +561,7 @@ def _finish_adapter(
             name=name, path=lora_result.path, rank=lora_result.rank, alpha=lora_result.alpha,
             base_model=fields["base_model"], prompts=prompts, action_language=language,
             source_sha256=adapter.sha256, trained_base_sha256=fields["trained_base_sha256"], validation=validation,
+            sampling=fields["sampling"],
         )
         if existing is None:
             return write_bundle(

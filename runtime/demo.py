@@ -175,7 +175,7 @@ def _build(adapter: Path, target: Path, echo: Callable[[str], None], threads: in
         spec = AdapterSpec(
             name=DEMO_ADAPTER_NAME, path=lora.path, rank=lora.rank, alpha=lora.alpha, base_model=fields["base_model"],
             prompts=fields["prompts"], action_language=fields["action_language"], source_sha256=info.sha256,
-            trained_base_sha256=fields["trained_base_sha256"], validation=validation,
+            trained_base_sha256=fields["trained_base_sha256"], validation=validation, sampling=fields["sampling"],
         )
         write_bundle(
             target, text_model=base.path, name=DEMO_BUNDLE_NAME, base_model=fields["base_model"],

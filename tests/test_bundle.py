@@ -190,6 +190,25 @@ def test_manifest_keeps_custom_fields(tmp_path: Path, sources: tuple[Path, Path]
     assert loaded.mmproj is None and not loaded.is_vision
     assert loaded.text_model.name == "model-q4_k_m.gguf"
     assert loaded.manifest.validation == {"action_parse_rate": 0.98, "success_rate": 0.5}
+    assert loaded.manifest.sampling is None  # no recommendation: the policy config's sampling applies
+
+
+def test_recommended_sampling_is_kept_and_yields_to_a_policy_config_of_its_own(
+    tmp_path: Path, sources: tuple[Path, Path]
+) -> None:
+    from vlm2vla_edge.runtime.config import Sampling, StageSampling
+    from vlm2vla_edge.runtime.policy.engine import effective_sampling
+
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)
+    recommended = StageSampling(subtasks=greedy, motion=greedy, action=greedy, retry=greedy)
+    bundle = write_bundle(tmp_path / "b", text_model=sources[0], name="t", base_model="m", quant_type="F32",
+                          sampling=recommended)
+    loaded = load_bundle(bundle.root)
+    assert loaded.manifest.sampling == recommended
+    assert effective_sampling(loaded.manifest.sampling, StageSampling()) == recommended
+    custom = StageSampling(motion=Sampling(temperature=0.3, max_tokens=64))
+    assert effective_sampling(loaded.manifest.sampling, custom) == custom
+    assert effective_sampling(None, StageSampling()) == StageSampling()
 
 
 def test_move_consumes_the_sources(tmp_path: Path, sources: tuple[Path, Path]) -> None:

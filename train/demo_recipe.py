@@ -75,7 +75,14 @@ def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(staging / "adapter_model.safetensors"))
     shutil.copy2(adapter_dir / "adapter_config.json", staging / "adapter_config.json")
-    shutil.copy2(adapter_dir / "training_card.json", staging / "training_card.json")
+    # The card also carries the sampling the demo policy runs with (its policy preset's: greedy), so that
+    # the bundle the converter or the demo writes from it recommends that sampling to the runtime.
+    from vlm2vla_edge.runtime.config import load_policy_config
+
+    card = json.loads((adapter_dir / "training_card.json").read_text())
+    card["sampling"] = load_policy_config(POLICY_PRESET).sampling.model_dump(mode="json")
+    card["policy_preset"] = POLICY_PRESET
+    (staging / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

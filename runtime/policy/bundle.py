@@ -53,7 +53,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, Field, ValidationError, field_validator, model_validator
 
-from vlm2vla_edge.runtime.config import ActionLanguage, StrictModel, describe_validation_error
+from vlm2vla_edge.runtime.config import ActionLanguage, StageSampling, StrictModel, describe_validation_error
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.files import HASH_BLOCK, sha256_file
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
@@ -363,6 +363,7 @@ class BundleAdapter(StrictModel):
     action_language: ActionLanguage = Field(description="How this adapter writes actions (units, format, grammar version).")
     prompts: PromptTemplates = Field(description="The prompt templates this adapter was trained with.")
     validation: dict[str, float] = Field(default_factory=dict, description="Validation figures (free names).")
+    sampling: StageSampling | None = Field(None, description="Per-stage sampling the model was trained and validated for (e.g. greedy for a policy that copies numbers); the runtime uses it unless the policy config sets a sampling of its own. None: the policy config's.")
 
 
 class BundleManifest(StrictModel):
@@ -385,6 +386,7 @@ class BundleManifest(StrictModel):
     action_language: ActionLanguage = Field(description="How actions are written as text (units, format).")
     prompts: PromptTemplates = Field(description="The prompt templates the model was trained with.")
     validation: dict[str, float] = Field(default_factory=dict, description="Validation figures (free names).")
+    sampling: StageSampling | None = Field(None, description="Per-stage sampling the model was trained and validated for (e.g. greedy for a policy that copies numbers); the runtime uses it unless the policy config sets a sampling of its own. None: the policy config's.")
     adapters: dict[str, BundleAdapter] = Field(
         default_factory=dict, description="LoRA adapters applied at run time on the text model, by name (format 2)."
     )
@@ -672,6 +674,7 @@ class AdapterSpec:
     trained_base_sha256: Mapping[str, str] = field(default_factory=dict)
     validation: Mapping[str, float] = field(default_factory=dict)
     scale: float = 1.0
+    sampling: StageSampling | None = None
 
     @property
     def file_name(self) -> str:
@@ -691,6 +694,7 @@ class AdapterSpec:
             "action_language": self.action_language.model_dump(mode="json"),
             "prompts": self.prompts.model_dump(mode="json"),
             "validation": dict(self.validation),
+            "sampling": self.sampling.model_dump(mode="json") if self.sampling is not None else None,
         }
 
 
@@ -701,7 +705,7 @@ def adapter_specs_of(bundle: Bundle) -> list[AdapterSpec]:
             name=a.name, path=a.path, rank=a.info.rank, alpha=a.info.alpha, base_model=a.info.base_model,
             prompts=a.info.prompts, action_language=a.info.action_language, base_sha256=a.info.base_sha256,
             source_sha256=a.info.source_sha256, trained_base_sha256=a.info.trained_base_sha256,
-            validation=a.info.validation, scale=a.info.scale,
+            validation=a.info.validation, scale=a.info.scale, sampling=a.info.sampling,
         )
         for a in bundle.adapters.values()
     ]
@@ -719,6 +723,7 @@ def write_bundle(
     action_language: ActionLanguage | None = None,
     adapter_sha256: str | None = None,
     validation: Mapping[str, float] | None = None,
+    sampling: StageSampling | None = None,
     adapters: Sequence[AdapterSpec] = (),
     default_adapter: str | None = None,
     move: bool = False,
@@ -771,6 +776,7 @@ def write_bundle(
         if chosen_default not in by_name:
             raise BundleError(f"default adapter '{chosen_default}' is not one of {', '.join(by_name)}")
         prompts, action_language = by_name[chosen_default].prompts, by_name[chosen_default].action_language
+        sampling = by_name[chosen_default].sampling
     elif default_adapter is not None:
         raise BundleError("default_adapter given without adapters")
     manifest_base: dict[str, Any] = {
@@ -786,6 +792,7 @@ def write_bundle(
         "action_language": (action_language or ActionLanguage(grammar_version=runtime_grammar_version())).model_dump(mode="json"),
         "prompts": (prompts or PromptTemplates()).model_dump(mode="json"),
         "validation": dict(validation or {}),
+        "sampling": sampling.model_dump(mode="json") if sampling is not None else None,
         "default_adapter": chosen_default,
     }
 

@@ -39,7 +39,9 @@ from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationCancelled", "Policy", "PolicyOutputError", "Skill", "StageTimings", "retry_sampling"]
+__all__ = [
+    "GenerationCancelled", "Policy", "PolicyOutputError", "Skill", "StageTimings", "effective_sampling", "retry_sampling",
+]
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Skill:
     language: ActionLanguage
     scale: float
     bundle_id: str  # the bundle and this adapter, as episodes record it
+    sampling: StageSampling  # the adapter's own (its manifest entry's) unless the policy config sets one
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,12 @@ def _stage_output(stage: str, prompt: str, gen: Generation, prefix: Timings | No
     figures["total_s"] = total_s
     figures["generated_tokens"] = float(gen.timings.generated_tokens)
     return StageOutput(stage=stage, prompt=prompt, raw_text=gen.text, timings=figures)
+
+
+def effective_sampling(recommended: StageSampling | None, configured: StageSampling) -> StageSampling:
+    """The sampling a policy runs with: the bundle's recommendation (what the model was validated with) when
+    the policy config keeps the paper's default sampling; a policy config that sets its own always wins."""
+    return recommended if recommended is not None and configured == StageSampling() else configured
 
 
 def retry_sampling(stage: Sampling, retry: Sampling) -> Sampling:
@@ -152,19 +161,23 @@ class Policy:
         config = config or PolicyConfig()
         if adapter is not None:
             bundle.adapter(adapter)  # a clear BundleError before minutes of loading
+
+        def sampling_for(recommended: StageSampling | None) -> StageSampling:
+            return effective_sampling(recommended, config.sampling)
+
         decoder = LlamaDecoder(bundle.text_model, config, mmproj_path=bundle.mmproj)
         try:
             digest = bundle.manifest.files[bundle.text_model.name].sha256[:12]
             base_id = f"{bundle.manifest.name}@{digest}"
             policy = cls(
-                decoder, bundle.prompts, bundle.action_language, config.sampling,
+                decoder, bundle.prompts, bundle.action_language, sampling_for(bundle.manifest.sampling),
                 vision=bundle.is_vision, bundle_id=base_id, constrained=config.constraint != "none",
             )
             for name, entry in bundle.adapters.items():
                 decoder.load_adapter(name, entry.path)
                 policy.add_skill(Skill(
                     adapter=name, prompts=entry.prompts, language=entry.action_language, scale=entry.info.scale,
-                    bundle_id=f"{base_id}+{name}@{entry.sha256[:12]}",
+                    bundle_id=f"{base_id}+{name}@{entry.sha256[:12]}", sampling=sampling_for(entry.info.sampling),
                 ))
             if bundle.adapters:
                 policy.default_adapter = bundle.default_adapter
@@ -207,6 +220,7 @@ class Policy:
         self.decoder.use_adapter(name, skill.scale)
         self.prompts = skill.prompts
         self.language = skill.language
+        self.sampling = skill.sampling
         self.grammars = self._grammars_for(skill.language)
         self._adapter = name
         self._bundle_id = skill.bundle_id
