@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "prompt": prompt, "threads": args.threads})["peak_rss_mb"]
         rss_merged = run_child({"kind": "merged", "models": [str(p) for p in copies], "prompt": prompt,
                                 "threads": args.threads})["peak_rss_mb"]
+        lora_mb = loras[0].stat().st_size / 1e6
 
     ms = {name: statistics.median(v) * 1000 for name, v in per_round.items()}
     print(f"\nGemma-3-270M demo adapter, {args.threads} threads, {len(tokens)} answer tokens x {args.rounds} rounds "
-          f"(interleaved); files: base {base.stat().st_size / 1e6:.0f} MB, LoRA {loras[0].stat().st_size / 1e6:.1f} MB, "
+          f"(interleaved); files: base {base.stat().st_size / 1e6:.0f} MB, LoRA {lora_mb:.1f} MB, "
           f"merged Q8_0 {merged.stat().st_size / 1e6:.0f} MB")
     print(f"{'configuration':<22}{'ms/token (median)':>20}")
     for name, value in ms.items():

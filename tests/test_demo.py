@@ -118,7 +118,9 @@ def test_the_demo_bundle_is_the_untouched_base_plus_the_adapter(tmp_path: Path, 
     from vlm2vla_edge.runtime.config import ActionLanguage
 
     assert adapter.action_language == ActionLanguage.model_validate(card["dataset"]["action_language"])
-    assert adapter.prompts.model_dump() == {**adapter.prompts.model_dump(), **card["prompts"]["templates"]}
+    from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
+
+    assert adapter.prompts == PromptTemplates.model_validate(card["prompts"]["templates"])
     figures = adapter.info.validation
     assert figures["label_nll"] <= demo.MAX_NLL_RATIO * figures["base_label_nll"]
     again = demo.find_or_build_bundle(tmp_path / "cache", echo=lines.append, threads=2)

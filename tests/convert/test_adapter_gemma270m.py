@@ -33,7 +33,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, gemma270m_gguf: Path) -> d
     root = tmp_path_factory.mktemp("adapter270m")
     language = adapter_fields(read_adapter(demo_adapter_dir()), gemma270m_gguf)["action_language"]
     dataset = validation_dataset(root / "validation", 2, language)
-    common = dict(base=gemma270m_gguf, adapter=demo_adapter_dir(), dataset=dataset, max_prompts=3, n_threads=2,
+    common = dict(base=gemma270m_gguf, adapter=demo_adapter_dir(), dataset=dataset, max_prompts=2, n_threads=2,
                   base_model_id="google/gemma-3-270m")
     convert(ConvertOptions(out=root / "merged-f16", quant="F16", **common), progress=print)  # used to crash
     convert(ConvertOptions(out=root / "adapters", mode="adapter", adapter_name="demo", **common), progress=print)
@@ -50,17 +50,19 @@ def test_adapter_mode_keeps_the_base_and_records_its_validation(bundles: dict[st
     assert sha256_file(bundle.text_model) == sha256_file(gemma270m_gguf)  # the base, byte for byte
     demo = bundle.adapter("demo")
     assert bundle.default_adapter == "demo" and (demo.info.rank, demo.info.alpha) == (16, 32.0)
-    assert demo.path.stat().st_size < 10 * 2**20
+    assert demo.path.stat().st_size < 20 * 2**20  # 7.6 MB in F16, 15 MB in F32
     figures = demo.info.validation
     assert figures["f16_top1_agreement"] >= 0.99  # the merged F16 reference against transformers
     assert figures["adapter_top1_agreement"] >= 0.95  # base + run-time LoRA against merged F16
-    assert figures["adapter_positions"] >= 100 and figures["adapter_prompts"] == 3
+    assert figures["adapter_positions"] >= 100 and figures["adapter_prompts"] == 2
     assert figures["label_nll"] < 0.6  # the adapter is applied: the bare base scores ~1.5 here
     # the training card's prompts and action language travel with the adapter
     from vlm2vla_edge.convert.merge import read_adapter
 
     card = read_adapter(demo_adapter_dir()).training_card or {}
-    assert demo.prompts.model_dump() == {**demo.prompts.model_dump(), **card["prompts"]["templates"]}
+    from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
+
+    assert demo.prompts == PromptTemplates.model_validate(card["prompts"]["templates"])
 
 
 def test_policy_follows_merged_f16_and_switches_adapters_without_reloading(
