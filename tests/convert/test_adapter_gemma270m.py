@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vlm2vla_edge.convert.merge_quantize import ConvertOptions, convert
-from vlm2vla_edge.convert.validate import Thresholds, builtin_cases, compare_decoders
+from vlm2vla_edge.convert.validate import compare_decoders, dataset_cases
 from vlm2vla_edge.runtime.config import PolicyConfig
 from vlm2vla_edge.runtime.demo import demo_adapter_dir, validation_dataset
 from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, adapter_specs_of, load_bundle, sha256_file, write_bundle
@@ -86,10 +86,11 @@ def test_policy_follows_merged_f16_and_switches_adapters_without_reloading(
     two = write_bundle(tmp_path / "two", text_model=bundle.text_model, name="two", base_model="google/gemma-3-270m",
                        quant_type="Q4_K_M", adapters=specs, link=True)
 
-    config = PolicyConfig(n_threads=2, n_ctx=2048)
-    cases = builtin_cases(vision=False)[:1]
-    from vlm2vla_edge.convert.validate import dataset_cases
-
+    stages = PolicyConfig().sampling
+    greedy = stages.model_copy(update={
+        name: getattr(stages, name).model_copy(update={"temperature": 0.0}) for name in ("subtasks", "motion", "action", "retry")
+    })
+    config = PolicyConfig(n_threads=2, n_ctx=2048, sampling=greedy)
     cases = dataset_cases(bundles["dataset"], vision=False, limit=2)
     with Policy.from_bundle(load_bundle(bundles["merged"]), config) as merged, \
             Policy.from_bundle(load_bundle(two.root), config) as policy:
