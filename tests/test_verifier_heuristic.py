@@ -386,3 +386,12 @@ def test_verdicts_are_deterministic_and_never_raise(subtask, pre, post, commande
     first, second = VERIFIER.verify(req), VERIFIER.verify(req)
     assert (first.success, first.reason) == (second.success, second.reason)
     assert first.reason
+
+
+def test_move_to_an_object_is_not_done_while_the_gripper_is_still_high_above_its_approach_point() -> None:
+    """A move the chunk budget cut short can end right above the object but far too high: not an arrival."""
+    high = _scene(1, 0).replace("above (0.01, 0, 0)", "above (0.01, 0, -0.07)")
+    v = VERIFIER.verify(request(
+        "Move to the carrot", post_state=state((0.34, 0.0, 0.10)), commanded=(0.05, 0.0, 0.0), scene_after=high
+    ))
+    assert not v.success and "approach height" in v.reason

