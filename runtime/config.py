@@ -311,6 +311,16 @@ class PolicyConfig(StrictModel):
         "format adherence (outputs are still parsed and every action still passes the safety limiter).",
     )
     fast_forward: bool = Field(True, description="Append grammar-forced tokens without sampling.")
+    speculative: bool = Field(
+        True,
+        description="Draft tokens by lookup in the prompt and the output so far (and the previous output of the "
+        "same stage), check them against the grammar, and verify them in one batch with the sampled token: "
+        "greedy output is identical to plain decoding, sampled output has the same distribution "
+        "(bench/action_decode.py). Not used with constraint: check.",
+    )
+    draft_max_tokens: int = Field(
+        16, ge=1, le=64, description="Longest draft verified in one batch (each drafted token costs a row of logits)."
+    )
 
     @model_validator(mode="after")
     def _batches(self) -> "PolicyConfig":

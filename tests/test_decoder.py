@@ -134,20 +134,26 @@ def test_fast_forward_and_check_vs_mask_agree_under_greedy(decoder: LlamaDecoder
     try:
         for constraint in ("check", "mask"):
             for fast_forward in (True, False):
-                decoder.config = _config(constraint=constraint, fast_forward=fast_forward)
-                gen = decoder.generate(ACTION_PROMPT, action_grammar, greedy)
-                texts[(constraint, fast_forward)] = gen.text
-                assert gen.stop_reason == "grammar_end"
-                if fast_forward:
-                    assert gen.timings.forced_tokens > 0
-                else:
-                    assert gen.timings.forced_tokens == 0
-                if constraint == "mask":
-                    assert gen.timings.masked_resamples == 0
+                for speculative in (False, True):
+                    decoder.config = _config(constraint=constraint, fast_forward=fast_forward, speculative=speculative)
+                    gen = decoder.generate(ACTION_PROMPT, action_grammar, greedy)
+                    texts[(constraint, fast_forward, speculative)] = gen.text
+                    assert gen.stop_reason == "grammar_end"
+                    if fast_forward:
+                        assert gen.timings.forced_tokens > 0
+                    else:
+                        assert gen.timings.forced_tokens == 0
+                    if constraint == "mask":
+                        assert gen.timings.masked_resamples == 0
+                    if speculative and constraint == "mask":
+                        assert gen.timings.accepted_tokens > 0  # the few-shot chunk repeats itself
+                    else:
+                        assert gen.timings.drafted_tokens == 0  # check mode never speculates
+                    assert gen.timings.generated_tokens == len(gen.tokens)
     finally:
         decoder.config = saved
     assert len(set(texts.values())) == 1, texts
-    parse_action_chunk(texts[("check", True)], WIDE)
+    parse_action_chunk(texts[("check", True, False)], WIDE)
 
 
 @pytest.mark.slow
@@ -251,9 +257,15 @@ def test_cancel_stops_within_one_step(decoder: LlamaDecoder, action_grammar) -> 
     pre_set.set()
     gen = decoder.generate(ACTION_PROMPT, action_grammar, sampling, cancel=pre_set)
     assert gen.stop_reason == "cancelled" and gen.tokens == ()
-    # The prompt fits in one prefill batch (1 check), then one check per decode step.
-    event = CountdownEvent(checks_before_set=1 + 5)
-    gen = decoder.generate(ACTION_PROMPT, action_grammar, sampling, cancel=event)
+    # The prompt fits in one prefill batch (1 check), then one check per decode step (plain decoding:
+    # one sampled token per step; speculative decoding: tests below).
+    saved = decoder.config
+    decoder.config = _config(speculative=False)
+    try:
+        event = CountdownEvent(checks_before_set=1 + 5)
+        gen = decoder.generate(ACTION_PROMPT, action_grammar, sampling, cancel=event)
+    finally:
+        decoder.config = saved
     assert gen.stop_reason == "cancelled"
     assert gen.timings.sampled_tokens == 5
     assert gen.timings.decode_batches == 5

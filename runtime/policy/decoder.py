@@ -51,6 +51,7 @@ _GGUF_MAGIC = b"GGUF"
 _SPARSE_MAX_WORDS = 256
 _ARANGE32 = np.arange(32, dtype=np.int64)
 _CANDIDATE_DTYPE = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+_SEP = -1  # in a draft lookup history: "no token here" (an image, the seam between two histories)
 
 
 class _Aborted(Exception):
@@ -153,10 +154,23 @@ class Timings:
     masked_resamples: int = 0
     decode_batches: int = 0
     reused_tokens: int = 0  # prompt tokens found in the cache after the prefix, not evaluated again
+    drafted_tokens: int = 0  # speculative: draft tokens evaluated for verification
+    accepted_tokens: int = 0  # speculative: draft tokens the model agreed with (kept in the output)
+    evaluated_tokens: int = 0  # tokens evaluated by the decode batches (after the prompt), rejected drafts included
 
     @property
     def generated_tokens(self) -> int:
-        return self.sampled_tokens + self.forced_tokens
+        return self.sampled_tokens + self.forced_tokens + self.accepted_tokens
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens that were accepted (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_batch(self) -> float:
+        """Tokens evaluated per decode batch (one llama_decode call: a forward pass over the model)."""
+        return self.evaluated_tokens / self.decode_batches if self.decode_batches else 0.0
 
     @property
     def model_s(self) -> float:
@@ -234,6 +248,10 @@ class LlamaDecoder:
         self._prefix: Prefix | None = None
         self._n_pos = 0  # KV length of sequence 0
         self._tail: list[int] = []  # tokens in the cache after the current prefix, in order
+        self._prefix_tokens: list[int] = []  # the current prefix's text tokens (-1 where an image was): draft lookup
+        self._draft_memory: dict[tuple[str | None, str | None], tuple[int, ...]] = {}  # last output per stage
+        self._draft_keys: dict[int, int] = {_SEP: _SEP}  # token -> its loose class for draft lookup
+        self._draft_classes: dict[bytes, int] = {}
         _check_gguf(self.model_path, "model")
         if mmproj_path is not None:
             mmproj_path = Path(mmproj_path).expanduser()
@@ -557,8 +575,11 @@ class LlamaDecoder:
         self._prefix = None
         self._epoch += 1
 
-    def _decode(self, tokens: Sequence[int], *, logits_last: bool = True, logits_all: bool = False) -> None:
-        """Evaluate tokens at the end of sequence 0 in one llama_decode call (len <= n_batch)."""
+    def _decode(
+        self, tokens: Sequence[int], *, logits_last: bool = True, logits_all: bool = False, outputs: Sequence[int] = ()
+    ) -> None:
+        """Evaluate tokens at the end of sequence 0 in one llama_decode call (len <= n_batch); logits for the
+        last token, for all, and for the batch positions in `outputs` (the rows a speculative draft needs)."""
         n = len(tokens)
         if n == 0:
             return
@@ -573,6 +594,8 @@ class LlamaDecoder:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1 if logits_all else 0
+        for i in outputs:
+            batch.logits[i] = 1
         if logits_last:
             batch.logits[n - 1] = 1
         rc = self._ll.llama_decode(self._ctx, batch)
@@ -612,11 +635,12 @@ class LlamaDecoder:
                 self._ll.llama_set_abort_callback(self._ctx, self._no_abort_cb, None)
                 self._abort_event = None
 
-    def _logits(self) -> np.ndarray:
-        """A writable view of the last output row of logits (n_vocab floats, owned by llama.cpp)."""
-        ptr = self._ll.llama_get_logits_ith(self._ctx, -1)
+    def _logits(self, row: int = -1) -> np.ndarray:
+        """A writable view of one output row of logits (n_vocab floats, owned by llama.cpp): the last one,
+        or batch position `row` of the last batch (it must have been evaluated with its logits flag)."""
+        ptr = self._ll.llama_get_logits_ith(self._ctx, row)
         if not ptr:
-            raise DecoderError("llama.cpp returned no logits for the last token")
+            raise DecoderError(f"llama.cpp returned no logits for batch row {row}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def teacher_forced_logits(self, tokens: Sequence[int], prefix: Prefix) -> np.ndarray:
@@ -663,6 +687,7 @@ class LlamaDecoder:
                 raise GenerationCancelled("cancelled while evaluating the prompt prefix")
             timings = Timings(prefill_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
             prefix = Prefix(n_pos=self._n_pos, text_tokens=len(tokens), image_tokens=0, timings=timings, epoch=self._epoch)
+            self._prefix_tokens = list(tokens)
         else:
             prefix = self._eval_image_prefix(text, image, cancel)
         self._prefix = prefix
@@ -697,6 +722,7 @@ class LlamaDecoder:
                 raise DecoderError(f"mtmd_tokenize failed with code {rc}: {what.get(rc, 'unknown error')}")
             text_tokens = image_tokens = 0
             prefill_s = encode_s = 0.0
+            lookup_tokens: list[int] = []  # text tokens, -1 for the image: what drafts may copy from
             new_pos = self._ll.llama_pos(0)
             for i in range(api.mtmd_input_chunks_size(chunks)):
                 if cancel is not None and cancel.is_set():
@@ -712,6 +738,7 @@ class LlamaDecoder:
                         raise GenerationCancelled("cancelled while evaluating the image prefix")
                     prefill_s += time.perf_counter() - t0
                     text_tokens += len(tokens)
+                    lookup_tokens.extend(tokens)
                 elif kind == api.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     n_img = int(api.mtmd_input_chunk_get_n_tokens(chunk))
                     if n_img > int(self._ll.llama_n_ubatch(self._ctx)):
@@ -738,21 +765,24 @@ class LlamaDecoder:
                     encode_s += t1 - t0
                     prefill_s += t2 - t1
                     image_tokens += n_img
+                    lookup_tokens.append(_SEP)
                 else:
                     raise DecoderError(f"unsupported mtmd chunk type {kind} (audio?)")
         finally:
             api.mtmd_input_chunks_free(chunks)
             api.mtmd_bitmap_free(bitmap)
         timings = Timings(prefill_tokens=text_tokens + image_tokens, prefill_s=prefill_s, image_encode_s=encode_s)
+        self._prefix_tokens = lookup_tokens
         return Prefix(
             n_pos=self._n_pos, text_tokens=text_tokens, image_tokens=image_tokens, timings=timings, epoch=self._epoch
         )
 
     # --- sampling -----------------------------------------------------------------------------------
 
-    def _make_chain(self, sampling: Sampling):
+    def _make_chain(self, sampling: Sampling, *, draw: bool = True):
         """llama.cpp's native chain. Temperature before top-k/top-p, as in Hugging Face's generate
-        (the paper's settings), then a seeded draw; temperature 0 is greedy."""
+        (the paper's settings), then a seeded draw; temperature 0 is greedy. Without `draw` the chain
+        only shapes the distribution (speculative verification reads the probabilities it leaves)."""
         ll = self._ll
         params = ll.llama_sampler_chain_default_params()
         params.no_perf = True
@@ -774,11 +804,12 @@ class LlamaDecoder:
                 add(ll.llama_sampler_init_top_k(sampling.top_k))
             if sampling.top_p < 1.0:
                 add(ll.llama_sampler_init_top_p(sampling.top_p, 1))
-            seed = sampling.seed if sampling.seed is not None else secrets.randbits(32) % 0xFFFFFFFF
-            add(ll.llama_sampler_init_dist(seed))
+            if draw:
+                seed = sampling.seed if sampling.seed is not None else secrets.randbits(32) % 0xFFFFFFFF
+                add(ll.llama_sampler_init_dist(seed))
         return chain
 
-    def _sample_allowed(self, chain, matcher) -> int:
+    def _sample_allowed(self, chain, matcher, row: int = -1) -> int:
         """Sample from the chain restricted to the tokens the grammar allows.
 
         The usual case is a handful of allowed tokens (a digit, a separator): then the chain runs on
@@ -796,14 +827,14 @@ class LlamaDecoder:
             raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
         if len(nonzero) > _SPARSE_MAX_WORDS:
             allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
-            self._logits()[allowed == 0] = self._neg_inf
-            return int(ll.llama_sampler_sample(chain, self._ctx, -1))
+            self._logits(row)[allowed == 0] = self._neg_inf
+            return int(ll.llama_sampler_sample(chain, self._ctx, row))
         bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
         ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
         ids = ids[ids < self.n_vocab]
         candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
         candidates["id"] = ids
-        candidates["logit"] = self._logits()[ids]
+        candidates["logit"] = self._logits(row)[ids]
         array = ll.llama_token_data_array(
             candidates.ctypes.data_as(ll.llama_token_data_p), len(ids), -1, False
         )
@@ -871,12 +902,20 @@ class LlamaDecoder:
         t1 = time.perf_counter()
 
         chain = self._make_chain(sampling)
+        spec = None
         try:
-            out, stop, counts = self._decode_loop(chain, matcher, sampling.max_tokens, cancel)
+            if self.config.speculative and (matcher is None or self.config.constraint != "check"):
+                context = (self._prefix_tokens + suffix) if prefix is not None else list(tokens_in)
+                spec = self._speculation_for(grammar, context)
+                out, stop, counts = self._speculative_loop(chain, matcher, sampling, spec, cancel)
+                if stop != "cancelled":
+                    self._draft_memory[(grammar.compiled if grammar is not None else None, self._active_adapter)] = tuple(out)
+            else:
+                out, stop, counts = self._decode_loop(chain, matcher, sampling.max_tokens, cancel)
         finally:
             self._ll.llama_sampler_free(chain)
         t2 = time.perf_counter()
-        sampled, forced, resamples, batches = counts
+        sampled, forced, resamples, batches, evaluated = counts
         timings = Timings(
             prefill_tokens=len(tokens_in),
             reused_tokens=reused,
@@ -886,11 +925,14 @@ class LlamaDecoder:
             forced_tokens=forced,
             masked_resamples=resamples,
             decode_batches=batches,
+            evaluated_tokens=evaluated,
+            drafted_tokens=spec.drafted if spec is not None else 0,
+            accepted_tokens=spec.accepted if spec is not None else 0,
         )
         text = self.detokenize(out)
         log.debug(
-            "event=generation stop=%s tokens=%d forced=%d resamples=%d decode_s=%.4f",
-            stop, len(out), forced, resamples, t2 - t1,
+            "event=generation stop=%s tokens=%d forced=%d resamples=%d drafted=%d accepted=%d batches=%d decode_s=%.4f",
+            stop, len(out), forced, resamples, timings.drafted_tokens, timings.accepted_tokens, batches, t2 - t1,
         )
         return Generation(text=text, tokens=tuple(out), stop_reason=stop, timings=timings)
 
@@ -901,7 +943,7 @@ class LlamaDecoder:
         check = self.config.constraint == "check"
         fast_forward = self.config.fast_forward
         out: list[int] = []
-        sampled = forced = resamples = batches = 0
+        sampled = forced = resamples = batches = evaluated = 0
         stop: StopReason = "max_tokens"
         while True:
             if cancel is not None and cancel.is_set():
@@ -939,4 +981,370 @@ class LlamaDecoder:
                 break
             self._decode(new)
             batches += 1
-        return out, stop, (sampled, forced, resamples, batches)
+            evaluated += len(new)
+        return out, stop, (sampled, forced, resamples, batches, evaluated)
+
+    # --- speculative decoding: drafts from the text itself, verified in one batch ----------------------
+    #
+    # Why: on a CPU every llama_decode call reads the whole model, so a batch of 8 tokens costs about
+    # twice one token (DESIGN.md §5), and the text a policy writes copies its prompt: a waypoint plan
+    # copies the scene's numbers, the action chunk copies the plan's, and a v1 chunk repeats its first
+    # action. So after each chosen token we *draft* a continuation by looking it up in the prompt and
+    # the output so far (prompt-lookup decoding, as llama.cpp's lookup examples), cut it where the
+    # grammar would refuse it (llguidance `validate_tokens`), evaluate [token + forced + draft] as ONE
+    # batch with logits for every drafted row, and keep the drafted tokens the model itself would have
+    # chosen. The first disagreement is replaced by the model's own choice from that row, and the
+    # rejected rows are removed from the KV cache. Greedy: the same argmax over the same allowed tokens
+    # as plain decoding, so the same text. Sampling: the speculative-sampling rule for a deterministic
+    # draft (accept draft token t with probability p(t), else draw from p without t, renormalised),
+    # with p the chain's distribution after the grammar mask, so the output distribution is unchanged.
+
+    def _draft_key(self, token: int) -> int:
+        """The token's loose class for lookup: its text without leading spaces, with ( ) read as [ ].
+
+        Lookup only decides where a draft is copied from; the grammar and the model decide what is kept.
+        Loose classes let the opener of a chunk's next action (` [-`) find the first action (`[-`), and
+        an action (`[-0.24, ...`) find the plan or scene point it copies (` (-0.24, ...`).
+        """
+        key = self._draft_keys.get(token)
+        if key is None:
+            text = self.token_bytes(token)
+            loose = (text.lstrip() or text).translate(_LOOSE_BRACKETS)
+            key = self._draft_classes.setdefault(loose, len(self._draft_classes))
+            self._draft_keys[token] = key
+        return key
+
+    def _speculative_loop(self, chain, matcher, sampling: Sampling, spec: "_Speculation", cancel: threading.Event | None):
+        """The decode loop with drafts; returns what `_decode_loop` returns. The cancel event is checked
+        once per batch, as in the plain loop (a batch is one forward pass: tens of ms on a CPU).
+
+        Every position is decided as plain decoding decides it: a position right after a chosen token
+        whose grammar forces what follows (fast-forward) takes the forced tokens, without looking at
+        the model, so forced draft rows need no logits; every other position is the model's choice from
+        its row (verification), so greedy output is plain decoding's.
+        """
+        ll = self._ll
+        eog = set(self.eog_tokens)
+        fast_forward = self.config.fast_forward and matcher is not None
+        max_tokens = sampling.max_tokens
+        probs_chain = None if sampling.temperature == 0.0 else self._make_chain(sampling, draw=False)
+        rng = np.random.default_rng(sampling.seed)
+        out: list[int] = []
+        sampled = forced = batches = evaluated = 0
+        stop: StopReason = "max_tokens"
+        row = -1  # batch row whose logits predict the next token
+        token: int | None = None  # the next token when verification has already chosen it
+        pending: list[int] = []  # forced tokens that follow the last accepted draft token (not consumed yet)
+        budget = self.config.draft_max_tokens  # halved after a draft fails at once, doubled after a full accept
+        try:
+            while True:
+                if cancel is not None and cancel.is_set():
+                    stop = "cancelled"
+                    break
+                if pending:
+                    new, pending = pending, []
+                    if not matcher.consume_tokens(new):
+                        raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
+                    forced += len(new)
+                else:
+                    if token is None:
+                        if matcher is not None:
+                            token = self._sample_allowed(chain, matcher, row)
+                        else:
+                            token = int(ll.llama_sampler_sample(chain, self._ctx, row))
+                    sampled += 1
+                    if token in eog:
+                        stop = "eos"
+                        break
+                    new = [token]
+                    token = None
+                    if matcher is not None:
+                        if not matcher.consume_token(new[0]):
+                            raise DecoderError(f"grammar matcher rejected a checked token: {matcher.get_error()}")
+                        if fast_forward and len(out) + 1 < max_tokens:
+                            ff = matcher.compute_ff_tokens()[: max_tokens - len(out) - 1]
+                            if ff:
+                                if not matcher.consume_tokens(ff):
+                                    raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
+                                new.extend(ff)
+                                forced += len(ff)
+                out.extend(new)
+                spec.extend(new)
+                if matcher is not None and matcher.is_stopped():
+                    if matcher.is_error():
+                        raise DecoderError(f"grammar matcher failed: {matcher.get_error()}")
+                    stop = "grammar_end"
+                    break
+                if len(out) >= max_tokens:
+                    break
+                room = min(budget, max_tokens - len(out), self.n_batch - len(new))
+                draft, is_forced = self._draft(spec, matcher, room, fast_forward) if room > 0 else ([], [])
+                rows = [len(new) - 1 + i for i, f in enumerate(is_forced) if not f]
+                self._decode(new + draft, outputs=rows)
+                batches += 1
+                evaluated += len(new) + len(draft)
+                spec.drafted += len(rows)
+                row = len(new) + len(draft) - 1  # all accepted: the next token comes from the last row
+                kept = self._n_pos - len(draft)
+                forced_next: list[int] = []  # what plain decoding would force after the last token kept
+                accepted_here = 0
+                done = False
+                for i, drafted in enumerate(draft):
+                    if is_forced[i]:  # plain decoding appends it unseen (the plan matched it to the forced run)
+                        forced_next.pop(0)
+                        forced += 1
+                    else:
+                        choice = self._verify(chain, probs_chain, rng, matcher, len(new) - 1 + i, drafted)
+                        if choice != drafted:
+                            self._truncate(kept)  # the rejected rows leave the KV cache
+                            token = choice  # drawn from the right distribution already: the next step takes it
+                            break
+                        spec.accepted += 1
+                        accepted_here += 1
+                    if matcher is not None and not matcher.consume_token(drafted):
+                        raise DecoderError(f"grammar matcher rejected a validated draft token: {matcher.get_error()}")
+                    kept += 1
+                    out.append(drafted)
+                    spec.extend((drafted,))
+                    if matcher is not None and matcher.is_stopped():
+                        stop, done = "grammar_end", True
+                    elif len(out) >= max_tokens:
+                        stop, done = "max_tokens", True
+                    if done:
+                        self._truncate(kept)
+                        break
+                    if not is_forced[i] and fast_forward:
+                        forced_next = matcher.compute_ff_tokens()[: max_tokens - len(out)]
+                else:
+                    pending = forced_next  # the draft ended inside a forced run: the rest comes next
+                if done:
+                    break
+                if rows:
+                    if token is not None and accepted_here == 0:
+                        budget = max(1, budget // 2)
+                    elif token is None:
+                        budget = min(self.config.draft_max_tokens, budget * 2)
+        finally:
+            if probs_chain is not None:
+                ll.llama_sampler_free(probs_chain)
+        return out, stop, (sampled, forced, 0, batches, evaluated)
+
+    def _draft(self, spec: "_Speculation", matcher, room: int, fast_forward: bool) -> tuple[list[int], list[bool]]:
+        """The draft to verify after the tokens just chosen (at most `room` tokens, all admitted by the
+        grammar), and for each of its tokens whether plain decoding would force it (no logits needed).
+
+        Sources, best first: (1) the history (prompt + output) after the longest earlier match of its
+        own end; (2) with a grammar that admits few tokens here, the most recent place in the history
+        that starts the longest continuation the grammar admits (a number the plan copies from the
+        scene, an action the chunk copies from the plan), when it is at least 3 tokens; (3) the previous
+        output of the same stage (the episode's previous chunk); (4) whatever (2) found.
+        """
+        eog = self.eog_tokens
+
+        def admitted(tokens: list[int]) -> int:
+            for j, t in enumerate(tokens):
+                if t < 0 or t in eog:
+                    tokens = tokens[:j]
+                    break
+            if not tokens:
+                return 0
+            return int(matcher.validate_tokens(tokens)) if matcher is not None else len(tokens)
+
+        draft: list[int] = []
+        for start in spec.context_starts(limit=4):
+            cont = spec.raw[start : start + room]
+            n = admitted(cont)
+            if n:
+                draft = cont[:n]
+                break
+        if not draft:
+            anchor = self._anchor_draft(spec, matcher, room, admitted) if matcher is not None else []
+            if len(anchor) >= 3:
+                draft = anchor
+            else:
+                for start in spec.memory_starts(limit=4):
+                    cont = list(spec.memory[start : start + room])
+                    n = admitted(cont)
+                    if n:
+                        draft = cont[:n]
+                        break
+                else:
+                    draft = anchor
+        if matcher is None or not fast_forward or not draft:
+            return draft, [False] * len(draft)
+        return self._plan_forced(matcher, draft)
+
+    @staticmethod
+    def _plan_forced(matcher, draft: list[int]) -> tuple[list[int], list[bool]]:
+        """Walk the draft through the grammar as plain decoding would: after each chosen token the
+        grammar's forced tokens (`compute_ff_tokens`) follow unseen. Drafted tokens inside such a run
+        are marked forced; a draft that spells a forced run differently is cut there (plain decoding
+        would write the forced spelling). The matcher is rolled back to where it was."""
+        flags: list[bool] = []
+        queue: list[int] = []
+        for token in draft:
+            if queue:
+                if token != queue[0]:
+                    break
+                queue.pop(0)
+                flags.append(True)
+            else:
+                flags.append(False)
+            if not matcher.consume_token(token):
+                flags.pop()
+                break
+            if not flags[-1]:
+                queue = matcher.compute_ff_tokens()
+            if matcher.is_stopped():
+                break
+        if flags and not matcher.rollback(len(flags)):
+            raise DecoderError(f"grammar matcher could not roll back a draft: {matcher.get_error()}")
+        return draft[: len(flags)], flags
+
+    def _anchor_draft(self, spec: "_Speculation", matcher, room: int, admitted) -> list[int]:
+        """Source (2) of `_draft`: among the most recent history positions holding a token the grammar
+        admits next, the one whose continuation the grammar admits longest (the most recent on ties)."""
+        self._fill_bitmask(matcher, self._bitmask)
+        words = self._bitmask[0]
+        if np.count_nonzero(words) > _SPARSE_MAX_WORDS:  # free text: a copy from anywhere is a blind guess
+            return []
+        window = np.asarray(spec.raw[-_ANCHOR_WINDOW:], dtype=np.int64)
+        offset = len(spec.raw) - len(window)
+        valid = window >= 0
+        safe = np.where(valid, window, 0)
+        allowed = valid & (((words[safe >> 5] >> (safe & 31)) & 1) != 0)
+        best: list[int] = []
+        for pos in np.flatnonzero(allowed)[::-1][:_ANCHOR_CANDIDATES]:
+            start = offset + int(pos)
+            cont = spec.raw[start : start + room]
+            n = admitted(cont)
+            if n > len(best):
+                best = cont[:n]
+                if n == room:
+                    break
+        return best
+
+    def _verify(self, chain, probs_chain, rng: np.random.Generator, matcher, row: int, drafted: int) -> int:
+        """The token at batch row `row` given that the draft proposes `drafted` there: `drafted` itself
+        when accepted, else the replacement drawn from the residual distribution."""
+        if probs_chain is None:  # greedy: exactly the choice plain decoding makes from these logits
+            if matcher is not None:
+                return self._sample_allowed(chain, matcher, row)
+            return int(self._ll.llama_sampler_sample(chain, self._ctx, row))
+        ids, p = self._target_probs(probs_chain, matcher, row)
+        hit = np.flatnonzero(ids == drafted)
+        p_drafted = float(p[hit[0]]) if len(hit) else 0.0
+        if rng.random() < p_drafted:
+            return drafted
+        if len(hit):
+            p = p.copy()
+            p[hit[0]] = 0.0
+        return int(ids[rng.choice(len(ids), p=p / p.sum())])
+
+    def _target_probs(self, probs_chain, matcher, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) that plain decoding samples from at batch row `row`: the grammar's
+        allowed tokens (all without a grammar) through the chain's temperature, top-k and top-p."""
+        ll = self._ll
+        if matcher is not None:
+            self._fill_bitmask(matcher, self._bitmask)
+            words = self._bitmask[0]
+            nonzero = np.flatnonzero(words)
+            if len(nonzero) == 0:
+                raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
+            bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
+            ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
+            ids = ids[ids < self.n_vocab]
+        else:
+            ids = np.arange(self.n_vocab)
+        candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
+        candidates["id"] = ids
+        candidates["logit"] = self._logits(row)[ids]
+        array = ll.llama_token_data_array(candidates.ctypes.data_as(ll.llama_token_data_p), len(ids), -1, False)
+        ll.llama_sampler_apply(probs_chain, ctypes.byref(array))
+        n = int(array.size)
+        if n <= 0:
+            raise DecoderError("the sampler chain kept no token")
+        address = ctypes.cast(array.data, ctypes.c_void_p).value  # the chain may have re-pointed `data`
+        kept = np.frombuffer((ctypes.c_char * (n * _CANDIDATE_DTYPE.itemsize)).from_address(address), dtype=_CANDIDATE_DTYPE)
+        logits = kept["logit"].astype(np.float64)
+        p = np.exp(logits - logits.max())
+        return kept["id"].astype(np.int64), p / p.sum()
+
+    def _speculation_for(self, grammar: Grammar | None, context: list[int]) -> "_Speculation":
+        memory_key = (grammar.compiled if grammar is not None else None, self._active_adapter)
+        return _Speculation(self._draft_key, context, self._draft_memory.get(memory_key, ()))
+
+
+# Tuning of the lookup (speed only: what is kept is decided by the grammar and the model).
+_LOOSE_BRACKETS = bytes.maketrans(b"()", b"[]")
+_MAX_MATCH = 12  # a match of the history's end is measured up to this many tokens back
+_SCAN = 64  # most recent earlier occurrences of the last token ranked by match length
+_ANCHOR_WINDOW = 1024  # history tokens searched by the grammar-anchored source
+_ANCHOR_CANDIDATES = 48  # most recent admitted positions tried there
+
+
+class _Speculation:
+    """One generation's draft state: the token history drafts are copied from, and the counts.
+
+    `raw` is the history (prompt tokens, `_SEP` where an image was, then the output as it grows);
+    `keys` the loose class of each token, `where` the positions of each class. `memory` is the
+    previous output of the same stage (same grammar, same adapter): the episode's previous chunk.
+    """
+
+    def __init__(self, key_of, context: Sequence[int], memory: Sequence[int]) -> None:
+        self._key_of = key_of
+        self.raw: list[int] = []
+        self.keys: list[int] = []
+        self.where: dict[int, list[int]] = {}
+        self.extend(context)
+        self.memory = tuple(memory)
+        self.memory_keys = [key_of(t) for t in self.memory]
+        self.drafted = 0
+        self.accepted = 0
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            key = self._key_of(token)
+            self.where.setdefault(key, []).append(len(self.raw))
+            self.raw.append(token)
+            self.keys.append(key)
+
+    def _match(self, keys: Sequence[int], i: int) -> int:
+        """How many tokens up to keys[i] equal the history's last ones (at most _MAX_MATCH)."""
+        own, n = self.keys, len(self.keys)
+        m = 1
+        while m < _MAX_MATCH and i - m >= 0 and n - 1 - m >= 0 and keys[i - m] == own[n - 1 - m] != _SEP:
+            m += 1
+        return m
+
+    def context_starts(self, limit: int) -> list[int]:
+        """Where drafts may start in the history: after earlier occurrences of its last token, the longest
+        match of its end first, the most recent first among equals."""
+        n = len(self.keys)
+        last = self.keys[-1] if n else _SEP
+        if last == _SEP:
+            return []
+        scored: list[tuple[int, int]] = []
+        positions = self.where.get(last, ())
+        for idx in range(len(positions) - 1, -1, -1):
+            i = positions[idx]
+            if i >= n - 1:
+                continue
+            scored.append((self._match(self.keys, i), i))
+            if len(scored) >= _SCAN:
+                break
+        scored.sort(key=lambda item: (-item[0], -item[1]))
+        return [i + 1 for _, i in scored[:limit]]
+
+    def memory_starts(self, limit: int) -> list[int]:
+        """The same in the previous output of this stage (a short one: scanned whole)."""
+        if not self.keys or not self.memory_keys:
+            return []
+        last = self.keys[-1]
+        scored = [
+            (self._match(self.memory_keys, i), i)
+            for i in range(len(self.memory_keys) - 2, -1, -1)
+            if self.memory_keys[i] == last
+        ]
+        scored.sort(key=lambda item: (-item[0], -item[1]))
+        return [i + 1 for _, i in scored[:limit]]
