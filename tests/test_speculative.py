@@ -412,3 +412,12 @@ def test_forced_runs_in_a_draft_are_marked_and_a_different_spelling_is_cut() -> 
     assert matcher.consumed == []  # rolled back
     assert plan(matcher, [1, 2, 9, 7]) == ([1, 2], [False, True])  # plain decoding would force 3, not 9
     assert plan(matcher, [5, 6]) == ([5, 6], [False, False])
+
+
+def test_among_equal_matches_the_same_neighbourhood_wins() -> None:
+    # two objects' lines "name, opener 9, point" apart from each other; the output named object 30, then 9
+    line_30 = [30, 31, 9, 50]
+    line_40 = [40, 41, 9, 51]
+    filler, other = list(range(100, 112)), list(range(200, 212))
+    spec = _spec(line_30 + filler + line_40 + other + [30, 2, 9])
+    assert spec.context_starts(limit=2) == [3, 3 + len(filler) + 4]  # object 30's point, though 51 is more recent

@@ -1281,6 +1281,7 @@ _MAX_MATCH = 12  # a match of the history's end is measured up to this many toke
 _SCAN = 64  # most recent earlier occurrences of the last token ranked by match length
 _ANCHOR_WINDOW = 1024  # history tokens searched by the grammar-anchored source
 _ANCHOR_CANDIDATES = 48  # most recent admitted positions tried there
+_TOPIC_WINDOW = 10  # tokens compared before a match and before the history's end (ties of equal matches)
 
 
 class _Speculation:
@@ -1317,9 +1318,20 @@ class _Speculation:
             m += 1
         return m
 
+    def _overlap(self, i: int, m: int) -> int:
+        """How many distinct tokens the _TOPIC_WINDOW tokens before a match at i share with those before the
+        history's own matched end: among equal matches, the one in the same neighbourhood (the scene line
+        of the object the output just named) beats a merely more recent one."""
+        n = len(self.keys)
+        before = set(self.keys[max(0, i - m - _TOPIC_WINDOW + 1) : max(0, i - m + 1)])
+        recent = set(self.keys[max(0, n - m - _TOPIC_WINDOW) : n - m])
+        before.discard(_SEP)
+        return len(before & recent)
+
     def context_starts(self, limit: int) -> list[int]:
         """Where drafts may start in the history: after earlier occurrences of its last token, the longest
-        match of its end first, the most recent first among equals."""
+        match of its end first; among equals the one sharing most of its neighbourhood with the history's
+        end, then the most recent."""
         n = len(self.keys)
         last = self.keys[-1] if n else _SEP
         if last == _SEP:
@@ -1333,8 +1345,13 @@ class _Speculation:
             scored.append((self._match(self.keys, i), i))
             if len(scored) >= _SCAN:
                 break
-        scored.sort(key=lambda item: (-item[0], -item[1]))
-        return [i + 1 for _, i in scored[:limit]]
+        if not scored:
+            return []
+        best = max(m for m, _ in scored)
+        ranked = sorted(
+            ((m, self._overlap(i, m) if m == best else 0, i) for m, i in scored), key=lambda item: (-item[0], -item[1], -item[2])
+        )
+        return [i + 1 for _, _, i in ranked[:limit]]
 
     def memory_starts(self, limit: int) -> list[int]:
         """The same in the previous output of this stage (a short one: scanned whole)."""
