@@ -249,7 +249,9 @@ class LlamaDecoder:
         self._n_pos = 0  # KV length of sequence 0
         self._tail: list[int] = []  # tokens in the cache after the current prefix, in order
         self._prefix_tokens: list[int] = []  # the current prefix's text tokens (-1 where an image was): draft lookup
-        self._draft_memory: dict[tuple[str | None, str | None], tuple[int, ...]] = {}  # last output per stage
+        # the last outputs of each stage (grammar, adapter), most recent last: drafts copy phrases that recur
+        # across steps and episodes ("..., then close the gripper.")
+        self._draft_memory: dict[tuple[str | None, str | None], list[tuple[int, ...]]] = {}
         self._draft_keys: dict[int, int] = {_SEP: _SEP}  # token -> its loose class for draft lookup
         self._draft_classes: dict[bytes, int] = {}
         _check_gguf(self.model_path, "model")
@@ -909,7 +911,11 @@ class LlamaDecoder:
                 spec = self._speculation_for(grammar, context)
                 out, stop, counts = self._speculative_loop(chain, matcher, sampling, spec, cancel)
                 if stop != "cancelled":
-                    self._draft_memory[(grammar.compiled if grammar is not None else None, self._active_adapter)] = tuple(out)
+                    outputs = self._draft_memory.setdefault(
+                        (grammar.compiled if grammar is not None else None, self._active_adapter), []
+                    )
+                    outputs.append(tuple(out))
+                    del outputs[:-_MEMORY_OUTPUTS]
             else:
                 out, stop, counts = self._decode_loop(chain, matcher, sampling.max_tokens, cancel)
         finally:
@@ -1091,7 +1097,7 @@ class LlamaDecoder:
                 done = False
                 for i, drafted in enumerate(draft):
                     if is_forced[i]:  # plain decoding appends it unseen (the plan matched it to the forced run)
-                        forced_next.pop(0)
+                        del forced_next[:1]
                         forced += 1
                     else:
                         choice = self._verify(chain, probs_chain, rng, matcher, len(new) - 1 + i, drafted)
@@ -1136,8 +1142,8 @@ class LlamaDecoder:
         Sources, best first: (1) the history (prompt + output) after the longest earlier match of its
         own end; (2) with a grammar that admits few tokens here, the most recent place in the history
         that starts the longest continuation the grammar admits (a number the plan copies from the
-        scene, an action the chunk copies from the plan), when it is at least 3 tokens; (3) the previous
-        output of the same stage (the episode's previous chunk); (4) whatever (2) found.
+        scene, an action the chunk copies from the plan), when it is at least 3 tokens; (3) the last
+        outputs of the same stage (the episode's previous chunk, recurring phrases); (4) whatever (2) found.
         """
         eog = self.eog_tokens
 
@@ -1272,7 +1278,11 @@ class LlamaDecoder:
 
     def _speculation_for(self, grammar: Grammar | None, context: list[int]) -> "_Speculation":
         memory_key = (grammar.compiled if grammar is not None else None, self._active_adapter)
-        return _Speculation(self._draft_key, context, self._draft_memory.get(memory_key, ()))
+        memory: list[int] = []
+        for output in self._draft_memory.get(memory_key, ()):
+            memory.extend(output)
+            memory.append(_SEP)
+        return _Speculation(self._draft_key, context, memory)
 
 
 # Tuning of the lookup (speed only: what is kept is decided by the grammar and the model).
@@ -1281,6 +1291,7 @@ _MAX_MATCH = 12  # a match of the history's end is measured up to this many toke
 _SCAN = 64  # most recent earlier occurrences of the last token ranked by match length
 _ANCHOR_WINDOW = 1024  # history tokens searched by the grammar-anchored source
 _ANCHOR_CANDIDATES = 48  # most recent admitted positions tried there
+_MEMORY_OUTPUTS = 8  # outputs kept per stage for source (3)
 _TOPIC_WINDOW = 10  # tokens compared before a match and before the history's end (ties of equal matches)
 
 
@@ -1288,8 +1299,9 @@ class _Speculation:
     """One generation's draft state: the token history drafts are copied from, and the counts.
 
     `raw` is the history (prompt tokens, `_SEP` where an image was, then the output as it grows);
-    `keys` the loose class of each token, `where` the positions of each class. `memory` is the
-    previous output of the same stage (same grammar, same adapter): the episode's previous chunk.
+    `keys` the loose class of each token, `where` the positions of each class. `memory` holds the
+    last outputs of the same stage (same grammar, same adapter), `_SEP` after each: the episode's
+    previous chunk, and phrases that recur from step to step.
     """
 
     def __init__(self, key_of, context: Sequence[int], memory: Sequence[int]) -> None:
@@ -1354,7 +1366,7 @@ class _Speculation:
         return [i + 1 for _, _, i in ranked[:limit]]
 
     def memory_starts(self, limit: int) -> list[int]:
-        """The same in the previous output of this stage (a short one: scanned whole)."""
+        """The same in the last outputs of this stage (a few hundred tokens: scanned whole)."""
         if not self.keys or not self.memory_keys:
             return []
         last = self.keys[-1]
