@@ -93,10 +93,34 @@ def test_do_without_local_says_no_daemon_and_mentions_local(capsys: pytest.Captu
 
 
 def test_do_needs_a_bundle(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["do", "--local", "--sim", "pick up the carrot"]) == 2
-    assert "--bundle" in capsys.readouterr().err
+    # On a real robot there is no default model: a clear usage error.
+    assert main(["do", "--local", "pick up the carrot"]) == 2
+    err = capsys.readouterr().err
+    assert "--bundle" in err and "with --sim and no bundle the demo model runs" in err
     assert main(["do", "--local", "--sim", "--bundle", str(tmp_path / "nope"), "pick up the carrot"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_do_local_sim_without_a_bundle_runs_the_demo_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A newcomer's `do --local --sim "..."` gets the demo bundle (found or built as `demo` does)."""
+    from vlm2vla_edge.runtime import demo, local_run
+
+    asked: dict[str, object] = {}
+
+    def fake_bundle(*args: object, **kwargs: object) -> demo.DemoBundle:
+        return demo.DemoBundle(tmp_path / "demo-bundle", built=False)
+
+    def fake_run(options: local_run.LocalRunOptions, echo: object) -> object:
+        asked["bundle"] = options.bundle
+        raise local_run.UserError("stop here: the bundle was chosen")
+
+    monkeypatch.setattr(demo, "find_or_build_bundle", fake_bundle)
+    monkeypatch.setattr(local_run, "run_local", fake_run)
+    assert main(["do", "--local", "--sim", "--episodes-dir", str(tmp_path), "pick up the carrot"]) == 2
+    assert asked["bundle"] == tmp_path / "demo-bundle"
+    assert "running the demo model" in capsys.readouterr().out
 
 
 @pytest.mark.slow
