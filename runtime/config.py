@@ -312,11 +312,12 @@ class PolicyConfig(StrictModel):
     )
     fast_forward: bool = Field(True, description="Append grammar-forced tokens without sampling.")
     speculative: bool = Field(
-        True,
+        False,
         description="Draft tokens by lookup in the prompt and the output so far (and the previous output of the "
         "same stage), check them against the grammar, and verify them in one batch with the sampled token: "
         "greedy output is identical to plain decoding, sampled output has the same distribution "
-        "(bench/action_decode.py). Not used with constraint: check.",
+        "(bench/action_decode.py). Not used with constraint: check. Off by default until greedy identity holds on "
+        "every test prompt (one base-model prompt still diverges: tests/test_speculative.py).",
     )
     draft_max_tokens: int = Field(
         16, ge=1, le=64, description="Longest draft verified in one batch (each drafted token costs a row of logits)."

@@ -1157,8 +1157,8 @@ class LlamaDecoder:
             return int(matcher.validate_tokens(tokens)) if matcher is not None else len(tokens)
 
         draft: list[int] = []
-        for start in spec.context_starts(limit=4):
-            cont = spec.raw[start : start + room]
+        for start, match in spec.context_matches(limit=4):
+            cont = spec.raw[start : start + min(room, _match_cap(match))]
             n = admitted(cont)
             if n:
                 draft = cont[:n]
@@ -1168,8 +1168,8 @@ class LlamaDecoder:
             if len(anchor) >= 3:
                 draft = anchor
             else:
-                for start in spec.memory_starts(limit=4):
-                    cont = list(spec.memory[start : start + room])
+                for start, match in spec.memory_matches(limit=4):
+                    cont = list(spec.memory[start : start + min(room, _match_cap(match))])
                     n = admitted(cont)
                     if n:
                         draft = cont[:n]
@@ -1295,6 +1295,12 @@ _MEMORY_OUTPUTS = 8  # outputs kept per stage for source (3)
 _TOPIC_WINDOW = 10  # tokens compared before a match and before the history's end (ties of equal matches)
 
 
+def _match_cap(match: int) -> int:
+    """Longest draft copied after a lookup match of this many tokens: a one-token match is weak evidence
+    (every verified row costs ~30% of a forward pass, mostly the 262k-row output layer), a long one strong."""
+    return 4 * match
+
+
 class _Speculation:
     """One generation's draft state: the token history drafts are copied from, and the counts.
 
@@ -1341,9 +1347,15 @@ class _Speculation:
         return len(before & recent)
 
     def context_starts(self, limit: int) -> list[int]:
-        """Where drafts may start in the history: after earlier occurrences of its last token, the longest
-        match of its end first; among equals the one sharing most of its neighbourhood with the history's
-        end, then the most recent."""
+        return [start for start, _ in self.context_matches(limit)]
+
+    def memory_starts(self, limit: int) -> list[int]:
+        return [start for start, _ in self.memory_matches(limit)]
+
+    def context_matches(self, limit: int) -> list[tuple[int, int]]:
+        """(start, match length) where drafts may start in the history: after earlier occurrences of its
+        last token, the longest match of its end first; among equals the one sharing most of its
+        neighbourhood with the history's end, then the most recent."""
         n = len(self.keys)
         last = self.keys[-1] if n else _SEP
         if last == _SEP:
@@ -1363,9 +1375,9 @@ class _Speculation:
         ranked = sorted(
             ((m, self._overlap(i, m) if m == best else 0, i) for m, i in scored), key=lambda item: (-item[0], -item[1], -item[2])
         )
-        return [i + 1 for _, _, i in ranked[:limit]]
+        return [(i + 1, m) for m, _, i in ranked[:limit]]
 
-    def memory_starts(self, limit: int) -> list[int]:
+    def memory_matches(self, limit: int) -> list[tuple[int, int]]:
         """The same in the last outputs of this stage (a few hundred tokens: scanned whole)."""
         if not self.keys or not self.memory_keys:
             return []
@@ -1376,4 +1388,4 @@ class _Speculation:
             if self.memory_keys[i] == last
         ]
         scored.sort(key=lambda item: (-item[0], -item[1]))
-        return [i + 1 for _, i in scored[:limit]]
+        return [(i + 1, m) for m, i in scored[:limit]]
