@@ -99,8 +99,9 @@ def demo_cases() -> list[tuple[str, str, str]]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="one demo prompt on the bare base model diverges at token 22 of a 4-action chunk (seen 2026-12-06; "
-    "with the demo LoRA 12/12 prompts matched): a near tie flipped by batch shape, or a bug, not yet known",
+    reason="the bare base model's repetitive chunks meet near ties that llama.cpp's batch shape flips (seen "
+    "2026-12-06 on the v1 few-shot prompt: ']]' 15.0093 vs '],' 14.9969, margin 0.012 logits); with the demo "
+    "LoRA 12/12 waypoint prompts matched. Greedy identity needs batch-invariant logits or a tie margin",
     strict=False,
 )
 def test_greedy_output_is_plain_decodings_on_demo_prompts(decoder: LlamaDecoder, demo_cases) -> None:
