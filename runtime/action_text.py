@@ -72,6 +72,15 @@ def format_number(value: float, decimals: int) -> str:
     return f"-{digits}" if negative else digits
 
 
+def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) -> tuple[float, float, float]:
+    """end - start with both rounded to `decimals` first. The simulator's scene text and the labeller's
+    waypoint targets both state offsets this way, so they agree digit for digit instead of disagreeing at
+    rounding ties."""
+    scale = 10**decimals
+    d = [(round(float(e) * scale) - round(float(s) * scale)) / scale + 0.0 for s, e in zip(start, end)]
+    return (d[0], d[1], d[2])
+
+
 def format_action(action: Action, language: ActionLanguage) -> str:
     """One action as `[dx, dy, dz, gripper]`."""
     by_value = {canonical: text for text, canonical in gripper_texts(language).items()}

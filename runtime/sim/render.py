@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlm2vla_edge.runtime.sim.kinematics import fk, link_points
-from vlm2vla_edge.runtime.action_text import format_number
+from vlm2vla_edge.runtime.action_text import format_number, rounded_offset
 from vlm2vla_edge.runtime.robot.base import ArmState
 from vlm2vla_edge.runtime.sim.scene import KeyPoints, ObjectKind, Scene, SceneObject
 
@@ -276,12 +276,8 @@ SCENE_DECIMALS = 2
 
 
 def _offset(point: tuple[float, float, float], gripper: tuple[float, float, float]) -> str:
-    """Offset between positions rounded to the text's resolution first, so that the labeller's offsets
-    (`segment.rounded_offset`, from recorded positions) match the scene's digit for digit."""
-    scale = 10**SCENE_DECIMALS
-    return "(" + ", ".join(
-        format_number((round(p * scale) - round(g * scale)) / scale, SCENE_DECIMALS) for p, g in zip(point, gripper)
-    ) + ")"
+    """The offset as the labeller states waypoint targets (`rounded_offset`), so the two match digit for digit."""
+    return "(" + ", ".join(format_number(v, SCENE_DECIMALS) for v in rounded_offset(gripper, point, SCENE_DECIMALS)) + ")"
 
 
 def describe(scene: Scene, arm_state: ArmState, points: KeyPoints = KeyPoints()) -> str:

@@ -144,6 +144,7 @@ def build_samples(labels: EpisodeLabels, writer: DatasetWriter | None = None, *,
             image=image(0), scene=traj.scenes[0],
         )
     ]
+    asked: set[tuple[int, int]] = set()  # (segment, end) of the windows that got a directional question
     for window, plan in zip(labels.windows, labels.plans):
         step = traj.indices[window.start]
         index = labels.window_subtask(window)
@@ -157,7 +158,8 @@ def build_samples(labels: EpisodeLabels, writer: DatasetWriter | None = None, *,
                               target=window.chunk_text, **common))
         phrase = direction_phrase(window.displacement)
         # Waypoint windows of one segment share their end: one directional question per segment is enough.
-        first_of_end = all(w.end != window.end or w.segment != window.segment for w in labels.windows[: labels.windows.index(window)])
+        first_of_end = (window.segment, window.end) not in asked
+        asked.add((window.segment, window.end))
         if aux and phrase is not None and first_of_end:
             samples.append(Sample(
                 id=f"{episode}/{step:06d}/aux", episode=episode, step=step, stage="aux",

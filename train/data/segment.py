@@ -46,7 +46,13 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from vlm2vla_edge.runtime.action_text import format_action_chunk, format_motion_plan, format_number, format_subtasks
+from vlm2vla_edge.runtime.action_text import (
+    format_action_chunk,
+    format_motion_plan,
+    format_number,
+    format_subtasks,
+    rounded_offset,
+)
 from vlm2vla_edge.runtime.actions import Action, ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeReader
@@ -697,22 +703,12 @@ def waypoint_plan_text(
     gripper = {"close": ", then close the gripper", "open": ", then open the gripper", None: ""}[event]
     head = (name or "").strip().rstrip(".")
     for lead in (head, direction_phrase(displacement, rules) or "Stay in place"):
-        text = f"{lead}: {offset}{gripper}."
-        if lead and _MOTION_PLAN_TEXT.fullmatch(text):
-            return format_motion_plan(text)
+        if lead:
+            try:
+                return format_motion_plan(f"{lead}: {offset}{gripper}.")
+            except ValueError:
+                continue  # the plan grammar cannot hold this lead (non-ASCII, too long): try the next
     return format_motion_plan(f"Move: {offset}{gripper}.")
-
-
-_MOTION_PLAN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9 ,.;:'()/%+-]{0,159}")
-
-
-def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) -> tuple[float, float, float]:
-    """end - start with both rounded to `decimals` first: a difference of rounded positions is what a scene
-    text states (`runtime.sim.render.describe`), so labels and observations agree exactly instead of
-    disagreeing at rounding ties."""
-    scale = 10**decimals
-    d = [(round(float(e) * scale) - round(float(s) * scale)) / scale + 0.0 for s, e in zip(start, end)]
-    return (d[0], d[1], d[2])
 
 
 def waypoint_rows(traj: Trajectory, seg: Segment, budget_m: float) -> list[int]:
@@ -763,6 +759,6 @@ def settings_dict(segment_rules: SegmentRules, wording: WordingRules, limits: Ch
 __all__ = [
     "AXIS_WORDS", "ChunkLimits", "NotADemonstration", "ParsedInstruction", "Segment", "SegmentRules", "TaskPart",
     "Trajectory", "Window", "WordingRules", "build_chunk", "direction_phrase", "gripper_events", "load_trajectory",
-    "motion_plan_text", "name_subtasks", "rounded_offset", "named_directions", "parse_instruction", "plan_contradiction", "segment",
+    "motion_plan_text", "name_subtasks", "named_directions", "parse_instruction", "plan_contradiction", "segment",
     "settings_dict", "waypoint_plan_text", "waypoint_rows", "waypoint_windows", "windows",
 ]
