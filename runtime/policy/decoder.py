@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -942,6 +942,21 @@ class LlamaDecoder:
         )
         return Generation(text=text, tokens=tuple(out), stop_reason=stop, timings=timings)
 
+    @staticmethod
+    def _consume(matcher: Any, token: int, ff_room: int) -> list[int]:
+        """Advance the grammar by a sampled `token` and return the forced tokens that follow it (at most
+        `ff_room`; 0 turns fast-forward off), consumed too. No grammar: nothing is forced."""
+        if matcher is None:
+            return []
+        if not matcher.consume_token(token):
+            raise DecoderError(f"grammar matcher rejected a checked token: {matcher.get_error()}")
+        if ff_room <= 0:
+            return []
+        ff = list(matcher.compute_ff_tokens()[:ff_room])
+        if ff and not matcher.consume_tokens(ff):
+            raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
+        return ff
+
     def _decode_loop(self, chain, matcher, max_tokens: int, cancel: threading.Event | None):
         ll = self._ll
         ctx = self._ctx
@@ -966,17 +981,8 @@ class LlamaDecoder:
             if token in eog:
                 stop = "eos"
                 break
-            new = [token]
-            if matcher is not None:
-                if not matcher.consume_token(token):
-                    raise DecoderError(f"grammar matcher rejected a checked token: {matcher.get_error()}")
-                if fast_forward and len(out) + 1 < max_tokens:
-                    ff = matcher.compute_ff_tokens()[: max_tokens - len(out) - 1]
-                    if ff:
-                        if not matcher.consume_tokens(ff):
-                            raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
-                        new.extend(ff)
-                        forced += len(ff)
+            new = [token] + self._consume(matcher, token, max_tokens - len(out) - 1 if fast_forward else 0)
+            forced += len(new) - 1
             out.extend(new)
             if matcher is not None and matcher.is_stopped():
                 if matcher.is_error():
@@ -1062,18 +1068,9 @@ class LlamaDecoder:
                     if token in eog:
                         stop = "eos"
                         break
-                    new = [token]
+                    new = [token] + self._consume(matcher, token, max_tokens - len(out) - 1 if fast_forward else 0)
+                    forced += len(new) - 1
                     token = None
-                    if matcher is not None:
-                        if not matcher.consume_token(new[0]):
-                            raise DecoderError(f"grammar matcher rejected a checked token: {matcher.get_error()}")
-                        if fast_forward and len(out) + 1 < max_tokens:
-                            ff = matcher.compute_ff_tokens()[: max_tokens - len(out) - 1]
-                            if ff:
-                                if not matcher.consume_tokens(ff):
-                                    raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
-                                new.extend(ff)
-                                forced += len(ff)
                 out.extend(new)
                 spec.extend(new)
                 if matcher is not None and matcher.is_stopped():
