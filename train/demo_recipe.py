@@ -1,10 +1,12 @@
 """The demo model's recipe: simulator demonstrations -> local labels -> LoRA on Gemma-3-270M -> adapter.
 
-    python train/demo_recipe.py [--out train/demo_model] [--episodes 480] [--max-steps 300] [--fresh]
+    python train/demo_recipe.py [--out train/demo_model] [--episodes 480] [--composite-episodes 120]
+                                [--max-steps N] [--fresh]
 
 Every step is the product's own code, as a user would run it:
 
-1. the scripted expert solves `--episodes` seeded tasks of the simulator suite (seeds 0..N-1, with
+1. the scripted expert solves `--episodes` seeded tasks of the simulator suite (seeds 0..N-1, then
+   `--composite-episodes` more composite tasks from the seeds after them, with
    instructions in English, French and German only: Spanish, Hindi and Mandarin stay unseen for the
    experiment), recorded as episodes with text observations of the scene (each object's key points as
    offsets from the gripper);
@@ -43,25 +45,49 @@ POLICY_PRESET = "policy_waypoints"
 SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_card.json", "recipe.json")
 
 
-def record_demonstrations(out: Path, episodes: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """Seeded expert episodes (no frames: the demo model reads the scene as text)."""
+def composite_seeds(start: int, count: int, first_index: int) -> list[int]:
+    """The first `count` seeds from `start` whose suite episode is a composite task, for episodes recorded
+    at list positions `first_index`, `first_index + 1`, ... (the position sets the instruction's language,
+    and the language is part of what the seed draws). Composites are 15% of the suite but the only
+    episodes where a grasp follows a release, which the first shipped adapter failed most (DESIGN.md §5b)."""
+    from vlm2vla_edge.runtime.sim.tasks import CompositeTask, sample_episode
+
+    seeds: list[int] = []
+    seed = start
+    while len(seeds) < count:
+        if seed >= HELD_OUT_SEED:
+            raise ValueError("no room for more composite demonstrations below the held-out seeds")
+        language = TRAIN_LANGUAGES[(first_index + len(seeds)) % len(TRAIN_LANGUAGES)]
+        if isinstance(sample_episode(seed, language=language).task, CompositeTask):
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def record_demonstrations(out: Path, episodes: int, composites: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """Seeded expert episodes (no frames: the demo model reads the scene as text): the suite's seeds
+    0..episodes-1, then `composites` more composite episodes from the seeds after them."""
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.sim.expert import DemoResult
     from vlm2vla_edge.runtime.sim.expert import record_demonstrations as record
+
+    seeds = [*range(episodes), *composite_seeds(episodes, composites, episodes)]
+    total = len(seeds)
 
     done = 0
 
     def progress(episode_id: str, result: DemoResult) -> None:
         nonlocal done
         done += 1
-        if done % 20 == 0 or done == episodes:
-            say(f"  demonstrations {done}/{episodes}")
+        if done % 20 == 0 or done == total:
+            say(f"  demonstrations {done}/{total}")
 
-    results = record(out, range(episodes), load_robot_config("widowx250s"), languages=TRAIN_LANGUAGES, frames=False,
+    results = record(out, seeds, load_robot_config("widowx250s"), languages=TRAIN_LANGUAGES, frames=False,
                      progress=progress)
     solved = sum(r.success for r in results)
-    say(f"  the expert solved {solved}/{episodes}")
-    return {"episodes": episodes, "expert_solved": solved, "seeds": [0, episodes - 1], "languages": list(TRAIN_LANGUAGES)}
+    say(f"  the expert solved {solved}/{total}")
+    return {"episodes": episodes, "extra_composites": composites, "expert_solved": solved,
+            "seeds": [0, max(seeds)], "languages": list(TRAIN_LANGUAGES)}
 
 
 def label(episodes: Path, dataset: Path) -> dict[str, int]:
@@ -102,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for episodes, dataset and checkpoints (kept: a rerun resumes)")
     parser.add_argument("--fresh", action="store_true", help="delete --work first instead of resuming")
     parser.add_argument("--episodes", type=int, default=480, help="expert demonstrations to record")
+    parser.add_argument("--composite-episodes", type=int, default=120,
+                        help="extra composite-task demonstrations on top of --episodes (the suite has 15%%)")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe config's)")
     parser.add_argument("--config", type=Path, default=None, help="training YAML (default: configs/train/demo_270m.yaml)")
     args = parser.parse_args(argv)
@@ -130,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work.mkdir(parents=True, exist_ok=True)
         # Resumable: each phase keeps its finished output under --work (episodes with a done marker, a
         # finished dataset, training checkpoints); a rerun with the same options picks up where it stopped.
-        stamp = {"episodes": args.episodes, "policy": POLICY_PRESET, "config": config.model_dump(mode="json")}
+        stamp = {"episodes": args.episodes, "composites": args.composite_episodes, "policy": POLICY_PRESET, "config": config.model_dump(mode="json")}
         stamp_file = args.work / "recipe-options.json"
         if stamp_file.exists() and json.loads(stamp_file.read_text()) != stamp:
             raise UserError(f"{args.work} holds a run with other options; pass --fresh to start over")
@@ -140,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         demos_file = args.work / "demonstrations.json"
         if demos_file.exists():
             demos = json.loads(demos_file.read_text())
-            say(f"[1/4] {args.episodes} expert demonstrations already recorded")
+            say(f"[1/4] {args.episodes} + {args.composite_episodes} expert demonstrations already recorded")
         else:
-            say(f"[1/4] recording {args.episodes} expert demonstrations ({', '.join(TRAIN_LANGUAGES)})")
+            say(f"[1/4] recording {args.episodes} expert demonstrations and {args.composite_episodes} extra composite"
+                f" ones ({', '.join(TRAIN_LANGUAGES)})")
             shutil.rmtree(args.work / "episodes", ignore_errors=True)
-            demos = record_demonstrations(args.work / "episodes", args.episodes, say)
+            demos = record_demonstrations(args.work / "episodes", args.episodes, args.composite_episodes, say)
             demos_file.write_text(json.dumps(demos) + "\n")
         phases["demonstrations_s"] = round(time.monotonic() - t, 1)
 

@@ -159,7 +159,7 @@ class SceneCopyPolicy:
         elif verb == "Release":
             offset, gripper, event = "(0, 0, -0.03)", "1", "open"
         values = [float(v) for v in offset.strip("()").split(", ")]
-        plan = waypoint_plan_text(subtask, values, event, self._language.decimals)
+        plan = waypoint_plan_text(subtask, values, event, self._language.decimals, gripper_open=gripper == "1")
         text = f"[[{offset.strip('()')}, {gripper}]]"
         return StepResult(
             motion=parse_motion_plan(plan),
