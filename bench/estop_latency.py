@@ -164,7 +164,7 @@ def _serve_main(args: argparse.Namespace) -> int:
     from vlm2vla_edge.runtime.config import load_robot_config, load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve
     from vlm2vla_edge.runtime.daemon.service import Daemon
-    from vlm2vla_edge.runtime.local_run import open_station
+    from vlm2vla_edge.runtime.station import open_station
     from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
 
     logging.basicConfig(level=logging.WARNING)  # e-stops, refused priorities and errors; not every request

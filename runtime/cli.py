@@ -216,14 +216,14 @@ def check(
 
 def _home_position(robot_config: "RobotConfig") -> tuple[float, float, float]:
     """The end-effector position of the robot config's home pose."""
-    from vlm2vla_edge.runtime.sim.kinematics import fk_position
+    from vlm2vla_edge.runtime.robot.kinematics import fk_position
 
     return fk_position(robot_config.home_joints)
 
 
 def _reachability(robot_config: "RobotConfig") -> Callable[[tuple[float, float, float]], bool]:
     """Inverse kinematics within the config's joint limits (the same check the simulator and drivers use)."""
-    from vlm2vla_edge.runtime.sim.kinematics import WX250sKinematics
+    from vlm2vla_edge.runtime.robot.kinematics import WX250sKinematics
 
     return WX250sKinematics(robot_config).reachable
 

@@ -160,7 +160,7 @@ def _per_subtask(config: "EvalConfig", out_dir: Path) -> None:
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.evaluation import select_seeds
     from vlm2vla_edge.runtime.files import atomic_write
-    from vlm2vla_edge.runtime.local_run import load_policy
+    from vlm2vla_edge.runtime.station import load_policy
     from vlm2vla_edge.runtime.sim.session import make_sim_session
     from vlm2vla_edge.runtime.subtask_eval import run_subtask_eval
     from vlm2vla_edge.runtime.verifier.fallback import make_verifier

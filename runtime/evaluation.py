@@ -576,7 +576,7 @@ def _run_episode(
 
 def _open_recording(root: Path, session: "SimSession", robot: RobotConfig, policy: "Policy", kind: TaskKind):  # noqa: ANN202
     from vlm2vla_edge.runtime.episode import EpisodeWriter
-    from vlm2vla_edge.runtime.local_run import Station, episode_meta
+    from vlm2vla_edge.runtime.station import Station, episode_meta
 
     station = Station(session.arm, session.camera, session.limiter, session.hooks, "sim", sim=session)
     meta = episode_meta(session.instruction, robot, station, policy, seed=session.seed)
@@ -593,7 +593,7 @@ def _progress_line(number: int, total: int, row: EpisodeRow) -> str:
 
 def evaluate_bundle(config: EvalConfig, echo: Callable[[str], None] = print, *, verbose: bool = False) -> EvalReport:
     """Load `config.bundle` with `config.policy` once, run the evaluation, and free the model."""
-    from vlm2vla_edge.runtime.local_run import load_policy
+    from vlm2vla_edge.runtime.station import load_policy
 
     if config.bundle is None:
         raise UserError("no model bundle: pass --bundle PATH (a folder with manifest.json)")

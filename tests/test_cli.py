@@ -11,6 +11,7 @@ import pytest
 
 from vlm2vla_edge.runtime import __version__
 from vlm2vla_edge.runtime.cli import main
+from vlm2vla_edge.runtime.errors import UserError
 
 CLI = [sys.executable, "-m", "vlm2vla_edge.runtime.cli"]
 
@@ -114,7 +115,7 @@ def test_do_local_sim_without_a_bundle_runs_the_demo_model(
 
     def fake_run(options: local_run.LocalRunOptions, echo: object) -> object:
         asked["bundle"] = options.bundle
-        raise local_run.UserError("stop here: the bundle was chosen")
+        raise UserError("stop here: the bundle was chosen")
 
     monkeypatch.setattr(demo, "find_or_build_bundle", fake_bundle)
     monkeypatch.setattr(local_run, "run_local", fake_run)

@@ -347,7 +347,7 @@ def test_policy_settings_are_validated_by_the_policy_config(tmp_path: Path, caps
 
 
 def test_the_command_runs_and_writes_results(tmp_path: Path, monkeypatch, capsys) -> None:
-    from vlm2vla_edge.runtime import evaluation, local_run
+    from vlm2vla_edge.runtime import evaluation, station
 
     class ClosablePolicy(NamingPolicy):
         closed = False
@@ -361,7 +361,7 @@ def test_the_command_runs_and_writes_results(tmp_path: Path, monkeypatch, capsys
         loaded["config"] = policy_config
         return ClosablePolicy()
 
-    monkeypatch.setattr(local_run, "load_policy", fake_load)
+    monkeypatch.setattr(station, "load_policy", fake_load)
     monkeypatch.setattr(evaluation, "bundle_info", lambda path: None)
     out = tmp_path / "out"
     code = run_cli(["--bundle", str(tmp_path), "--episodes", "1", "--tasks", "composite", "--max-steps", "2",

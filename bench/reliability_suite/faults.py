@@ -53,7 +53,7 @@ from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, Dae
 from vlm2vla_edge.runtime.daemon.server import ApiServer  # noqa: E402
 from vlm2vla_edge.runtime.daemon.service import Daemon  # noqa: E402
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader  # noqa: E402
-from vlm2vla_edge.runtime.local_run import Station  # noqa: E402
+from vlm2vla_edge.runtime.station import Station  # noqa: E402
 from vlm2vla_edge.runtime.robot.base import (  # noqa: E402
     Arm,
     ArmState,

@@ -40,7 +40,7 @@ from vlm2vla_edge.runtime.config import ActionLanguage, load_robot_config
 from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, DaemonUnavailable
 from vlm2vla_edge.runtime.daemon.server import ApiServer
 from vlm2vla_edge.runtime.daemon.service import Daemon
-from vlm2vla_edge.runtime.local_run import open_station
+from vlm2vla_edge.runtime.station import open_station
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan, parse_subtasks
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, StageOutput, StepResult, SubtasksResult
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig

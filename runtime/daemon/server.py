@@ -381,7 +381,7 @@ def serve_from_config(
 ) -> int:
     """Load the bundle, connect the station (simulator or devices), and serve until stopped."""
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.runtime.local_run import load_policy, open_station
+    from vlm2vla_edge.runtime.station import load_policy, open_station
     from vlm2vla_edge.runtime.verifier.fallback import make_verifier
 
     chosen_bundle = bundle or settings.bundle

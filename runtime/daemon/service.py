@@ -30,7 +30,7 @@ from vlm2vla_edge.runtime.daemon.events import TaskEventLog, event_json, result_
 from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
 from vlm2vla_edge.runtime.episode import EpisodeWriteError, EpisodeWriter, mark_interrupted
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
-from vlm2vla_edge.runtime.local_run import Station, episode_meta
+from vlm2vla_edge.runtime.station import Station, episode_meta
 from vlm2vla_edge.runtime.policy.interface import Policy
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
 from vlm2vla_edge.runtime.runner import EpisodeHalt, EpisodeResult, EpisodeRunner, RunnerConfig, RunnerEvent

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm2vla_edge.runtime.sim.kinematics import fk, link_points
+from vlm2vla_edge.runtime.robot.kinematics import fk, link_points
 from vlm2vla_edge.runtime.action_text import format_number, rounded_offset
 from vlm2vla_edge.runtime.robot.base import ArmState
 from vlm2vla_edge.runtime.sim.scene import KeyPoints, ObjectKind, Scene, SceneObject

@@ -30,7 +30,7 @@ from vlm2vla_edge.runtime.robot.base import (
     Frame,
     MoveResult,
 )
-from vlm2vla_edge.runtime.sim.kinematics import WX250sKinematics, fk
+from vlm2vla_edge.runtime.robot.kinematics import WX250sKinematics, fk
 from vlm2vla_edge.runtime.sim.render import ArmView, PinholeCamera, Renderer, describe
 from vlm2vla_edge.runtime.sim.scene import Scene
 

@@ -24,7 +24,7 @@ from fakes.policies import ScriptedPolicy  # noqa: E402
 from vlm2vla_edge.runtime.config import load_robot_config, load_runtime_config  # noqa: E402
 from vlm2vla_edge.runtime.daemon.server import serve  # noqa: E402
 from vlm2vla_edge.runtime.daemon.service import Daemon  # noqa: E402
-from vlm2vla_edge.runtime.local_run import open_station  # noqa: E402
+from vlm2vla_edge.runtime.station import open_station  # noqa: E402
 from vlm2vla_edge.runtime.logs import configure_logging  # noqa: E402
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled  # noqa: E402
 from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict  # noqa: E402

@@ -15,7 +15,7 @@ from fakes.policies import ScriptedPolicy  # noqa: E402
 
 from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
 from vlm2vla_edge.runtime.daemon.service import Daemon, InvalidRequest, validate_adapter  # noqa: E402
-from vlm2vla_edge.runtime.local_run import Station  # noqa: E402
+from vlm2vla_edge.runtime.station import Station  # noqa: E402
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig  # noqa: E402
 from vlm2vla_edge.runtime.sim.session import make_sim_session  # noqa: E402
 from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier  # noqa: E402

@@ -14,7 +14,7 @@ from reliability_suite import Tally, faults
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.daemon.service import Daemon, Unavailable
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, mark_interrupted
-from vlm2vla_edge.runtime.local_run import Station
+from vlm2vla_edge.runtime.station import Station
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 from vlm2vla_edge.runtime.sim.session import make_sim_session

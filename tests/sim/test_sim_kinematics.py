@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vlm2vla_edge.runtime.config import load_robot_config
-from vlm2vla_edge.runtime.sim.kinematics import WX250S_M, WX250sKinematics, fk, link_points
+from vlm2vla_edge.runtime.robot.kinematics import WX250S_M, WX250sKinematics, fk, link_points
 
 ROBOT = load_robot_config()
 KIN = WX250sKinematics(ROBOT)

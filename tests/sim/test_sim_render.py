@@ -8,7 +8,7 @@ import pytest
 from vlm2vla_edge.runtime.action_text import format_number
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.robot.base import ArmState
-from vlm2vla_edge.runtime.sim.kinematics import link_points
+from vlm2vla_edge.runtime.robot.kinematics import link_points
 from vlm2vla_edge.runtime.sim.render import ARM_RGB, ArmView, PinholeCamera, Renderer, describe
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, KeyPoints, Scene
 

@@ -232,7 +232,7 @@ def eval_(
     import contextlib
 
     from vlm2vla_edge.runtime.config import load_policy_config
-    from vlm2vla_edge.runtime.local_run import load_policy
+    from vlm2vla_edge.runtime.station import load_policy
     from vlm2vla_edge.train.data.dataset import read_dataset
     from vlm2vla_edge.train.data.open_loop import evaluate_open_loop, write_report
 
