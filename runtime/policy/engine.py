@@ -40,7 +40,8 @@ from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GenerationCancelled", "Policy", "PolicyOutputError", "Skill", "StageTimings", "effective_sampling", "retry_sampling",
+    "GenerationCancelled", "LlamaPolicy", "PolicyOutputError", "Skill", "StageTimings", "effective_sampling",
+    "retry_sampling",
 ]
 
 
@@ -101,8 +102,9 @@ def retry_sampling(stage: Sampling, retry: Sampling) -> Sampling:
     return stage.model_copy(update={"temperature": retry.temperature, "top_p": retry.top_p, "top_k": retry.top_k})
 
 
-class Policy:
-    """The policy engine over one decoder; not thread-safe (one episode at a time)."""
+class LlamaPolicy:
+    """The policy engine over one decoder: the llama.cpp implementation of the `Policy` protocol
+    (`interface.py`); not thread-safe (one episode at a time)."""
 
     def __init__(
         self,
@@ -152,7 +154,9 @@ class Policy:
         return grammars
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, config: PolicyConfig | None = None, adapter: str | None = None) -> "Policy":
+    def from_bundle(
+        cls, bundle: Bundle, config: PolicyConfig | None = None, adapter: str | None = None
+    ) -> "LlamaPolicy":
         """Load a verified bundle: its model, prompts and action language (the manifest's, not the config's).
 
         A base + adapters bundle loads its base once and every adapter beside it, and starts with
@@ -243,7 +247,7 @@ class Policy:
     def close(self) -> None:
         self.decoder.close()
 
-    def __enter__(self) -> "Policy":
+    def __enter__(self) -> "LlamaPolicy":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,6 +1,6 @@
 """What the episode loop needs from a policy, and what a policy hands back.
 
-The llama.cpp policy (`runtime/policy/engine.py`) implements this; tests and tools use fakes with the
+The llama.cpp policy (`LlamaPolicy`, `runtime/policy/engine.py`) implements this; tests and tools use fakes with the
 same shape, so the loop never depends on a model being present.
 """
 

@@ -18,7 +18,7 @@ from vlm2vla_edge.convert.validate import compare_chunks, compare_decoders, data
 from vlm2vla_edge.runtime.config import PolicyConfig
 from vlm2vla_edge.runtime.demo import demo_adapter_dir, validation_dataset
 from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, adapter_specs_of, load_bundle, sha256_file, write_bundle
-from vlm2vla_edge.runtime.policy.engine import Policy
+from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 from vlm2vla_edge.runtime.policy.interface import Observation
 
 pytestmark = pytest.mark.slow
@@ -92,8 +92,8 @@ def test_policy_follows_merged_f16_and_switches_adapters_without_reloading(
     })
     config = PolicyConfig(n_threads=2, n_ctx=2048, sampling=greedy)
     cases = dataset_cases(bundles["dataset"], vision=False, limit=2)
-    with Policy.from_bundle(load_bundle(bundles["merged"]), config) as merged, \
-            Policy.from_bundle(load_bundle(two.root), config) as policy:
+    with LlamaPolicy.from_bundle(load_bundle(bundles["merged"]), config) as merged, \
+            LlamaPolicy.from_bundle(load_bundle(two.root), config) as policy:
         assert policy.adapter == "demo" and policy.adapters == ("demo", "other")
         assert policy.bundle_id.endswith(f"+demo@{demo.sha256[:12]}")
         # teacher-forced next-token agreement with the merged F16 model, through the runtime decoders

@@ -15,7 +15,7 @@ from vlm2vla_edge.convert.merge_quantize import ConvertOptions, convert
 from vlm2vla_edge.convert.validate import Thresholds
 from vlm2vla_edge.runtime.config import PolicyConfig
 from vlm2vla_edge.runtime.policy.bundle import load_bundle, read_gguf_header
-from vlm2vla_edge.runtime.policy.engine import Policy
+from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 from vlm2vla_edge.runtime.policy.interface import Observation
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_gemma270m_adapter_to_q4_k_m_bundle(tmp_path: Path, gemma270m_gguf: Path
     theirs = read_gguf_header(gemma270m_gguf, keep_arrays=keys).metadata
     assert all(ours[k] == theirs[k] for k in keys)
 
-    with Policy.from_bundle(bundle, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
+    with LlamaPolicy.from_bundle(bundle, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
         step = policy.step(
             Observation(scene="a carrot lies left of a white plate"), "put the carrot on the plate", "pick up the carrot"
         )

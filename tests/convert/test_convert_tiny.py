@@ -20,7 +20,7 @@ from vlm2vla_edge.convert.merge import AdapterError
 from vlm2vla_edge.convert.validate import Thresholds
 from vlm2vla_edge.runtime.config import PolicyConfig
 from vlm2vla_edge.runtime.policy.bundle import load_bundle
-from vlm2vla_edge.runtime.policy.engine import Policy
+from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_tiny_vision_bundle_runs_in_the_runtime(
     image = np.zeros((96, 128, 3), dtype=np.uint8)
     image[20:60, 30:90] = (200, 60, 40)
     config = PolicyConfig(n_threads=2, n_ctx=2048)
-    with Policy.from_bundle(bundle, config) as policy:
+    with LlamaPolicy.from_bundle(bundle, config) as policy:
         step = policy.step(image, "put the carrot on the plate", "pick up the carrot")
     assert 1 <= len(step.chunk) <= bundle.action_language.max_steps
     assert all(a.is_finite() for a in step.chunk)
@@ -142,7 +142,7 @@ def test_adapter_mode_on_a_vision_base_then_a_second_adapter_added(
 
     image = np.zeros((64, 64, 3), dtype=np.uint8)
     image[10:40, 20:50] = (200, 60, 40)
-    with Policy.from_bundle(both, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
+    with LlamaPolicy.from_bundle(both, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
         assert policy.adapter == "place"
         policy.step(image, "put the carrot on the plate", "pick up the carrot")
         policy.use_adapter("pick")

@@ -12,7 +12,7 @@ apart from the errors of the others:
   gripper value. Broken down by subtask kind (move to an object with the gripper open, move while
   holding, grasp, lift, release, other) and by the label's distance.
 
-The numbers come from the same `Policy` a robot runs (the bundle, its grammar and sampling), so what is
+The numbers come from the same `LlamaPolicy` a robot runs (the bundle, its grammar and sampling), so what is
 measured here is what ships. Samples are taken in a fixed pseudo-random order (a hash of their id), so
 `--max-samples` gives the same subset every time.
 """
@@ -37,7 +37,7 @@ from vlm2vla_edge.train.data.dataset import LabelledDataset, Sample
 from vlm2vla_edge.train.data.segment import named_directions
 
 if TYPE_CHECKING:
-    from vlm2vla_edge.runtime.policy.engine import Policy
+    from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 
 SubtaskKind = Literal["move_open", "move_holding", "grasp", "lift", "release", "other"]
 DISTANCE_BUCKETS_CM: tuple[tuple[float, float], ...] = ((0, 5), (5, 15), (15, 30), (30, 1000))
@@ -189,7 +189,7 @@ def _summary(scores: list[ActionScore], label_moves: dict[str, np.ndarray]) -> K
 
 
 def evaluate_open_loop(
-    policy: "Policy",
+    policy: "LlamaPolicy",
     dataset: LabelledDataset,
     *,
     max_samples: int | None = None,
