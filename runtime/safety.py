@@ -47,7 +47,7 @@ from vlm2vla_edge.runtime.config import RobotConfig, RuleMode
 from vlm2vla_edge.runtime.errors import ConfigError, Vlm2VlaError
 
 Vec3 = tuple[float, float, float]
-Verdict = Literal["pass", "clamp", "reject"]
+RuleVerdict = Literal["pass", "clamp", "reject"]  # one rule on one action or chunk (`ChunkVerdict`: the whole chunk)
 Reachability = Callable[[Vec3], bool]
 
 # Only this module holds the token that makes a SafeCommand constructible.
@@ -74,7 +74,7 @@ class SafetyDecision:
     """One rule's verdict on one action (index) or on the whole chunk (index None)."""
 
     rule: str  # e.g. "workspace", "table_floor", "action_translation", "chunk_length", "gripper", ...
-    verdict: Verdict
+    verdict: RuleVerdict
     reason: str  # one human-readable sentence with the numbers involved
     index: int | None = None  # position of the action in its chunk; None for chunk-level rules
 
