@@ -43,7 +43,15 @@ from vlm2vla_edge.runtime.config import PolicyConfig, RobotConfig, StrictModel, 
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
 from vlm2vla_edge.runtime.files import atomic_write
 from vlm2vla_edge.runtime.local_run import INTERRUPTED, on_interrupt
-from vlm2vla_edge.runtime.runner import EpisodeRunner, EpisodeSubscriber, RunnerConfig, RunnerEvent
+from vlm2vla_edge.runtime.events import (
+    EpisodeSubscriber,
+    LoopEventHandler,
+    StepPlanned,
+    StepRejected,
+    SubtasksPlanned,
+    SubtasksRejected,
+)
+from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
 from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, Language, PickTask, PlaceTask, Task, sample_episode
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig, make_verifier
 
@@ -398,21 +406,30 @@ def _default_session(robot: RobotConfig, seed: int, language: Language) -> "SimS
     return make_sim_session(robot, seed, language=language)
 
 
-class _EpisodeTally:
+class _EpisodeTally(LoopEventHandler):
     """Counts generation calls and unusable outputs of one episode from the loop's events.
 
-    One call is the subtask list, and one per step (motion plan + action chunk): a step event with
-    `error` means the motion plan or the action chunk did not parse (or was cut off by its budget).
+    One call is the subtask list, and one per step (motion plan + action chunk): a rejected step means
+    the motion plan or the action chunk did not parse (or was cut off by its budget).
     """
 
     def __init__(self) -> None:
         self.outputs = 0
         self.invalid = 0
 
-    def on_event(self, event: RunnerEvent) -> None:
-        if event.kind in ("subtasks", "step"):
-            self.outputs += 1
-            self.invalid += int("error" in event.data)
+    def on_subtasks_planned(self, event: SubtasksPlanned) -> None:
+        self.outputs += 1
+
+    def on_subtasks_rejected(self, event: SubtasksRejected) -> None:
+        self.outputs += 1
+        self.invalid += 1
+
+    def on_step_planned(self, event: StepPlanned) -> None:
+        self.outputs += 1
+
+    def on_step_rejected(self, event: StepRejected) -> None:
+        self.outputs += 1
+        self.invalid += 1
 
 
 class _StopFlag:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
 from vlm2vla_edge.runtime.episode import (
@@ -21,135 +22,176 @@ from vlm2vla_edge.runtime.episode import (
     StepRecord,
     VerifierRecord,
 )
-from vlm2vla_edge.runtime.policy.interface import StageOutput, StepResult
+from vlm2vla_edge.runtime.events import (
+    CommandsExecuted,
+    EpisodeEnded,
+    EpisodeHalt,
+    EpisodeStarted,
+    LoopEvent,
+    LoopEventHandler,
+    SafetyChecked,
+    StepPlanned,
+    StepRejected,
+    StepVerified,
+    SubtasksPlanned,
+    SubtasksRejected,
+)
 from vlm2vla_edge.runtime.robot.base import ArmState, Frame
-from vlm2vla_edge.runtime.runner import EpisodeHalt, EpisodeResult, RunnerEvent
 
 log = logging.getLogger(__name__)
 
 
-class EpisodeRecorder:
-    """Writes every loop event of one episode with an `EpisodeWriter`, and finishes it with the outcome."""
+@dataclass(slots=True)
+class _PendingAction:
+    """The action record of a step, held back until the limiter's decisions and the executed commands
+    are known (it is written when `CommandsExecuted` arrives, or with an error if the episode ends first)."""
+
+    state: ArmState
+    image: str | None
+    prompt: str
+    raw_text: str
+    motion_plan: str
+    parsed_actions: list[list[float]]
+    timings: dict[str, float]
+    subtask_index: int
+    subtask: str
+    extra: dict[str, Any]
+    safety: list[SafetyRecord] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The `StepRecord` fields it fills (the state goes in as the pose)."""
+        return {
+            "prompt": self.prompt, "raw_text": self.raw_text, "motion_plan": self.motion_plan,
+            "parsed_actions": self.parsed_actions, "timings": self.timings, "subtask_index": self.subtask_index,
+            "subtask": self.subtask, "extra": self.extra, "safety": self.safety, "image": self.image,
+        }
+
+
+class EpisodeRecorder(LoopEventHandler):
+    """Writes every loop event of one episode with an `EpisodeWriter`, and finishes it with the outcome.
+
+    It is the safety audit trail, so it handles every event type itself (`tests/test_events.py` fails
+    when one falls through to the base class's no-op)."""
 
     def __init__(self, writer: EpisodeWriter, record_frames: bool = True) -> None:
         self.writer = writer
         self.record_frames = record_frames
-        self._pending_action: dict[str, Any] | None = None
+        self._pending_action: _PendingAction | None = None
 
-    def on_event(self, event: RunnerEvent) -> None:
-        handler = getattr(self, f"_on_{event.kind}", None)
-        if handler is None:
-            return
+    def on_event(self, event: LoopEvent) -> None:
         try:
-            handler(event.data)
+            super().on_event(event)
         except EpisodeWriteError as exc:
             raise EpisodeHalt(f"the episode cannot be recorded: {exc}") from exc
 
     # --- events ------------------------------------------------------------------------------------
 
-    def _on_subtasks(self, data: dict[str, Any]) -> None:
-        if "error" in data:
-            self._append(
-                stage="subtasks", state=data["state"], image=self._frame(data["frame"]),
-                error=data["error"], raw_text=data.get("raw_text"),
-            )
-            return
-        output: StageOutput | None = data["output"]  # None: the list was given, not generated
+    def on_episode_started(self, event: EpisodeStarted) -> None:
+        """Nothing to write: `EpisodeWriter.create` already wrote meta.json with the instruction."""
+
+    def on_subtasks_planned(self, event: SubtasksPlanned) -> None:
+        output = event.output  # None: the list was given, not generated
         self._append(
             stage="subtasks",
-            state=data["state"],
-            image=self._frame(data["frame"]),
+            state=event.state,
+            image=self._frame(event.frame),
             prompt=output.prompt if output is not None else None,
             raw_text=output.raw_text if output is not None else None,
-            subtasks=list(data["subtasks"]),
+            subtasks=list(event.subtasks),
             timings=output.timings if output is not None else None,
         )
 
-    def _on_step(self, data: dict[str, Any]) -> None:
-        state: ArmState = data["state"]
-        image = self._frame(data["frame"])
-        common = {"subtask_index": data["subtask_index"], "subtask": data["subtask"], "extra": {"retry": data["retry"]}}
-        if "error" in data:
-            self._append(stage="action", state=state, image=image, error=data["error"], raw_text=data.get("raw_text"), **common)
-            return
-        step: StepResult = data["step"]
+    def on_subtasks_rejected(self, event: SubtasksRejected) -> None:
+        self._append(
+            stage="subtasks", state=event.state, image=self._frame(event.frame),
+            error=event.error, raw_text=event.raw_text,
+        )
+
+    def on_step_rejected(self, event: StepRejected) -> None:
+        self._append(
+            stage="action", state=event.state, image=self._frame(event.frame), error=event.error,
+            raw_text=event.raw_text, subtask_index=event.subtask_index, subtask=event.subtask,
+            extra={"retry": event.retry},
+        )
+
+    def on_step_planned(self, event: StepPlanned) -> None:
+        step = event.step
+        image = self._frame(event.frame)
         self._append(
             stage="motion",
-            state=state,
+            state=event.state,
             image=image,
             prompt=step.motion_output.prompt,
             raw_text=step.motion_output.raw_text,
             motion_plan=step.motion.text,
             timings=step.motion_output.timings,
-            **common,
+            subtask_index=event.subtask_index,
+            subtask=event.subtask,
+            extra={"retry": event.retry},
         )
-        # The action record waits for the limiter's decisions and the executed commands.
-        self._pending_action = {
-            "state": state,
-            "image": image,
-            "prompt": step.action_output.prompt,
-            "raw_text": step.action_output.raw_text,
-            "motion_plan": step.motion.text,
-            "parsed_actions": step.chunk.as_lists(),
-            "timings": step.action_output.timings,
-            "subtask_index": data["subtask_index"],
-            "subtask": data["subtask"],
-            "extra": {"retry": data["retry"], "postprocessed": data["postprocessed"].as_lists()},
-        }
+        self._pending_action = _PendingAction(
+            state=event.state,
+            image=image,
+            prompt=step.action_output.prompt,
+            raw_text=step.action_output.raw_text,
+            motion_plan=step.motion.text,
+            parsed_actions=step.chunk.as_lists(),
+            timings=step.action_output.timings,
+            subtask_index=event.subtask_index,
+            subtask=event.subtask,
+            extra={"retry": event.retry, "postprocessed": event.postprocessed.as_lists()},
+        )
 
-    def _on_safety(self, data: dict[str, Any]) -> None:
-        if self._pending_action is None:
+    def on_safety_checked(self, event: SafetyChecked) -> None:
+        pending = self._pending_action
+        if pending is None:
             return
-        verdict = data["verdict"]
-        decisions = list(verdict.decisions)  # the chunk's list already holds every command's own decisions
-        self._pending_action["safety"] = [SafetyRecord(**d.to_dict()) for d in decisions]
-        self._pending_action["extra"]["safety_rejected"] = verdict.rejected
+        verdict = event.verdict
+        # the chunk's list already holds every command's own decisions
+        pending.safety = [SafetyRecord(**d.to_dict()) for d in verdict.decisions]
+        pending.extra["safety_rejected"] = verdict.rejected
         if verdict.reason:
-            self._pending_action["extra"]["safety_reason"] = verdict.reason
+            pending.extra["safety_reason"] = verdict.reason
 
-    def _on_executed(self, data: dict[str, Any]) -> None:
+    def on_commands_executed(self, event: CommandsExecuted) -> None:
         pending, self._pending_action = self._pending_action, None
         if pending is None:
             return
-        executed = []
-        for command, result in zip(data["commands"], data["results"]):
-            executed.append(
-                ExecutedCommand(
-                    target=command.target,
-                    gripper_open=command.gripper_open,
-                    completed=result.completed,
-                    reached=result.reached,
-                    error_m=result.error_m,
-                    duration_s=result.duration_s,
-                    note=result.note,
-                )
+        executed = [
+            ExecutedCommand(
+                target=command.target,
+                gripper_open=command.gripper_open,
+                completed=result.completed,
+                reached=result.reached,
+                error_m=result.error_m,
+                duration_s=result.duration_s,
+                note=result.note,
             )
-        state = pending.pop("state")
-        commands = data["commands"]
-        self._append(stage="action", state=state, executed=executed,
-                     action=commands[0].source.as_list() if commands else None, **pending)
+            for command, result in zip(event.commands, event.results)
+        ]
+        commands = event.commands
+        self._append(stage="action", state=pending.state, executed=executed,
+                     action=commands[0].source.as_list() if commands else None, **pending.fields())
 
-    def _on_verified(self, data: dict[str, Any]) -> None:
-        verdict = data["verdict"]
-        image = self._frame(data["frame"], tag="after")
+    def on_step_verified(self, event: StepVerified) -> None:
         self._append(
             stage="verify",
-            state=data["state"],
-            image=image,
-            subtask_index=data["subtask_index"],
-            subtask=data["subtask"],
-            verifier=VerifierRecord(**verdict.to_dict()),
+            state=event.state,
+            image=self._frame(event.frame, tag="after"),
+            subtask_index=event.subtask_index,
+            subtask=event.subtask,
+            verifier=VerifierRecord(**event.verdict.to_dict()),
         )
 
-    def _on_episode_end(self, data: dict[str, Any]) -> None:
+    def on_episode_ended(self, event: EpisodeEnded) -> None:
+        result = event.result
         if self._pending_action is not None:  # stopped between the limiter and execution
             pending, self._pending_action = self._pending_action, None
-            state = pending.pop("state")
             try:
-                self._append(stage="action", state=state, error="not executed: " + data["detail"], **pending)
+                self._append(stage="action", state=pending.state, error="not executed: " + result.detail,
+                             **pending.fields())
             except EpisodeWriteError as exc:  # the outcome below matters more than this record
                 log.error("episode=%s event=record_failed stage=action error=%r", self.writer.episode_id, str(exc))
-        result: EpisodeResult = data["result"]
         meta_extra = {
             "subtasks": list(result.subtasks),
             "completed_subtasks": result.completed_subtasks,
@@ -188,40 +230,47 @@ class EpisodeRecorder:
         self.writer.append_step(record)
 
 
-class ProgressPrinter:
+class ProgressPrinter(LoopEventHandler):
     """Live one-line-per-event progress for a terminal (subtasks, plans, actions, safety, verdicts)."""
 
     def __init__(self, out: TextIO | None = None, echo: Callable[[str], None] | None = None) -> None:
         self._echo = echo or (lambda line: print(line, file=out, flush=True))
 
-    def on_event(self, event: RunnerEvent) -> None:
-        d, t = event.data, f"[{event.t:6.1f}s]"
-        if event.kind == "episode_start":
-            self._echo(f"{t} instruction: {d['instruction']}  (model {d['bundle_id']})")
-        elif event.kind == "subtasks":
-            if "error" in d:
-                self._echo(f"{t} subtasks: model output rejected: {d['error']}")
-            else:
-                self._echo(f"{t} subtasks: " + " -> ".join(d["subtasks"]))
-        elif event.kind == "step":
-            retry = " (retry)" if d["retry"] else ""
-            if "error" in d:
-                self._echo(f"{t} subtask {d['subtask_index'] + 1}{retry}: model output rejected: {d['error']}")
-                return
-            step: StepResult = d["step"]
-            self._echo(f"{t} subtask {d['subtask_index'] + 1}{retry} '{d['subtask']}': plan: {step.motion.text}")
-            self._echo(f"{t}   actions: {_short(step.action_output.raw_text)}")
-        elif event.kind == "safety":
-            verdict = d["verdict"]
-            notes = [f"{x.rule} {x.verdict}" for x in verdict.decisions]
-            if notes or verdict.rejected:
-                self._echo(f"{t}   safety: {', '.join(notes) or 'rejected'}" + (f" ({verdict.reason})" if verdict.reason else ""))
-        elif event.kind == "verified":
-            v = d["verdict"]
-            via = v.verifier + (f" after {v.fallback_from} failed" if v.fallback_from else "")
-            self._echo(f"{t}   verdict: {'done' if v.success else 'not done'} ({via}): {v.reason}")
-        elif event.kind == "episode_end":
-            self._echo(f"{t} outcome: {d['outcome']}: {d['detail']}")
+    def _line(self, t: float, text: str) -> None:
+        self._echo(f"[{t:6.1f}s] {text}")
+
+    def on_episode_started(self, event: EpisodeStarted) -> None:
+        self._line(event.t, f"instruction: {event.instruction}  (model {event.bundle_id})")
+
+    def on_subtasks_planned(self, event: SubtasksPlanned) -> None:
+        self._line(event.t, "subtasks: " + " -> ".join(event.subtasks))
+
+    def on_subtasks_rejected(self, event: SubtasksRejected) -> None:
+        self._line(event.t, f"subtasks: model output rejected: {event.error}")
+
+    def on_step_planned(self, event: StepPlanned) -> None:
+        retry = " (retry)" if event.retry else ""
+        self._line(event.t, f"subtask {event.subtask_index + 1}{retry} '{event.subtask}': plan: {event.step.motion.text}")
+        self._line(event.t, f"  actions: {_short(event.step.action_output.raw_text)}")
+
+    def on_step_rejected(self, event: StepRejected) -> None:
+        retry = " (retry)" if event.retry else ""
+        self._line(event.t, f"subtask {event.subtask_index + 1}{retry}: model output rejected: {event.error}")
+
+    def on_safety_checked(self, event: SafetyChecked) -> None:
+        verdict = event.verdict
+        notes = [f"{x.rule} {x.verdict}" for x in verdict.decisions]
+        if notes or verdict.rejected:
+            reason = f" ({verdict.reason})" if verdict.reason else ""
+            self._line(event.t, f"  safety: {', '.join(notes) or 'rejected'}{reason}")
+
+    def on_step_verified(self, event: StepVerified) -> None:
+        v = event.verdict
+        via = v.verifier + (f" after {v.fallback_from} failed" if v.fallback_from else "")
+        self._line(event.t, f"  verdict: {'done' if v.success else 'not done'} ({via}): {v.reason}")
+
+    def on_episode_ended(self, event: EpisodeEnded) -> None:
+        self._line(event.t, f"outcome: {event.result.outcome}: {event.result.detail}")
 
 
 def _short(text: str, limit: int = 160) -> str:

@@ -6,8 +6,8 @@
         -> execute on the arm -> capture -> verify -> next subtask, or retry (bounded, hotter sampling)
 
 Policy, arm, camera, verifier and limiter come in through their interfaces; the recorder, the live
-progress printer and the daemon's event stream are subscribers (`EpisodeSubscriber`), so the loop
-itself neither writes files nor prints. Whatever happens, `finally` stops the arm; cancel and
+progress printer and the daemon's event stream are subscribers (`EpisodeSubscriber`) of the typed
+events in `runtime/events.py`, so the loop itself neither writes files nor prints. Whatever happens, `finally` stops the arm; cancel and
 e-stop are observed between decode steps and between motion segments.
 """
 
@@ -18,12 +18,28 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Sequence
 
 from pydantic import Field
 
 from vlm2vla_edge.runtime.config import StrictModel
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.events import (
+    CommandsExecuted,
+    EpisodeEnded,
+    EpisodeHalt,
+    EpisodeResult,
+    EpisodeStarted,
+    EpisodeSubscriber,
+    LoopEvent,
+    Outcome,
+    SafetyChecked,
+    StepPlanned,
+    StepRejected,
+    StepVerified,
+    SubtasksPlanned,
+    SubtasksRejected,
+)
 from vlm2vla_edge.runtime.parser import ParseError
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, Policy, PolicyOutputError, StepResult
 from vlm2vla_edge.runtime.postprocess import postprocess_chunk
@@ -32,8 +48,6 @@ from vlm2vla_edge.runtime.safety import ChunkVerdict, EStopEngaged, SafetyLimite
 from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier
 
 log = logging.getLogger(__name__)
-
-Outcome = Literal["success", "failed", "aborted", "error"]
 
 
 class RunnerConfig(StrictModel):
@@ -55,36 +69,17 @@ class SceneHooks:
     gripper_pixel: Callable[[ArmState], tuple[float, float] | None] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RunnerEvent:
-    """Something that happened in the loop; subscribers record, print or stream it."""
+@dataclass(slots=True)
+class _Progress:
+    """Where the episode stands: what `EpisodeResult` reports however the episode ends."""
 
-    kind: str  # episode_start | subtasks | step | safety | executed | verified | episode_end
-    t: float  # seconds since the episode start (monotonic)
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-class EpisodeHalt(Vlm2VlaError):
-    """Raised by a subscriber the episode cannot go on without (the recorder on a full disk): the loop
-    stops before the next arm command and the episode ends with outcome "error" and this message."""
-
-
-class EpisodeSubscriber(Protocol):
-    def on_event(self, event: RunnerEvent) -> None:
-        """Called synchronously from the loop; must be quick and must not raise (errors are logged),
-        except `EpisodeHalt`, which ends the episode."""
-
-
-@dataclass(frozen=True, slots=True)
-class EpisodeResult:
-    outcome: Outcome
-    detail: str
     subtasks: tuple[str, ...] = ()
-    completed_subtasks: int = 0
-    steps: int = 0
-    retries: int = 0
-    duration_s: float = 0.0
-    stage_latency_s: dict[str, list[float]] = field(default_factory=dict)
+    done: int = 0  # subtasks verified
+    steps: int = 0  # policy steps taken (attempts), all subtasks together
+    retries: int = 0  # failed attempts
+    latency_s: dict[str, list[float]] = field(
+        default_factory=lambda: {"subtasks": [], "motion": [], "action": [], "execute": [], "verify": []}
+    )
 
 
 class _Stop(Exception):
@@ -161,43 +156,41 @@ class EpisodeRunner:
         self._cancel.clear()
         self._stop_reason = None
         self._t0 = self._clock()
-        latencies: dict[str, list[float]] = {"subtasks": [], "motion": [], "action": [], "execute": [], "verify": []}
-        progress = {"subtasks": (), "done": 0, "steps": 0, "retries": 0}
+        progress = _Progress()
         result: EpisodeResult | None = None
         try:
-            self._emit("episode_start", instruction=instruction, bundle_id=self.policy.bundle_id)
+            self._emit(EpisodeStarted(t=self._elapsed(), instruction=instruction, bundle_id=self.policy.bundle_id))
             if self.limiter.engaged:
                 raise _Stop("aborted", f"the e-stop is engaged ({self.limiter.estop_reason}); reset it first")
-            result = self._episode(instruction, latencies, progress, subtasks)
+            result = self._episode(instruction, progress, subtasks)
         except _Stop as stop:
-            result = self._result(stop.outcome, stop.detail, latencies, progress)
+            result = self._result(stop.outcome, stop.detail, progress)
         except (GenerationCancelled, EStopEngaged) as exc:
-            result = self._result("aborted", self._stop_reason or str(exc), latencies, progress)
+            result = self._result("aborted", self._stop_reason or str(exc), progress)
         except PolicyOutputError as exc:  # no usable subtask list: nothing to attempt
-            result = self._result("failed", str(exc), latencies, progress)
+            result = self._result("failed", str(exc), progress)
         except EpisodeHalt as exc:
             log.error("episode halted by a subscriber error=%r", str(exc))
-            result = self._result("error", str(exc), latencies, progress)
+            result = self._result("error", str(exc), progress)
         except (DeviceError, Vlm2VlaError) as exc:
             log.error("episode error=%r", str(exc))
-            result = self._result("error", f"{type(exc).__name__}: {exc}", latencies, progress)
+            result = self._result("error", f"{type(exc).__name__}: {exc}", progress)
         except Exception as exc:  # a bug must still end with the arm stopped and the episode recorded
             log.exception("episode crashed")
-            result = self._result("error", f"internal error: {type(exc).__name__}: {exc}", latencies, progress)
+            result = self._result("error", f"internal error: {type(exc).__name__}: {exc}", progress)
         finally:
             try:
                 self.arm.stop()
             except Exception as exc:  # noqa: BLE001 - keep going: the outcome must still be reported
                 log.error("arm stop failed error=%r", str(exc))
             if result is None:  # KeyboardInterrupt / SystemExit: still tell the subscribers
-                result = self._result("aborted", "interrupted", latencies, progress)
-            self._emit("episode_end", outcome=result.outcome, detail=result.detail, result=result)
+                result = self._result("aborted", "interrupted", progress)
+            self._emit(EpisodeEnded(t=self._elapsed(), result=result))
             self._busy.release()
         return result
 
     def _episode(
-        self, instruction: str, latencies: dict[str, list[float]], progress: dict[str, Any],
-        given: Sequence[str] | None = None,
+        self, instruction: str, progress: _Progress, given: Sequence[str] | None = None
     ) -> EpisodeResult:
         cfg = self.config
         frame, state = self._observe()
@@ -205,39 +198,43 @@ class EpisodeRunner:
             subtasks = tuple(given)[: cfg.max_subtasks]
             if not subtasks:
                 raise UserError("the given subtask list is empty")
-            progress["subtasks"] = subtasks
-            self._emit("subtasks", subtasks=list(subtasks), output=None, frame=frame, state=state)
+            progress.subtasks = subtasks
+            self._emit(SubtasksPlanned(t=self._elapsed(), subtasks=subtasks, output=None, frame=frame, state=state))
         else:
             began = self._clock()
             try:
                 planned = self.policy.subtasks(self._observation(frame), instruction, cancel=self._cancel)
             except PolicyOutputError as exc:  # recorded (raw text included) before the episode ends as failed
-                latencies["subtasks"].append(self._clock() - began)
-                self._emit("subtasks", subtasks=[], error=str(exc), raw_text=exc.text, frame=frame, state=state)
+                progress.latency_s["subtasks"].append(self._clock() - began)
+                self._emit(
+                    SubtasksRejected(t=self._elapsed(), error=str(exc), raw_text=exc.text, frame=frame, state=state)
+                )
                 raise
-            latencies["subtasks"].append(self._clock() - began)
+            progress.latency_s["subtasks"].append(self._clock() - began)
             subtasks = tuple(planned.subtasks)[: cfg.max_subtasks]
-            progress["subtasks"] = subtasks
-            self._emit("subtasks", subtasks=list(subtasks), output=planned.output, frame=frame, state=state)
+            progress.subtasks = subtasks
+            self._emit(
+                SubtasksPlanned(t=self._elapsed(), subtasks=subtasks, output=planned.output, frame=frame, state=state)
+            )
 
         for index, subtask in enumerate(subtasks):
             next_subtask = subtasks[index + 1] if index + 1 < len(subtasks) else None
             failures = 0
             while True:
                 self._check_budget(progress)
-                progress["steps"] += 1
-                verdict = self._attempt(instruction, index, subtask, next_subtask, failures > 0, latencies)
+                progress.steps += 1
+                verdict = self._attempt(instruction, index, subtask, next_subtask, failures > 0, progress.latency_s)
                 if verdict.success:
-                    progress["done"] = index + 1
+                    progress.done = index + 1
                     break
                 failures += 1
-                progress["retries"] += 1
+                progress.retries += 1
                 if failures > cfg.max_retries_per_subtask:
                     raise _Stop(
                         "failed",
                         f"subtask {index + 1} '{subtask}' failed {failures} times; last verdict: {verdict.reason}",
                     )
-        return self._result("success", f"all {len(subtasks)} subtasks verified", latencies, progress)
+        return self._result("success", f"all {len(subtasks)} subtasks verified", progress)
 
     def _attempt(
         self,
@@ -260,8 +257,10 @@ class EpisodeRunner:
             failed_stage = getattr(exc, "stage", "action")
             latencies["motion" if failed_stage == "motion" else "action"].append(self._clock() - began)
             text = getattr(exc, "text", None)
-            self._emit("step", subtask_index=index, subtask=subtask, retry=retry, error=str(exc), raw_text=text,
-                       frame=frame, state=pre_state)
+            self._emit(StepRejected(
+                t=self._elapsed(), subtask_index=index, subtask=subtask, retry=retry, error=str(exc), raw_text=text,
+                frame=frame, state=pre_state,
+            ))
             return self._unverified(f"unusable model output: {exc}")
         elapsed = self._clock() - began
         motion_s = step.motion_output.timings.get("total_s")
@@ -271,17 +270,20 @@ class EpisodeRunner:
         chunk = postprocess_chunk(
             step.chunk, self.policy.action_language, self.limiter.robot.limits, pre_state.gripper_open
         )
-        self._emit(
-            "step", subtask_index=index, subtask=subtask, retry=retry, step=step, postprocessed=chunk,
+        self._emit(StepPlanned(
+            t=self._elapsed(), subtask_index=index, subtask=subtask, retry=retry, step=step, postprocessed=chunk,
             frame=frame, state=pre_state,
-        )
+        ))
         verdict_of_limiter = self.limiter.check_chunk(chunk, pre_state.position)
-        self._emit("safety", subtask_index=index, verdict=verdict_of_limiter)
+        self._emit(SafetyChecked(t=self._elapsed(), subtask_index=index, verdict=verdict_of_limiter))
         began = self._clock()
         results = self._execute(verdict_of_limiter)
         latencies["execute"].append(self._clock() - began)
         post_frame, post_state = self._observe()
-        self._emit("executed", subtask_index=index, results=results, commands=verdict_of_limiter.commands, state=post_state)
+        self._emit(CommandsExecuted(
+            t=self._elapsed(), subtask_index=index, commands=verdict_of_limiter.commands, results=tuple(results),
+            state=post_state,
+        ))
         if verdict_of_limiter.rejected and not verdict_of_limiter.commands:
             verdict = self._unverified(f"safety limiter rejected the chunk: {verdict_of_limiter.reason}")
         else:
@@ -309,7 +311,9 @@ class EpisodeRunner:
                 verdict = dataclasses.replace(
                     verdict, reason=f"{verdict.reason} (chunk partly rejected: {verdict_of_limiter.reason})"
                 )
-        self._emit("verified", subtask_index=index, subtask=subtask, verdict=verdict, frame=post_frame, state=post_state)
+        self._emit(StepVerified(
+            t=self._elapsed(), subtask_index=index, subtask=subtask, verdict=verdict, frame=post_frame, state=post_state
+        ))
         return verdict
 
     def _execute(self, verdict: ChunkVerdict) -> list[MoveResult]:
@@ -345,9 +349,9 @@ class EpisodeRunner:
         assert self.hooks.describe is not None  # checked in __init__
         return Observation(image=frame.image, scene=self.hooks.describe())
 
-    def _check_budget(self, progress: dict[str, Any]) -> None:
+    def _check_budget(self, progress: _Progress) -> None:
         self._raise_if_cancelled()
-        if progress["steps"] >= self.config.max_steps:
+        if progress.steps >= self.config.max_steps:
             raise _Stop("failed", f"step budget of {self.config.max_steps} steps used up")
         if self._clock() - self._t0 > self.config.episode_timeout_s:
             raise _Stop("failed", f"time budget of {self.config.episode_timeout_s:.0f} s used up")
@@ -355,30 +359,32 @@ class EpisodeRunner:
     def _unverified(self, reason: str) -> Verdict:
         return Verdict(success=False, reason=reason, verifier="runner", latency_s=0.0, attempts=0)
 
-    def _result(
-        self, outcome: Outcome, detail: str, latencies: dict[str, list[float]], progress: dict[str, Any]
-    ) -> EpisodeResult:
+    def _result(self, outcome: Outcome, detail: str, progress: _Progress) -> EpisodeResult:
         return EpisodeResult(
             outcome=outcome,
             detail=detail,
-            subtasks=tuple(progress["subtasks"]),
-            completed_subtasks=progress["done"],
-            steps=progress["steps"],
-            retries=progress["retries"],
-            duration_s=self._clock() - self._t0,
-            stage_latency_s={k: list(v) for k, v in latencies.items()},
+            subtasks=progress.subtasks,
+            completed_subtasks=progress.done,
+            steps=progress.steps,
+            retries=progress.retries,
+            duration_s=self._elapsed(),
+            stage_latency_s={k: list(v) for k, v in progress.latency_s.items()},
         )
 
-    def _emit(self, kind: str, **data: Any) -> None:
+    def _elapsed(self) -> float:
+        """Seconds since the episode start: every event's `t`."""
+        return self._clock() - self._t0
+
+    def _emit(self, event: LoopEvent) -> None:
         """Every subscriber sees the event; an `EpisodeHalt` is raised after all of them did (never
-        for episode_end: the episode is over by then)."""
-        event = RunnerEvent(kind=kind, t=self._clock() - self._t0, data=data)
+        for `EpisodeEnded`: the episode is over by then)."""
+        kind = event.kind
         halt: EpisodeHalt | None = None
         for subscriber in self.subscribers:
             try:
                 subscriber.on_event(event)
             except EpisodeHalt as exc:
-                if kind == "episode_end":
+                if isinstance(event, EpisodeEnded):
                     log.error("subscriber %s failed on %s error=%r", type(subscriber).__name__, kind, str(exc))
                 else:
                     halt = halt or exc

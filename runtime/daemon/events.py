@@ -12,10 +12,22 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
+from vlm2vla_edge.runtime.events import (
+    CommandsExecuted,
+    EpisodeEnded,
+    EpisodeResult,
+    EpisodeStarted,
+    LoopEvent,
+    SafetyChecked,
+    StepPlanned,
+    StepRejected,
+    StepVerified,
+    SubtasksPlanned,
+    SubtasksRejected,
+)
 from vlm2vla_edge.runtime.robot.base import ArmState
-from vlm2vla_edge.runtime.runner import EpisodeResult, RunnerEvent
 
 
 def _num(value: float) -> float | None:
@@ -46,61 +58,70 @@ def result_json(result: EpisodeResult) -> dict[str, Any]:
     }
 
 
-def event_json(event: RunnerEvent) -> dict[str, Any]:
-    """The JSON-safe view of one loop event: what a person watching needs, nothing bulky or secret."""
-    d = event.data
+def event_json(event: LoopEvent) -> dict[str, Any]:
+    """The JSON-safe view of one loop event: what a person watching needs, nothing bulky or secret.
+
+    The one conversion for the API's event stream (and the journal lines): `kind` names the event on
+    the wire, and the rejected variants of "subtasks" and "step" carry `error` instead of the output.
+    """
     out: dict[str, Any] = {"kind": event.kind, "t": _num(event.t)}
-    if event.kind == "episode_start":
-        out.update(instruction=d.get("instruction"), bundle_id=d.get("bundle_id"))
-    elif event.kind == "subtasks":
-        out.update(subtasks=list(d.get("subtasks", ())), state=_state(d.get("state")))
-        if "error" in d:
-            out["error"] = str(d["error"])
-    elif event.kind == "step":
-        out.update(subtask_index=d.get("subtask_index"), subtask=d.get("subtask"), retry=bool(d.get("retry")))
-        if "error" in d:
-            out["error"] = str(d["error"])
-        else:
-            step = d["step"]
+    match event:
+        case EpisodeStarted():
+            out.update(instruction=event.instruction, bundle_id=event.bundle_id)
+        case SubtasksPlanned():
+            out.update(subtasks=list(event.subtasks), state=_state(event.state))
+        case SubtasksRejected():
+            out.update(subtasks=[], state=_state(event.state), error=event.error)
+        case StepPlanned():
+            step = event.step
             out.update(
+                subtask_index=event.subtask_index,
+                subtask=event.subtask,
+                retry=event.retry,
                 motion_plan=step.motion.text,
                 action_text=step.action_output.raw_text,
                 actions=step.chunk.as_lists(),
-                postprocessed=d["postprocessed"].as_lists() if d.get("postprocessed") is not None else None,
+                postprocessed=event.postprocessed.as_lists(),
+                state=_state(event.state),
             )
-        out["state"] = _state(d.get("state"))
-    elif event.kind == "safety":
-        verdict = d["verdict"]
-        decisions = list(verdict.decisions)  # holds every command's own decisions too
-        out.update(
-            subtask_index=d.get("subtask_index"),
-            rejected=bool(verdict.rejected),
-            reason=verdict.reason,
-            decisions=[x.to_dict() for x in decisions],
-            commands=[{"target": _vec(c.target), "gripper_open": c.gripper_open} for c in verdict.commands],
-        )
-    elif event.kind == "executed":
-        out.update(
-            subtask_index=d.get("subtask_index"),
-            moves=[
-                {"completed": r.completed, "reached": _vec(r.reached), "duration_s": _num(r.duration_s), "note": r.note}
-                for r in d.get("results", ())
-            ],
-            state=_state(d.get("state")),
-        )
-    elif event.kind == "verified":
-        verdict = d["verdict"]
-        out.update(
-            subtask_index=d.get("subtask_index"),
-            subtask=d.get("subtask"),
-            success=bool(verdict.success),
-            reason=verdict.reason,
-            verifier=verdict.verifier,
-            fallback_from=verdict.fallback_from,
-            error=verdict.error,  # why the verifier (or the one fallen back from) failed; already redacted
-        )
-    elif event.kind == "episode_end":
-        out.update(result_json(d["result"]))
+        case StepRejected():
+            out.update(
+                subtask_index=event.subtask_index, subtask=event.subtask, retry=event.retry, error=event.error,
+                state=_state(event.state),
+            )
+        case SafetyChecked():
+            verdict = event.verdict
+            out.update(
+                subtask_index=event.subtask_index,
+                rejected=bool(verdict.rejected),
+                reason=verdict.reason,
+                decisions=[x.to_dict() for x in verdict.decisions],  # holds every command's own decisions too
+                commands=[{"target": _vec(c.target), "gripper_open": c.gripper_open} for c in verdict.commands],
+            )
+        case CommandsExecuted():
+            out.update(
+                subtask_index=event.subtask_index,
+                moves=[
+                    {"completed": r.completed, "reached": _vec(r.reached), "duration_s": _num(r.duration_s), "note": r.note}
+                    for r in event.results
+                ],
+                state=_state(event.state),
+            )
+        case StepVerified():
+            verdict = event.verdict
+            out.update(
+                subtask_index=event.subtask_index,
+                subtask=event.subtask,
+                success=bool(verdict.success),
+                reason=verdict.reason,
+                verifier=verdict.verifier,
+                fallback_from=verdict.fallback_from,
+                error=verdict.error,  # why the verifier (or the one fallen back from) failed; already redacted
+            )
+        case EpisodeEnded():
+            out.update(result_json(event.result))
+        case _:
+            assert_never(event)
     return out
 
 
@@ -118,8 +139,8 @@ class TaskEventLog:
     def __init__(self, capacity: int) -> None:
         self._slot = _Slot(deque(maxlen=capacity))
 
-    def on_event(self, event: RunnerEvent) -> None:
-        self.append(event_json(event), close=event.kind == "episode_end")
+    def on_event(self, event: LoopEvent) -> None:
+        self.append(event_json(event), close=isinstance(event, EpisodeEnded))
 
     def append(self, item: dict[str, Any], close: bool = False) -> None:
         slot = self._slot

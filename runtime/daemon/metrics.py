@@ -12,7 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from vlm2vla_edge.runtime.runner import EpisodeResult, RunnerEvent
+from vlm2vla_edge.runtime.events import EpisodeEnded, EpisodeStarted, LoopEventHandler, SafetyChecked, StepVerified
 
 #: Seconds. Covers a 10 ms decode step up to a multi-minute episode.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -21,8 +21,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class DaemonMetrics:
-    """The daemon's counters; also an `EpisodeSubscriber`."""
+class DaemonMetrics(LoopEventHandler):
+    """The daemon's counters; also an episode subscriber (typed handlers of the loop's events)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -69,30 +69,32 @@ class DaemonMetrics:
 
     # --- subscriber ----------------------------------------------------------------------------
 
-    def on_event(self, event: RunnerEvent) -> None:
-        if event.kind == "episode_start":
-            self.running.set(1)
-        elif event.kind == "safety":
-            verdict = event.data["verdict"]
-            for decision in verdict.decisions:  # holds every command's own decisions too
-                if decision.verdict != "pass":
-                    self.safety.labels(rule=decision.rule, verdict=str(decision.verdict)).inc()
-            if verdict.rejected:
-                self.rejected_chunks.inc()
-        elif event.kind == "verified":
-            verdict = event.data["verdict"]
-            if verdict.verifier != "runner":  # the runner's own "unusable output" verdicts are not verifier calls
-                self.verdicts.labels(verifier=verdict.verifier, success=str(bool(verdict.success)).lower()).inc()
-            if verdict.fallback_from:
-                self.fallbacks.labels(**{"from": verdict.fallback_from}).inc()
-        elif event.kind == "episode_end":
-            result: EpisodeResult = event.data["result"]
-            self.running.set(0)
-            self.episodes.labels(outcome=result.outcome).inc()
-            self.episode_duration.observe(result.duration_s)
-            for stage, values in result.stage_latency_s.items():
-                for value in values:
-                    self.stage_latency.labels(stage=stage).observe(value)
+    def on_episode_started(self, event: EpisodeStarted) -> None:
+        self.running.set(1)
+
+    def on_safety_checked(self, event: SafetyChecked) -> None:
+        verdict = event.verdict
+        for decision in verdict.decisions:  # holds every command's own decisions too
+            if decision.verdict != "pass":
+                self.safety.labels(rule=decision.rule, verdict=str(decision.verdict)).inc()
+        if verdict.rejected:
+            self.rejected_chunks.inc()
+
+    def on_step_verified(self, event: StepVerified) -> None:
+        verdict = event.verdict
+        if verdict.verifier != "runner":  # the runner's own "unusable output" verdicts are not verifier calls
+            self.verdicts.labels(verifier=verdict.verifier, success=str(bool(verdict.success)).lower()).inc()
+        if verdict.fallback_from:
+            self.fallbacks.labels(**{"from": verdict.fallback_from}).inc()
+
+    def on_episode_ended(self, event: EpisodeEnded) -> None:
+        result = event.result
+        self.running.set(0)
+        self.episodes.labels(outcome=result.outcome).inc()
+        self.episode_duration.observe(result.duration_s)
+        for stage, values in result.stage_latency_s.items():
+            for value in values:
+                self.stage_latency.labels(stage=stage).observe(value)
 
     # --- from the API --------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.station import Station, episode_meta
 from vlm2vla_edge.runtime.policy.interface import Policy
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
-from vlm2vla_edge.runtime.runner import EpisodeHalt, EpisodeResult, EpisodeRunner, RunnerConfig, RunnerEvent
+from vlm2vla_edge.runtime.events import EpisodeHalt, EpisodeResult, EpisodeSubscriber, LoopEvent
+from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 from vlm2vla_edge.runtime.verifier.base import Verifier
 
@@ -140,9 +141,9 @@ class _Fanout:
     """The runner's per-episode subscribers (recorder, event log), swapped in for each task."""
 
     def __init__(self) -> None:
-        self.targets: list[Any] = []
+        self.targets: list[EpisodeSubscriber] = []
 
-    def on_event(self, event: RunnerEvent) -> None:
+    def on_event(self, event: LoopEvent) -> None:
         halt: EpisodeHalt | None = None
         for target in self.targets:
             try:
@@ -161,7 +162,7 @@ class _JournalLines:
     def __init__(self, daemon: "Daemon") -> None:
         self._daemon = daemon
 
-    def on_event(self, event: RunnerEvent) -> None:
+    def on_event(self, event: LoopEvent) -> None:
         data = event_json(event)
         task = self._daemon.current_task_id or "-"
         data.pop("kind", None)

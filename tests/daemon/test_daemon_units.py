@@ -19,7 +19,7 @@ from vlm2vla_edge.runtime.daemon.server import read_token
 from vlm2vla_edge.runtime.daemon.service import InvalidRequest, validate_instruction
 from vlm2vla_edge.runtime.daemon.unit import UnitOptions, render_unit
 from vlm2vla_edge.runtime.errors import ConfigError
-from vlm2vla_edge.runtime.runner import EpisodeResult, RunnerEvent
+from vlm2vla_edge.runtime.events import EpisodeEnded, EpisodeResult, EpisodeStarted
 from vlm2vla_edge.runtime import runtime_config
 from vlm2vla_edge.runtime.runtime_config import client_socket_candidates, server_socket_path
 
@@ -127,8 +127,8 @@ def test_metrics_exposition_through_prometheus_client() -> None:
 
     metrics = DaemonMetrics()
     result = EpisodeResult("success", "ok", duration_s=1.5, stage_latency_s={"action": [0.02, 0.3], "verify": [0.001]})
-    metrics.on_event(RunnerEvent("episode_start", 0.0, {}))
-    metrics.on_event(RunnerEvent("episode_end", 1.5, {"result": result, "outcome": "success", "detail": "ok"}))
+    metrics.on_event(EpisodeStarted(t=0.0, instruction="pick up the carrot", bundle_id="fake"))
+    metrics.on_event(EpisodeEnded(t=1.5, result=result))
     metrics.count_request(202)
     text = metrics.render(estop_engaged=True).decode("utf-8")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
