@@ -12,9 +12,10 @@ import pytest
 from fakes.policies import ScriptedPolicy, block_until_cancelled
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter
+from vlm2vla_edge.runtime.events import EpisodeEnded, EpisodeStarted, LoopEvent, SafetyChecked
 from vlm2vla_edge.runtime.recording import EpisodeRecorder, ProgressPrinter
 from vlm2vla_edge.runtime.robot.base import DeviceError
-from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig, RunnerEvent, SceneHooks
+from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig, SceneHooks
 from vlm2vla_edge.runtime.safety import SafetyLimiter
 from vlm2vla_edge.runtime.sim.scene import Scene
 from vlm2vla_edge.runtime.sim.world import SimArm, SimCamera, SimWorld
@@ -39,9 +40,9 @@ class ScriptedVerifier(Verifier):
 
 class Collect:
     def __init__(self) -> None:
-        self.events: list[RunnerEvent] = []
+        self.events: list[LoopEvent] = []
 
-    def on_event(self, event: RunnerEvent) -> None:
+    def on_event(self, event: LoopEvent) -> None:
         self.events.append(event)
 
 
@@ -87,8 +88,7 @@ def test_success_is_recorded_step_by_step(tmp_path: Path) -> None:
     assert reader.frame(reader.steps()[0].image).shape == (256, 256, 3)
     verify = [s for s in reader.steps() if s.stage == "verify"][0]
     assert verify.verifier.verifier == "scripted" and "after" in verify.images
-    kinds = [e.kind for e in collect.events]
-    assert kinds[0] == "episode_start" and kinds[-1] == "episode_end"
+    assert isinstance(collect.events[0], EpisodeStarted) and isinstance(collect.events[-1], EpisodeEnded)
 
 
 def test_retries_then_fails_with_subtask_and_reason(tmp_path: Path) -> None:
@@ -148,8 +148,8 @@ def test_hostile_policy_never_moves_the_arm_out_of_limits() -> None:
     assert result.outcome == "success"
     assert positions, "the arm never moved"
     assert all(inside_limits(p) for p in positions)
-    safety = [e for e in collect.events if e.kind == "safety"]
-    assert any(d.verdict == "clamp" for e in safety for c in e.data["verdict"].commands for d in c.decisions)
+    safety = [e for e in collect.events if isinstance(e, SafetyChecked)]
+    assert any(d.verdict == "clamp" for e in safety for c in e.verdict.commands for d in c.decisions)
 
 
 def test_cancel_mid_generation_takes_effect_in_milliseconds(tmp_path: Path) -> None:
