@@ -1,5 +1,5 @@
 """`vlm2vla-edge data ...`: import datasets into episodes, export episodes as a LeRobot dataset, relabel
-episodes into language, show statistics.
+episodes into language, label policy episodes with the expert's corrections (dagger), show statistics.
 
 Mounted into the main CLI as the `data` sub-app. A mistake in the input (a missing folder, an
 unknown layout, an existing destination, a missing API key) ends with one sentence on stderr and
@@ -211,6 +211,87 @@ def relabel(
     typer.echo(f"wrote {sum(info.counts.values())} samples ({counts}) from {len(info.sources)} episodes to {dest}")
     if not info.sources:
         raise UserError(f"no episode of {src} could be labelled (see the skipped lines above)")
+
+
+class ExpertName(str, Enum):
+    sim = "sim"
+
+
+@app.command()
+@_user_errors
+def dagger(
+    episodes: Annotated[Optional[list[Path]], typer.Argument(
+        help="Recorded policy episodes: episode folders, folders of them, or `eval --record`'s OUT folder.")] = None,
+    into: Annotated[Path, typer.Option("--into", help="The labelled dataset to grow (appended to, atomically), or a new folder.")] = ...,  # type: ignore[assignment]
+    expert: Annotated[ExpertName, typer.Option(help="Who labels EPISODES' states: sim, the scripted expert of the simulator (needs the episodes' seeds).")] = ExpertName.sim,
+    corrections: Annotated[Optional[Path], typer.Option(help="Teleoperated corrections (a real robot): episodes a person recorded from states the policy visited; labelled with the local annotator.")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="Policy config whose action language the labels are written in (default: the dataset's; policy_waypoints for a new one).")] = None,
+    robot: Annotated[str, typer.Option(help="Robot config (workspace, chunk limits): preset name or YAML path.")] = "widowx250s",
+    aux: Annotated[bool, typer.Option(help="Corrections: add relabel's auxiliary direction-naming samples.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write the counts and the disagreement figures as JSON here.")] = None,
+) -> None:
+    """DAgger, the data flywheel: label the states a policy visited with the expert's correction, add them to a dataset.
+
+    \b
+    The loop:
+      1. record the policy:  vlm2vla-edge eval --bundle B --record --out RUN  (or do --local --sim)
+      2. label its states:   vlm2vla-edge data dagger RUN --into DATA
+      3. retrain:            vlm2vla-edge train --dataset DATA --base BASE --out ADAPTER
+      4. convert:            vlm2vla-edge convert --mode adapter --base BASE --adapter ADAPTER --out B2; back to 1
+
+    In the simulator the scripted expert answers from every state the policy reached. The world is rebuilt from the episode's seed and the commands the arm executed, and checked against the recording at every step (gripper pose, and the scene text of a text-only policy); a state that does not match is reported and not labelled.
+
+    On a real robot a person takes over where the policy went wrong and records the correction by teleoperation (--corrections DIR); those episodes get the local annotator's labels, tagged as corrections.
+
+    Prints, per stage, how often the policy disagreed with the expert: subtask list, current subtask, plan offset and chunk move (more than 2 cm off), gripper. Exit 2 on bad input (not a policy episode, no seed, another action language); the dataset is then unchanged.
+    """
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+    from vlm2vla_edge.train.data.dagger import DaggerOptions, EpisodeOutcome, find_policy_episodes, run_dagger
+    from vlm2vla_edge.train.data.dataset import INFO_FILE, read_dataset
+    from vlm2vla_edge.train.data.local_annotator import find_episodes
+
+    if not episodes and corrections is None:
+        raise UserError("nothing to label: give recorded policy episodes, or teleoperated corrections with --corrections DIR")
+    paths = find_policy_episodes(episodes or [])
+    fixes = find_episodes(corrections) if corrections is not None else []
+    if policy is not None:
+        language = load_policy_config(policy).action_language
+    elif (into / INFO_FILE).exists():
+        language = read_dataset(into, check_images=False).info.language()
+    else:
+        language = load_policy_config("policy_waypoints").action_language
+        typer.echo("labelling in the action language of policy_waypoints (a new dataset; --policy chooses another)")
+    options = DaggerOptions(robot=load_robot_config(robot), language=language, aux=aux)
+    typer.echo(f"dagger: {len(paths)} policy episodes ({expert.value} expert), {len(fixes)} corrections -> {into}")
+
+    def progress(number: int, total: int, path: Path, outcome: EpisodeOutcome) -> None:
+        head = f"[{number}/{total}] {path.name}"
+        if outcome.note:
+            typer.echo(f"{head}: skipped ({outcome.note})")
+            return
+        if outcome.kind == "correction":
+            typer.echo(f"{head}: correction, {outcome.samples} samples")
+            return
+        d = outcome.disagreement
+        skipped = "; ".join(f"{n} {why}" for why, n in outcome.skipped.items())
+        typer.echo(f"{head}: {outcome.labelled}/{outcome.states} states labelled, {outcome.samples} samples"
+                   + (f" (not labelled: {skipped})" if skipped else "")
+                   + f"; policy off: subtask {d.current_subtask}, plan {d.plan_offset}, chunk {d.chunk_move}, "
+                   f"gripper {d.gripper}, unusable {d.unusable}")
+
+    result = run_dagger(paths, into, options, corrections=fixes, progress=progress)
+    added = ", ".join(f"{n} {stage}" for stage, n in result.samples_added.items())
+    typer.echo(f"added {sum(result.samples_added.values())} samples ({added}) to {into}: "
+               f"{result.samples_before} -> {result.samples_after}")
+    if paths:
+        typer.echo("where the policy disagreed with the expert:")
+        for line in result.disagreement.lines():
+            typer.echo(f"  {line}")
+    if report is not None:
+        from vlm2vla_edge.runtime.files import atomic_write
+
+        atomic_write(report, (result.model_dump_json(indent=2) + "\n").encode("utf-8"))
+        typer.echo(f"wrote {report}")
 
 
 @app.command("eval")
