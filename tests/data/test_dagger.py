@@ -272,3 +272,22 @@ def test_bad_input_ends_with_one_clean_error(pick_episodes: list[Path], tmp_path
         assert expected in result.output and "Traceback" not in result.output
     assert read_dataset(tmp_path / "steps-ds").info.samples_sha256 == steps_hash
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_in_a_steps_language_the_label_is_the_experts_next_chunk_toward_its_waypoint(pick_episodes: list[Path]) -> None:
+    import numpy as np
+
+    steps = load_policy_config("policy").action_language
+    samples, outcome = _label(pick_episodes[0], steps)
+    assert outcome.labelled == outcome.states and not outcome.skipped
+    reader = EpisodeReader(pick_episodes[0])
+    records = {r.index: r for r in reader.steps()}
+    limits = ChunkLimits.for_robot(ROBOT, steps)
+    for sample in (s for s in samples if s.stage == "action"):
+        chunk = parse_action_chunk(sample.target, steps)
+        assert 0 < len(chunk) <= limits.max_actions and chunk.path_length() <= limits.max_chunk_path_m + 1e-9
+        parse_motion_plan(sample.motion_plan)
+        # The waypoint policy's own move (which copied the expert's key point) points the same way.
+        theirs = np.sum(np.array(records[sample.step + 1].parsed_actions)[:, :3], axis=0)
+        ours = np.array(chunk.total_translation())
+        assert float(theirs @ ours) / (np.linalg.norm(theirs) * np.linalg.norm(ours)) > 0.99, sample.id
