@@ -7,8 +7,12 @@ defaults (a test keeps the two identical), so the unit has exactly one source.
 from __future__ import annotations
 
 import shlex
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from vlm2vla_edge.runtime.errors import UserError
 
 DEFAULT_EXEC = Path("/opt/vlm2vla-edge/.venv/bin/vlm2vla-edge")
 DEFAULT_CONFIG = Path("/etc/vlm2vla-edge/runtime.yaml")
@@ -129,6 +133,19 @@ def render_unit(options: UnitOptions = UnitOptions()) -> str:
         credential=credential,
         watchdog=options.watchdog_s,
     )
+
+
+def installed_executable(argv0: str | None = None) -> Path:
+    """The `vlm2vla-edge` script the unit should start: the one running now, else the one next to this
+    Python (a venv's bin/), else the one on PATH; a `UserError` when none exists (not installed)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = Path(argv0).resolve() if Path(argv0).name == "vlm2vla-edge" else None
+    if executable is None or not executable.is_file():
+        found = Path(sys.executable).parent / "vlm2vla-edge"
+        executable = found if found.is_file() else Path(shutil.which("vlm2vla-edge") or found)
+    if not executable.is_file():
+        raise UserError(f"cannot find the vlm2vla-edge executable (looked at {executable}); install the package first")
+    return executable
 
 
 def _quote(arg: str) -> str:
