@@ -25,6 +25,7 @@ from vlm2vla_edge.runtime.sim.tasks import sample_episode
 from vlm2vla_edge.runtime.station import episode_meta, open_station
 from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
 from vlm2vla_edge.testing.policies import SceneCopyPolicy
+from vlm2vla_edge.train.data.chunks import ChunkLimits
 from vlm2vla_edge.train.data.dagger import (
     EXPERT_ANNOTATOR,
     DaggerOptions,
@@ -35,7 +36,6 @@ from vlm2vla_edge.train.data.dagger import (
 )
 from vlm2vla_edge.train.data.dataset import read_dataset
 from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples, relabel
-from vlm2vla_edge.train.data.chunks import ChunkLimits
 
 ROBOT = load_robot_config("widowx250s")
 WAYPOINTS = load_policy_config("policy_waypoints").action_language

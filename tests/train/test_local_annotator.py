@@ -19,15 +19,11 @@ from vlm2vla_edge.runtime.sim.scene import Scene
 from vlm2vla_edge.runtime.sim.tasks import Episode, paper_composite, sample_episode
 from vlm2vla_edge.train.data.dataset import read_dataset
 from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples, relabel
-from vlm2vla_edge.train.data.segment import (
-    Trajectory,
-    direction_phrase,
-    motion_plan_text,
-    name_subtasks,
-    parse_instruction,
-    plan_contradiction,
-    segment,
-)
+from vlm2vla_edge.train.data.instruction import parse_instruction
+from vlm2vla_edge.train.data.segment import segment
+from vlm2vla_edge.train.data.subtasks import name_subtasks
+from vlm2vla_edge.train.data.trajectory import Trajectory
+from vlm2vla_edge.train.data.wording import direction_phrase, motion_plan_text, plan_contradiction
 
 ROBOT = load_robot_config()
 LANGUAGE = ActionLanguage()

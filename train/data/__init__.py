@@ -6,7 +6,10 @@ package makes that dataset:
 
 - `importers`: BridgeData v2 raw, LeRobot parquet datasets and our own episodes -> episode folders
   (runtime/EPISODE_FORMAT.md);
-- `segment`: segmentation at gripper events and turns, motion wording, subtask naming, chunk windows;
+- `trajectory` (a demonstration as arrays), `segment` (cuts at gripper events and turns), `wording`
+  (motion plans in words, and their check against the motion), `instruction` (objects and destinations
+  of an instruction, in any language of the task suite), `subtasks` (subtask names per segment),
+  `chunks` (action-chunk windows and their plans, waypoint windows);
 - `local_annotator`: the deterministic annotator and the shared relabelling loop (`relabel`);
 - `gemini_annotator`: Gemini words subtasks and plans; validated, cached, falls back to local labels;
 - `dataset`: the labelled dataset's writer and reader (`write_dataset`, `read_dataset`);
@@ -54,7 +57,7 @@ Per stage, the prompt is built with `runtime.policy.prompts.PromptTemplates` and
 stage      prompt inputs                               target
 =========  ==========================================  ===================================================
 subtasks   image/scene, instruction                    `format_subtasks(subtasks)`
-motion     image/scene, instruction, subtask           one motion-plan line (`segment.motion_plan_text`)
+motion     image/scene, instruction, subtask           one motion-plan line (`wording.motion_plan_text`)
 action     image/scene, instruction, subtask,          `format_action_chunk(chunk)`: the recorded deltas of
            motion_plan                                 the window, re-aggregated, within the robot limits
 aux        `instruction` only: a self-contained        a direction phrase ("Move primarily down and

@@ -52,10 +52,10 @@ from vlm2vla_edge.runtime.sim.render import SCENE_DECIMALS
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
 from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, PickTask, PlaceTask, Task, sample_episode
 from vlm2vla_edge.runtime.sim.world import SimWorld
+from vlm2vla_edge.train.data.chunks import ChunkLimits, build_chunk, settings_dict, waypoint_plan_text
 from vlm2vla_edge.train.data.dataset import Sample, SourceEpisode, episode_content_hash
 from vlm2vla_edge.train.data.dataset_append import DatasetAppender
 from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples, find_episodes
-from vlm2vla_edge.train.data.chunks import ChunkLimits, build_chunk, settings_dict, waypoint_plan_text
 from vlm2vla_edge.train.data.wording import motion_plan_text
 
 Vec3 = tuple[float, float, float]

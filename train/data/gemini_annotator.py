@@ -9,7 +9,7 @@ displacements and gripper events, and a few key frames.
 
 Every answer is checked before use: the subtask list must be one the runtime parser accepts and
 the segment-to-subtask map must be monotone and complete; each motion plan must parse and must not
-contradict the recorded motion of its window (`segment.plan_contradiction`: "up" while the gripper
+contradict the recorded motion of its window (`wording.plan_contradiction`: "up" while the gripper
 went down, the main direction not named, the wrong gripper event). What fails falls back to the
 local label, and the dataset records each fallback with its reason (`SourceEpisode.fallbacks`).
 
@@ -58,7 +58,8 @@ from vlm2vla_edge.runtime.verifier.credentials import ApiKey, load_api_key, reda
 from vlm2vla_edge.runtime.verifier.gemini import AnswerError, answer_json
 from vlm2vla_edge.train.data.dataset import episode_content_hash
 from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, LocalAnnotator
-from vlm2vla_edge.train.data.segment import NotADemonstration, plan_contradiction
+from vlm2vla_edge.train.data.trajectory import NotADemonstration
+from vlm2vla_edge.train.data.wording import plan_contradiction
 
 log = logging.getLogger(__name__)
 

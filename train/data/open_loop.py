@@ -34,7 +34,7 @@ from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.parser import ParseError, parse_action_chunk
 from vlm2vla_edge.runtime.policy.interface import Observation, PolicyOutputError
 from vlm2vla_edge.train.data.dataset import LabelledDataset, Sample
-from vlm2vla_edge.train.data.segment import named_directions
+from vlm2vla_edge.train.data.wording import named_directions
 
 if TYPE_CHECKING:
     from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
