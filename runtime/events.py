@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, assert_never
 
-from vlm2vla_edge.runtime.errors import Vlm2VlaError
 from vlm2vla_edge.runtime.actions import ActionChunk
+from vlm2vla_edge.runtime.errors import Vlm2VlaError
 from vlm2vla_edge.runtime.policy.interface import StageOutput, StepResult
 from vlm2vla_edge.runtime.robot.base import ArmState, Frame, MoveResult
 from vlm2vla_edge.runtime.safety import ChunkVerdict, SafeCommand

@@ -16,8 +16,9 @@ from typing import Callable, Iterator
 
 from vlm2vla_edge.runtime.config import PolicyConfig, RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeWriter
+from vlm2vla_edge.runtime.events import EpisodeResult
 from vlm2vla_edge.runtime.recording import EpisodeRecorder, ProgressPrinter
-from vlm2vla_edge.runtime.runner import EpisodeResult, EpisodeRunner, RunnerConfig
+from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
 from vlm2vla_edge.runtime.station import episode_meta, load_policy, open_station
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig, make_verifier
 

@@ -250,7 +250,8 @@ class ProgressPrinter(LoopEventHandler):
 
     def on_step_planned(self, event: StepPlanned) -> None:
         retry = " (retry)" if event.retry else ""
-        self._line(event.t, f"subtask {event.subtask_index + 1}{retry} '{event.subtask}': plan: {event.step.motion.text}")
+        plan = event.step.motion.text
+        self._line(event.t, f"subtask {event.subtask_index + 1}{retry} '{event.subtask}': plan: {plan}")
         self._line(event.t, f"  actions: {_short(event.step.action_output.raw_text)}")
 
     def on_step_rejected(self, event: StepRejected) -> None:

@@ -7,8 +7,9 @@
 
 Policy, arm, camera, verifier and limiter come in through their interfaces; the recorder, the live
 progress printer and the daemon's event stream are subscribers (`EpisodeSubscriber`) of the typed
-events in `runtime/events.py`, so the loop itself neither writes files nor prints. Whatever happens, `finally` stops the arm; cancel and
-e-stop are observed between decode steps and between motion segments.
+events in `runtime/events.py`, so the loop itself neither writes files nor prints. Whatever happens,
+`finally` stops the arm; cancel and e-stop are observed between decode steps and between motion
+segments.
 """
 
 from __future__ import annotations

@@ -135,7 +135,9 @@ WIRE_FIELDS = {
     SafetyChecked: ["kind", "t", "subtask_index", "rejected", "reason", "decisions", "commands"],
     CommandsExecuted: ["kind", "t", "subtask_index", "moves", "state"],
     StepVerified: ["kind", "t", "subtask_index", "subtask", "success", "reason", "verifier", "fallback_from", "error"],
-    EpisodeEnded: ["kind", "t", "outcome", "detail", "subtasks", "completed_subtasks", "steps", "retries", "duration_s"],
+    EpisodeEnded: [
+        "kind", "t", "outcome", "detail", "subtasks", "completed_subtasks", "steps", "retries", "duration_s",
+    ],
 }
 
 

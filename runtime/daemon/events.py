@@ -102,7 +102,10 @@ def event_json(event: LoopEvent) -> dict[str, Any]:
             out.update(
                 subtask_index=event.subtask_index,
                 moves=[
-                    {"completed": r.completed, "reached": _vec(r.reached), "duration_s": _num(r.duration_s), "note": r.note}
+                    {
+                        "completed": r.completed, "reached": _vec(r.reached), "duration_s": _num(r.duration_s),
+                        "note": r.note,
+                    }
                     for r in event.results
                 ],
                 state=_state(event.state),
