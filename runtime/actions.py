@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
+#: A point or a translation in the robot base frame, metres (x, y, z).
+Vec3 = tuple[float, float, float]
+
 
 @dataclass(frozen=True, slots=True)
 class Action:
@@ -24,7 +27,7 @@ class Action:
     dz: float
     gripper: float
 
-    def translation(self) -> tuple[float, float, float]:
+    def translation(self) -> Vec3:
         return (self.dx, self.dy, self.dz)
 
     def norm(self) -> float:

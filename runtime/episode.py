@@ -108,7 +108,7 @@ def _null_to_nan(value: Any) -> Any:
 
 #: A float that may be non-finite in memory; written as JSON null, read back as NaN.
 Num = Annotated[float, BeforeValidator(_null_to_nan)]
-Vec3 = tuple[Num, Num, Num]
+NumVec3 = tuple[Num, Num, Num]  # a `Vec3` (runtime.actions) as episodes store it: NaN allowed, null in JSON
 
 
 def to_jsonable(value: Any, where: str = "value") -> Any:
@@ -222,10 +222,10 @@ class SafetyRecord(_Record):
 class ExecutedCommand(_Record):
     """One command sent to the arm and what happened (the fields of `MoveResult`, plus the target)."""
 
-    target: Vec3 | None = None  # commanded end-effector position, base frame
+    target: NumVec3 | None = None  # commanded end-effector position, base frame
     gripper_open: bool | None = None
     completed: bool | None = None  # False when stopped (cancel, e-stop) before the target
-    reached: Vec3 | None = None
+    reached: NumVec3 | None = None
     error_m: Num | None = None
     duration_s: Num | None = None
     note: str = ""
@@ -259,8 +259,8 @@ class StepRecord(_Record):
     index: int = Field(ge=0, description="Line number in steps.jsonl, from 0, consecutive.")
     t: Num = Field(description="Seconds since the episode start (monotonic clock).")
     wall_time: Num = Field(description="Unix time when the record was made.")
-    ee_position: Vec3 | None = None
-    ee_rpy: Vec3 | None = None
+    ee_position: NumVec3 | None = None
+    ee_rpy: NumVec3 | None = None
     gripper_open: bool | None = None
     action: list[Num] | None = None
     image: str | None = Field(None, description='Observation frame, relative path: "frames/000012.jpg".')

@@ -42,11 +42,10 @@ from typing import Callable, Literal
 
 from pydantic import ValidationError
 
-from vlm2vla_edge.runtime.actions import Action, ActionChunk
+from vlm2vla_edge.runtime.actions import Action, ActionChunk, Vec3
 from vlm2vla_edge.runtime.config import RobotConfig, RuleMode
 from vlm2vla_edge.runtime.errors import ConfigError, Vlm2VlaError
 
-Vec3 = tuple[float, float, float]
 RuleVerdict = Literal["pass", "clamp", "reject"]  # one rule on one action or chunk (`ChunkVerdict`: the whole chunk)
 Reachability = Callable[[Vec3], bool]
 

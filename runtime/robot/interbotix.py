@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vlm2vla_edge.runtime.actions import Vec3
 from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.robot.base import (
     Arm,
@@ -45,7 +46,6 @@ from vlm2vla_edge.runtime.robot.devices import InterbotixArmConfig
 
 log = logging.getLogger(__name__)
 
-Vec3 = tuple[float, float, float]
 
 INSTALL_HINT = (
     "install Interbotix's ROS 2 packages (ROS 2 Humble: run Interbotix's xsarm_amd64_install.sh "

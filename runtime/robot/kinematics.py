@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
+from vlm2vla_edge.runtime.actions import Vec3
 from vlm2vla_edge.runtime.config import RobotConfig
 
-Vec3 = tuple[float, float, float]
 
 # Screw axes in the space frame, one row per joint: (wx, wy, wz, vx, vy, vz), v = -w x q.
 WX250S_SLIST = np.array(

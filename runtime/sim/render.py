@@ -17,12 +17,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlm2vla_edge.runtime.actions import Vec3
 from vlm2vla_edge.runtime.robot.kinematics import fk, link_points
 from vlm2vla_edge.runtime.action_text import format_number, rounded_offset
 from vlm2vla_edge.runtime.robot.base import ArmState
 from vlm2vla_edge.runtime.sim.scene import KeyPoints, ObjectKind, Scene, SceneObject
 
-Vec3 = tuple[float, float, float]
 
 TABLE_RGB = (176, 146, 108)
 SHADOW_RGB = (128, 104, 76)

@@ -15,7 +15,8 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-Vec3 = tuple[float, float, float]
+from vlm2vla_edge.runtime.actions import Vec3
+
 Relation = Literal["in", "on"]
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlm2vla_edge.runtime.actions import Vec3
 from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.robot.base import (
     Arm,
@@ -33,8 +34,6 @@ from vlm2vla_edge.runtime.robot.base import (
 from vlm2vla_edge.runtime.robot.kinematics import WX250sKinematics, fk
 from vlm2vla_edge.runtime.sim.render import ArmView, PinholeCamera, Renderer, describe
 from vlm2vla_edge.runtime.sim.scene import Scene
-
-Vec3 = tuple[float, float, float]
 
 
 @dataclass(frozen=True, slots=True)
