@@ -46,3 +46,24 @@ def test_runtime_imports_without_torch() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_data_file_is_package_data() -> None:
+    """A template or grammar that `[tool.setuptools.package-data]` misses works in a checkout (and in an editable
+    install) but is absent from a wheel: every non-Python file in a package folder must match a pattern there."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, timeout=60)
+    if listed.returncode != 0:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    present = {ROOT / name for name in listed.stdout.decode().split("\0") if name and (ROOT / name).is_file()}
+    packages = sorted(_declared_packages().items(), key=lambda item: len(item[1].parts), reverse=True)
+    package_data = PYPROJECT["tool"]["setuptools"].get("package-data", {})
+    shipped = {path for name, folder in packages for pattern in package_data.get(name, []) for path in folder.glob(pattern)}
+    unshipped = []
+    for path in sorted(present):
+        owner = next((name for name, folder in packages if folder in path.parents), None)
+        if owner is not None and path.suffix != ".py" and path not in shipped:
+            unshipped.append(str(path.relative_to(ROOT)))
+    assert not unshipped, f"not in [tool.setuptools.package-data], so missing from a wheel: {unshipped}"

@@ -15,13 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fakes.policies import ScriptedPolicy
-from vlm2vla_edge.runtime import files, report
+from vlm2vla_edge.runtime import files
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, SafetyRecord, StepRecord
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.policy.interface import PolicyOutputError
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
 from vlm2vla_edge.runtime.report import render_report, write_report
+from vlm2vla_edge.runtime.report.grouping import safety_decisions
+from vlm2vla_edge.runtime.report.path import path_points, robot_config_for
+from vlm2vla_edge.runtime.report.svg import Node
+from vlm2vla_edge.runtime.report.units import Figure, Quantity
+from vlm2vla_edge.runtime.report.views import MAX_STRIP_FRAMES
 from vlm2vla_edge.runtime.runner import EpisodeRunner, SceneHooks
 from vlm2vla_edge.runtime.safety import SafetyLimiter
 from vlm2vla_edge.runtime.sim.expert import run_expert_episode
@@ -174,7 +179,7 @@ def test_runner_episode_has_every_section(runner_dir: Path) -> None:
 
 def test_runner_episode_counts_each_safety_decision_once(runner_dir: Path) -> None:
     reader = EpisodeReader(runner_dir)
-    decisions = [d for s in reader.steps() for d in report.safety_decisions(s)]
+    decisions = [d for s in reader.steps() for d in safety_decisions(s)]
     clamps = sum(d.verdict == "clamp" for d in decisions)
     rejects = sum(d.verdict == "reject" for d in decisions)
     assert clamps >= 2 and rejects == 1
@@ -185,7 +190,7 @@ def test_runner_episode_counts_each_safety_decision_once(runner_dir: Path) -> No
 def test_hostile_text_is_escaped(runner_dir: Path) -> None:
     page = render_report(EpisodeReader(runner_dir))
     assert "<script" not in page.lower()
-    escaped = "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;"
+    escaped = "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;"  # Jinja2 (markupsafe) entities
     assert f"pick up the carrot {escaped}" in page  # instruction in <h1> and <title>
     assert f"[[0.02, {escaped}" in page  # raw model output of the unusable step
     assert f"looks done {escaped}" in page  # verifier reason
@@ -250,11 +255,11 @@ def test_expert_episode(tmp_path: Path) -> None:
 
 
 def test_long_demonstration_strip_is_sampled(tmp_path: Path) -> None:
-    writer = hand_written_episode(tmp_path, steps=report.MAX_STRIP_FRAMES + 12)
+    writer = hand_written_episode(tmp_path, steps=MAX_STRIP_FRAMES + 12)
     writer.finish("success")
     page = render_report(EpisodeReader(writer.path))
-    assert len(DATA_URI.findall(page)) == report.MAX_STRIP_FRAMES
-    assert polyline_points(page, "ee-path") == [report.MAX_STRIP_FRAMES + 12] * 2
+    assert len(DATA_URI.findall(page)) == MAX_STRIP_FRAMES
+    assert polyline_points(page, "ee-path") == [MAX_STRIP_FRAMES + 12] * 2
 
 
 # ------------------------------------------------------------------------------------------- damage
@@ -363,7 +368,7 @@ def test_safety_decisions_drop_exact_duplicates() -> None:
     a = SafetyRecord(rule="workspace", verdict="clamp", reason="outside", index=0)
     b = SafetyRecord(rule="workspace", verdict="clamp", reason="outside", index=1)
     step = StepRecord(index=0, t=0.0, wall_time=0.0, safety=[a, b, a, b])
-    assert report.safety_decisions(step) == [a, b]
+    assert safety_decisions(step) == [a, b]
 
 
 def test_path_points_skip_non_finite_positions() -> None:
@@ -373,15 +378,15 @@ def test_path_points_skip_non_finite_positions() -> None:
         StepRecord(index=2, t=0.2, wall_time=0.0),
         StepRecord(index=3, t=0.3, wall_time=0.0, ee_position=(0.2, 0.2, 0.3), gripper_open=False),
     ]
-    assert [p.index for p in report.path_points(steps)] == [0, 3]
+    assert [p.index for p in path_points(steps)] == [0, 3]
 
 
 def test_robot_config_is_found_by_name_or_preset_only() -> None:
-    assert report.robot_config_for(ROBOT.name).name == ROBOT.name
-    assert report.robot_config_for("widowx250s").name == ROBOT.name
-    assert report.robot_config_for(None) is None
-    assert report.robot_config_for("/etc/passwd") is None
-    assert report.robot_config_for("configs/robots/widowx250s.yaml") is None
+    assert robot_config_for(ROBOT.name).name == ROBOT.name
+    assert robot_config_for("widowx250s").name == ROBOT.name
+    assert robot_config_for(None) is None
+    assert robot_config_for("/etc/passwd") is None
+    assert robot_config_for("configs/robots/widowx250s.yaml") is None
 
 
 MARKUP = st.sampled_from(["<script>", "</pre>", "<img src=x onerror=alert(1)>", '"', "'", "&amp;", "<!--", "-->",
@@ -406,3 +411,84 @@ def test_any_text_adds_no_markup(tmp_path_factory, text: str) -> None:
     assert parsed.tags <= ALLOWED_TAGS
     assert parsed.attrs <= ALLOWED_ATTRS
     assert text.strip() == "" or any(text.strip() in chunk for chunk in parsed.text)
+
+
+# ------------------------------------------------------------------------------------------- figures and their units
+
+
+POLICY_TIMINGS = {"prefill_tokens": 23.0, "prefill_s": 0.41, "decode_s": 1.2, "generated_tokens": 34.0,
+                  "decode_batches": 30.0, "prefix_prefill_tokens": 174.0, "prefix_prefill_s": 0.9, "total_s": 2.5}
+
+
+def test_recorded_figures_carry_their_unit() -> None:
+    assert Figure.recorded("prefill_tokens", 23.0).quantity is Quantity.COUNT
+    assert Figure.recorded("decode_batches", 30.0).quantity is Quantity.COUNT
+    assert Figure.recorded("prefill_s", 0.41).quantity is Quantity.DURATION
+    assert str(Figure.recorded("prefill_tokens", 23.0)) == "23"
+    assert str(Figure.recorded("prefix_prefill_tokens", 174.0)) == "174"
+    assert str(Figure.recorded("prefill_s", 0.41)) == "410 ms"
+    assert str(Figure.recorded("verify_ms", 250.0)) == "250 ms"
+
+
+def test_token_counts_are_not_printed_as_durations(tmp_path: Path) -> None:
+    """The recorder mixes seconds and counts in `timings`: each is printed in its own unit."""
+    writer = EpisodeWriter.create(tmp_path, EpisodeMeta(instruction="put the carrot on the plate", source="test"))
+    for i in range(2):
+        writer.append_step(StepRecord(index=i, t=float(i), wall_time=time.time(), stage="motion", subtask_index=0,
+                                      subtask="grasp the carrot", motion_plan="move left", raw_text="move left",
+                                      timings=POLICY_TIMINGS))
+    writer.finish("success")
+    page = render_report(EpisodeReader(writer.path))
+    timings = re.findall(r'<div class="mono timings">timings: ([^<]*)</div>', page)
+    assert timings and all("prefill_tokens 23 ·" in t and "prefix_prefill_tokens 174 ·" in t for t in timings), timings
+    assert "prefill_s 410 ms" in timings[0] and "total_s 2.50 s" in timings[0]
+    assert "23.00 s" not in page and "2.9 min" not in page and "174 ms" not in page
+    # By stage: durations in one table, counts (tokens, batches) in another, each in its own unit.
+    latency = page[page.index('<section id="latency">'):]
+    assert re.search(r'<td class="l mono">prefill_tokens</td><td>2</td><td>23</td><td>23</td><td>23</td><td>46</td>', latency)
+    assert re.search(r'<td class="l mono">decode_s</td><td>2</td><td>1.20 s</td><td>1.20 s</td><td>1.20 s</td><td>2.40 s</td>',
+                     latency)
+    durations, counts = latency.split("counts by stage")
+    assert "decode_s" in durations and "prefill_tokens" not in durations
+    assert "prefill_tokens" in counts and "decode_s" not in counts
+
+
+# ------------------------------------------------------------------------------------------- escaping
+
+
+def test_script_in_instruction_and_subtasks_is_escaped(tmp_path: Path) -> None:
+    """An instruction, a planned subtask, a subtask name and a safety reason (an SVG tooltip) carrying <script>."""
+    meta = EpisodeMeta(instruction=f"tidy up {HOSTILE}", source="test", robot_name=ROBOT.name)
+    writer = EpisodeWriter.create(tmp_path, meta)
+    plan = [f"grasp the cup {HOSTILE}", "place it <b>here</b>"]
+    writer.append_step(StepRecord(index=0, t=0.0, wall_time=time.time(), stage="subtasks", subtasks=plan,
+                                  raw_text="\n".join(plan), ee_position=(0.3, 0.0, 0.2)))
+    writer.append_step(StepRecord(index=1, t=0.5, wall_time=time.time(), stage="motion", subtask_index=0,
+                                  subtask=plan[0], motion_plan=f"move {HOSTILE}", ee_position=(0.3, 0.0, 0.2)))
+    writer.append_step(StepRecord(
+        index=2, t=1.0, wall_time=time.time(), stage="action", subtask_index=0, subtask=plan[0],
+        parsed_actions=[[0.01, 0.0, 0.0, 1.0]], ee_position=(0.3, 0.0, 0.2),
+        safety=[SafetyRecord(rule="workspace", verdict="reject", reason=f"outside {HOSTILE}", index=None)],
+    ))
+    writer.finish("failed", HOSTILE)
+    page = render_report(EpisodeReader(writer.path))
+    assert "<script" not in page.lower() and "<b>here</b>" not in page
+    escaped = "&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;"
+    assert f"<h1>tidy up {escaped}</h1>" in page and f"<title>tidy up {escaped} — failed" in page
+    assert f"<li>grasp the cup {escaped}</li>" in page and "<li>place it &lt;b&gt;here&lt;/b&gt;</li>" in page
+    assert f"<h3>1. grasp the cup {escaped} " in page  # the subtask's card
+    assert f"<pre>move {escaped}</pre>" in page  # the motion plan
+    assert re.search(rf'<path class="mark-reject"[^>]*><title>step #2 chunk: workspace reject: outside {re.escape(escaped)}</title>',
+                     page)
+    parsed = collect(page)
+    assert parsed.tags <= ALLOWED_TAGS and parsed.attrs <= ALLOWED_ATTRS
+
+
+def test_svg_nodes_refuse_markup_in_names() -> None:
+    """Tag and attribute names are the only SVG parts the templates print unescaped: they are checked."""
+    Node("circle", (("cx", "1"), ("stroke-width", "2")))
+    for bad in ("svg onload", "a>", ""):
+        with pytest.raises(ValueError, match="not an SVG"):
+            Node(bad)
+        with pytest.raises(ValueError, match="not an SVG"):
+            Node("rect", ((bad, "1"),))
