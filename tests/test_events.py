@@ -11,6 +11,7 @@ import pytest
 
 from vlm2vla_edge.runtime import events
 from vlm2vla_edge.runtime.config import load_robot_config
+from vlm2vla_edge.runtime.daemon.client import format_event
 from vlm2vla_edge.runtime.daemon.events import event_json
 from vlm2vla_edge.runtime.events import (
     CommandsExecuted,
@@ -28,7 +29,7 @@ from vlm2vla_edge.runtime.events import (
 )
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan
 from vlm2vla_edge.runtime.policy.interface import StageOutput, StepResult
-from vlm2vla_edge.runtime.recording import EpisodeRecorder
+from vlm2vla_edge.runtime.recording import EpisodeRecorder, ProgressPrinter
 from vlm2vla_edge.runtime.robot.base import ArmState, Frame, MoveResult
 from vlm2vla_edge.runtime.safety import SafetyLimiter
 from vlm2vla_edge.runtime.verifier.base import Verdict
@@ -107,7 +108,7 @@ def _samples() -> list[LoopEvent]:
     )
     verdict = limiter.check_chunk(chunk, state.position)
     moves = tuple(MoveResult(True, c.target, 0.0, 0.5) for c in verdict.commands)
-    checked = Verdict(success=True, reason="moved", verifier="heuristic", latency_s=0.01)
+    checked = Verdict(success=True, reason="moved", verifier="heuristic", latency_s=0.01, fallback_from="gemini")
     result = EpisodeResult("success", "all 1 subtasks verified", ("Go",), 1, 1, 0, 2.0, {"action": [0.1]})
     return [
         EpisodeStarted(t=0.0, instruction="go", bundle_id="bundle"),
@@ -155,3 +156,12 @@ def test_the_event_stream_keeps_its_json_fields() -> None:
     assert clamped["rejected"] is False and [d["verdict"] for d in clamped["decisions"]] == ["clamp"]
     assert by_type[CommandsExecuted]["moves"][0]["completed"] is True
     assert by_type[EpisodeEnded]["outcome"] == "success" and by_type[EpisodeEnded]["steps"] == 1
+
+
+def test_the_daemon_client_prints_what_the_local_printer_prints() -> None:
+    # `do` through the daemon shows the streamed JSON with `format_event`; `do --local` shows the
+    # loop's events with `ProgressPrinter`. The two must not drift apart.
+    for event in _samples():
+        local: list[str] = []
+        ProgressPrinter(echo=local.append).on_event(event)
+        assert format_event(event_json(event)) == local, type(event).__name__
