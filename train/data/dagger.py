@@ -205,7 +205,9 @@ def label_move(move: ExpertMove, position: Vec3, gripper_open: bool, language: A
         return ExpertLabel(move, plan, chunk, format_action_chunk(chunk, language))
     delta = np.asarray(move.goal, dtype=float) - np.asarray(position, dtype=float)
     n = max(1, math.ceil(float(np.linalg.norm(delta)) / expert.step_m))
-    deltas, grippers, path = [], [], 0.0
+    deltas: list[np.ndarray] = []
+    grippers: list[bool] = []
+    path = 0.0
     for i in range(n):
         step = delta / n
         if deltas and (len(deltas) >= expert.chunk_len or path + float(np.linalg.norm(step)) > expert.chunk_path_m):
@@ -397,16 +399,16 @@ class Disagreement(BaseModel):
     """Where the policy's own output differed from the expert's label, by stage."""
 
     episodes: int = 0
-    subtask_lists: int = Field(0, description="Episodes whose subtask list is not the expert's.")
-    states: int = Field(0, description="Labelled states.")
-    current_subtask: int = Field(0, description="States where the policy worked on another subtask than the expert.")
-    unusable: int = Field(0, description="States where the policy's output did not parse.")
+    subtask_lists: int = Field(default=0, description="Episodes whose subtask list is not the expert's.")
+    states: int = Field(default=0, description="Labelled states.")
+    current_subtask: int = Field(default=0, description="States where the policy worked on another subtask than the expert.")
+    unusable: int = Field(default=0, description="States where the policy's output did not parse.")
     plans_compared: int = 0
-    plan_offset: int = Field(0, description="Plans whose offset is more than `offset_cm` from the expert's.")
+    plan_offset: int = Field(default=0, description="Plans whose offset is more than `offset_cm` from the expert's.")
     plans_without_offset: int = 0
     chunks_compared: int = 0
-    chunk_move: int = Field(0, description="Chunks whose summed move is more than `offset_cm` from the expert's.")
-    gripper: int = Field(0, description="Chunks ending with another gripper value than the expert's.")
+    chunk_move: int = Field(default=0, description="Chunks whose summed move is more than `offset_cm` from the expert's.")
+    gripper: int = Field(default=0, description="Chunks ending with another gripper value than the expert's.")
     offset_cm: float = 2.0
 
     def add(self, other: "Disagreement") -> None:
@@ -474,7 +476,7 @@ class EpisodeOutcome(BaseModel):
     skipped: dict[str, int] = Field(default_factory=dict, description="States not labelled, by reason.")
     rebuilt_from: str | None = None
     disagreement: Disagreement = Field(default_factory=Disagreement)
-    note: str | None = Field(None, description="Why the whole episode was not used.")
+    note: str | None = Field(default=None, description="Why the whole episode was not used.")
 
 
 class DaggerReport(BaseModel):
