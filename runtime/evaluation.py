@@ -27,18 +27,15 @@ import csv
 import io
 import logging
 import math
-import platform
 import re
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vlm2vla_edge.runtime import __version__
 from vlm2vla_edge.runtime.config import PolicyConfig, RobotConfig, StrictModel, describe_validation_error, load_robot_config
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
 from vlm2vla_edge.runtime.files import atomic_write
@@ -54,6 +51,7 @@ from vlm2vla_edge.runtime.events import (
 from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
 from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, Language, PickTask, PlaceTask, Task, sample_episode
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig, make_verifier
+from vlm2vla_edge.runtime.versions import versions
 
 if TYPE_CHECKING:
     from vlm2vla_edge.runtime.policy.interface import Policy
@@ -452,16 +450,6 @@ class _StopFlag:
             runner.cancel(reason)
 
 
-def versions() -> dict[str, str]:
-    found = {"vlm2vla-edge": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("numpy", "llama-cpp-python", "llguidance"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            found[dist] = "absent"
-    return found
-
-
 def bundle_info(path: Path) -> BundleInfo:
     from vlm2vla_edge.runtime.policy.bundle import read_manifest
 
@@ -516,7 +504,7 @@ def run_eval(
         config=config,
         bundle_id=policy.bundle_id,
         bundle=info,
-        versions=versions(),
+        versions=versions("numpy", "llama-cpp-python", "llguidance"),
         started=started,
         finished=datetime.now(timezone.utc),
         partial=len(rows) < len(plan),

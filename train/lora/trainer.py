@@ -23,14 +23,12 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +38,7 @@ from torch import nn
 
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
+from vlm2vla_edge.runtime.versions import versions
 from vlm2vla_edge.train.data.dataset import read_dataset, sha256_file
 from vlm2vla_edge.train.lora.collate import IGNORE_INDEX, Collator, EncodedDataset, ImageTokens, encode_all
 from vlm2vla_edge.train.lora.config import TrainConfig
@@ -248,16 +247,6 @@ class TrainResult:
     tokens_per_s: float
     skipped_too_long: list[str]
     main_process: bool = True  # False in the other processes of a multi-process run (they print nothing)
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "accelerate", "vlm2vla-edge"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "absent"
-    return versions
 
 
 def _launched_processes() -> int:
@@ -583,6 +572,6 @@ def _training_card(
         "wall_time_s": round(state.wall_time_s, 3),
         "runs": state.runs,
         "losses": state.losses,
-        "versions": _versions(),
+        "versions": versions("torch", "transformers", "peft", "accelerate"),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
