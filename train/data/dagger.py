@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from vlm2vla_edge.runtime.action_text import format_action_chunk, format_subtasks, rounded_offset
-from vlm2vla_edge.runtime.actions import Action, ActionChunk
+from vlm2vla_edge.runtime.actions import Action, ActionChunk, Vec3
 from vlm2vla_edge.runtime.config import ActionLanguage, RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeMeta, EpisodeReader, StepRecord
 from vlm2vla_edge.runtime.errors import UserError
@@ -57,8 +57,6 @@ from vlm2vla_edge.train.data.dataset import Sample, SourceEpisode, episode_conte
 from vlm2vla_edge.train.data.dataset_append import DatasetAppender
 from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples, find_episodes
 from vlm2vla_edge.train.data.wording import motion_plan_text
-
-Vec3 = tuple[float, float, float]
 
 EXPERT_ANNOTATOR = "dagger:sim-expert"
 CORRECTION_ANNOTATOR = "correction:local"
