@@ -81,12 +81,6 @@ def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) 
     return (d[0], d[1], d[2])
 
 
-def format_action(action: Action, language: ActionLanguage) -> str:
-    """One action as `[dx, dy, dz, gripper]`."""
-    by_value = {canonical: text for text, canonical in gripper_texts(language).items()}
-    return _format_action(action, language.decimals, by_value)
-
-
 def _format_action(action: Action, decimals: int, gripper_by_value: dict[float, str]) -> str:
     gripper = gripper_by_value.get(action.gripper)
     if gripper is None:

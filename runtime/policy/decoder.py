@@ -37,8 +37,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from vlm2vla_edge.runtime.config import PolicyConfig, Sampling
-from vlm2vla_edge.grammars import GrammarError, validate_gbnf
-from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
+from vlm2vla_edge.grammars import validate_gbnf
+from vlm2vla_edge.runtime.errors import GrammarError, UserError, Vlm2VlaError
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled
 
 log = logging.getLogger(__name__)
@@ -540,14 +540,6 @@ class LlamaDecoder:
         if matcher.is_error():
             raise GrammarError(f"grammar '{name}' does not compile: {matcher.get_error()}")
         return Grammar(name=name, source=gbnf, compiled=compiled)
-
-    def load_grammar_file(self, path: str | Path) -> Grammar:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise GrammarError(f"cannot read grammar file {path}: {exc.strerror or exc}") from exc
-        return self.compile_grammar(text, name=path.stem)
 
     # --- KV cache and batches -----------------------------------------------------------------------
 
