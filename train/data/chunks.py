@@ -151,7 +151,8 @@ def waypoint_plan_text(
     """The motion plan of a waypoint window: the subtask (which names its object) and the offset to reach,
     in the numbers the action chunk will copy, e.g. "Move to the lemon: (-0.18, -0.16, -0.06)." or
     "Grasp the lemon: (0, 0, -0.08), then close the gripper." Naming the object before its numbers is
-    what lets a small model find the right object's line in the scene (DESIGN.md §5b). A move without a
+    what lets a small model find the right object's line in the scene (a December 2026 probe: 40/40 held-out
+    states right within ~25 steps; numbers alone were not bound to their object). A move without a
     gripper event states the gripper it keeps (`gripper_open`: "..., gripper open."), in the scene's own
     first words: without it the action stage had to infer the gripper value, and after a release it often
     closed on arrival, so every later grasp closed on nothing. A subtask the plan grammar cannot hold
