@@ -418,15 +418,17 @@ class Disagreement(BaseModel):
         def share(n: int, of: int) -> str:
             return f"{n}/{of}" + (f" ({100 * n / of:.0f}%)" if of else "")
 
-        return [
-            f"subtask list not the expert's   {share(self.subtask_lists, self.episodes)} episodes",
-            f"working on another subtask      {share(self.current_subtask, self.states)} states",
-            f"output unusable                 {share(self.unusable, self.states)} states",
-            f"plan offset > {self.offset_cm:g} cm             {share(self.plan_offset, self.plans_compared)} plans"
-            + (f" (+{self.plans_without_offset} plans without an offset)" if self.plans_without_offset else ""),
-            f"chunk move > {self.offset_cm:g} cm              {share(self.chunk_move, self.chunks_compared)} chunks",
-            f"gripper not the expert's        {share(self.gripper, self.chunks_compared)} chunks",
+        cm = f"{self.offset_cm:g} cm"
+        rows = [
+            ("subtask list not the expert's", share(self.subtask_lists, self.episodes), "episodes"),
+            ("working on another subtask", share(self.current_subtask, self.states), "states"),
+            ("output unusable", share(self.unusable, self.states), "states"),
+            (f"plan offset > {cm}", share(self.plan_offset, self.plans_compared), "plans"
+             + (f" (+{self.plans_without_offset} without an offset)" if self.plans_without_offset else "")),
+            (f"chunk move > {cm}", share(self.chunk_move, self.chunks_compared), "chunks"),
+            ("gripper not the expert's", share(self.gripper, self.chunks_compared), "chunks"),
         ]
+        return [f"{what:<31} {figure:>12} {unit}" for what, figure, unit in rows]
 
 
 _OFFSET = re.compile(r"\((-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\)")
