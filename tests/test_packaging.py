@@ -60,7 +60,8 @@ def test_every_data_file_is_package_data() -> None:
     present = {ROOT / name for name in listed.stdout.decode().split("\0") if name and (ROOT / name).is_file()}
     packages = sorted(_declared_packages().items(), key=lambda item: len(item[1].parts), reverse=True)
     package_data = PYPROJECT["tool"]["setuptools"].get("package-data", {})
-    shipped = {path for name, folder in packages for pattern in package_data.get(name, []) for path in folder.glob(pattern)}
+    shipped = {path for name, folder in packages for pattern in package_data.get(name, [])
+               for path in folder.glob(pattern)}
     unshipped = []
     for path in sorted(present):
         owner = next((name for name, folder in packages if folder in path.parents), None)

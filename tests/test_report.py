@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fakes.policies import ScriptedPolicy
 from vlm2vla_edge.runtime import files
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, SafetyRecord, StepRecord
@@ -34,6 +33,7 @@ from vlm2vla_edge.runtime.sim.scene import Scene
 from vlm2vla_edge.runtime.sim.tasks import sample_episode
 from vlm2vla_edge.runtime.sim.world import SimArm, SimCamera, SimWorld
 from vlm2vla_edge.runtime.verifier.base import Verdict, Verifier
+from vlm2vla_edge.testing.policies import ScriptedPolicy
 
 ROBOT = load_robot_config()
 HOSTILE = "<script>alert('pwned')</script>"
@@ -445,9 +445,10 @@ def test_token_counts_are_not_printed_as_durations(tmp_path: Path) -> None:
     assert "23.00 s" not in page and "2.9 min" not in page and "174 ms" not in page
     # By stage: durations in one table, counts (tokens, batches) in another, each in its own unit.
     latency = page[page.index('<section id="latency">'):]
-    assert re.search(r'<td class="l mono">prefill_tokens</td><td>2</td><td>23</td><td>23</td><td>23</td><td>46</td>', latency)
-    assert re.search(r'<td class="l mono">decode_s</td><td>2</td><td>1.20 s</td><td>1.20 s</td><td>1.20 s</td><td>2.40 s</td>',
-                     latency)
+    cells = "".join(f"<td>{v}</td>" for v in (2, 23, 23, 23, 46))  # n, mean, median, max, total
+    assert f'<td class="l mono">prefill_tokens</td>{cells}' in latency
+    cells = "".join(f"<td>{v}</td>" for v in (2, "1.20 s", "1.20 s", "1.20 s", "2.40 s"))
+    assert f'<td class="l mono">decode_s</td>{cells}' in latency
     durations, counts = latency.split("counts by stage")
     assert "decode_s" in durations and "prefill_tokens" not in durations
     assert "prefill_tokens" in counts and "decode_s" not in counts
@@ -478,8 +479,8 @@ def test_script_in_instruction_and_subtasks_is_escaped(tmp_path: Path) -> None:
     assert f"<li>grasp the cup {escaped}</li>" in page and "<li>place it &lt;b&gt;here&lt;/b&gt;</li>" in page
     assert f"<h3>1. grasp the cup {escaped} " in page  # the subtask's card
     assert f"<pre>move {escaped}</pre>" in page  # the motion plan
-    assert re.search(rf'<path class="mark-reject"[^>]*><title>step #2 chunk: workspace reject: outside {re.escape(escaped)}</title>',
-                     page)
+    tooltip = f"<title>step #2 chunk: workspace reject: outside {escaped}</title>"  # the plot's rejection mark
+    assert re.search(rf'<path class="mark-reject"[^>]*>{re.escape(tooltip)}', page)
     parsed = collect(page)
     assert parsed.tags <= ALLOWED_TAGS and parsed.attrs <= ALLOWED_ATTRS
 

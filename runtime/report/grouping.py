@@ -106,7 +106,7 @@ class EpisodeView:
         for attempt in self.attempts:
             groups[attempt.subtask_index].append(attempt)
         order: list[int | None] = list(range(len(self.subtasks)))
-        order += sorted((k for k in groups if k is not None and k not in order), key=int)
+        order += sorted(k for k in groups if k is not None and k not in order)
         if None in groups:
             order.append(None)
         return [(index, groups.get(index, [])) for index in order]
@@ -173,7 +173,8 @@ def stage_figures(view: EpisodeView) -> list[StageFigures]:
             rows[(stage, name)].append(Figure.duration(name, float(s.verifier.latency_s)))
         durations = [c.duration_s for c in s.executed or () if c.duration_s is not None and finite(c.duration_s)]
         if durations:
-            rows[(stage, "arm execution (all commands)")].append(Figure.duration("arm execution", float(sum(durations))))
+            total = Figure.duration("arm execution", float(sum(durations)))
+            rows[(stage, "arm execution (all commands)")].append(total)
     order = {name: i for i, name in enumerate(KNOWN_STAGES)}
     keys = sorted(rows, key=lambda key: order.get(key[0], len(order)))  # stable: first-seen order within a stage
     return [StageFigures(stage, name, rows[(stage, name)][0].quantity, tuple(f.value for f in rows[(stage, name)]))

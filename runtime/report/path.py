@@ -77,8 +77,9 @@ def safety_marks(steps: Iterable[StepRecord]) -> list[Mark]:
             if kind is None:
                 continue
             pos = None
-            if kind == "clamp" and index is not None and 0 <= index < len(executed) and finite_vec(executed[index].target):
-                pos = executed[index].target
+            target = executed[index].target if index is not None and 0 <= index < len(executed) else None
+            if kind == "clamp" and finite_vec(target):
+                pos = target
             pos = pos or start
             if pos is None:
                 continue
@@ -145,7 +146,8 @@ def extent(points: list[PathPoint], marks: list[Mark]) -> tuple[list[float], lis
     return [min(c[i] for c in coords) for i in range(3)], [max(c[i] for c in coords) for i in range(3)]
 
 
-def bounds(points: list[PathPoint], marks: list[Mark], box: Box | None, zoom: bool = False) -> tuple[list[float], list[float]]:
+def bounds(points: list[PathPoint], marks: list[Mark], box: Box | None,
+           zoom: bool = False) -> tuple[list[float], list[float]]:
     """The region a view shows: the workspace and the data (or, zoomed, the data alone), padded."""
     found = extent(points, marks)
     lo, hi = (list(found[0]), list(found[1])) if found else ([0.0] * 3, [0.0] * 3)

@@ -18,11 +18,11 @@ from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeReader
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.files import atomic_write
-from vlm2vla_edge.runtime.report import views
+from vlm2vla_edge.runtime.report import timeline, views
 from vlm2vla_edge.runtime.report.frames import FrameEmbedder
 from vlm2vla_edge.runtime.report.grouping import EpisodeView
 from vlm2vla_edge.runtime.report.path import robot_config_for, workspace_box
-from vlm2vla_edge.runtime.report.units import Quantity, Units
+from vlm2vla_edge.runtime.report.units import Units
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +63,16 @@ def render_report(reader: EpisodeReader, robot: RobotConfig | None = None) -> st
     sections = []
     if view.planning or view.attempts:  # in page order: frames are embedded (and budgeted) in that order
         sections.append(Section("timeline", "Subtasks", "timeline.html.j2"))
-        context["timeline"] = {"planning": [views.planning(r, frames) for r in view.planning],
-                               "subtasks": views.subtasks(view, frames, units)}
+        context["timeline"] = timeline.timeline(view, frames, units)
     if view.demo:
         sections.append(Section("demo", f"Demonstration steps ({len(view.demo)})", "demo.html.j2"))
         context["demo"] = views.demo(view.demo, frames, units)
     sections.append(Section("path", "End-effector path", "path.html.j2"))
     context["path"] = views.path_part(view.steps, box, units)
-    tables = views.figure_tables(view)
-    if tables:
+    figures = views.figure_tables(view)
+    if figures is not None:
         sections.append(Section("latency", "Latency by stage", "figures.html.j2"))
-        context["figures"] = {"durations": tables.get(Quantity.DURATION, []), "counts": tables.get(Quantity.COUNT, [])}
+        context["figures"] = figures
     if view.other:
         sections.append(Section("other", f"Other records ({len(view.other)})", "other.html.j2"))
         context["other"] = views.other_rows(view.other)

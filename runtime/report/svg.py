@@ -87,7 +87,8 @@ def nice_step(span: float) -> float:
 class Projection:
     """Maps two coordinates of the base frame to SVG pixels with one scale (true proportions)."""
 
-    def __init__(self, axes: tuple[int, int], lo: Sequence[float], hi: Sequence[float], max_w: float, max_h: float):
+    def __init__(self, axes: tuple[int, int], lo: Sequence[float], hi: Sequence[float], max_w: float,
+                 max_h: float) -> None:
         self.axes = axes
         self.lo, self.hi = (lo[axes[0]], lo[axes[1]]), (hi[axes[0]], hi[axes[1]])
         span_u, span_v = self.hi[0] - self.lo[0], self.hi[1] - self.lo[1]
@@ -150,7 +151,8 @@ def _grid(view: Projection, lo: list[float], hi: list[float], units: Units) -> l
             if k == 0:
                 x, _ = view.uv(tick, view.lo[1])
                 out.append(el("line", styled("grid", x1=_f(x), y1=_f(view.mt), x2=_f(x), y2=_f(view.mt + view.h))))
-                out.append(el("text", styled("tick", x=_f(x), y=_f(view.mt + view.h + 14), text_anchor="middle"), text=label))
+                below = styled("tick", x=_f(x), y=_f(view.mt + view.h + 14), text_anchor="middle")
+                out.append(el("text", below, text=label))
             else:
                 _, y = view.uv(view.lo[0], tick)
                 out.append(el("line", styled("grid", x1=_f(view.ml), y1=_f(y), x2=_f(view.ml + view.w), y2=_f(y))))
@@ -173,7 +175,8 @@ def _path(view: Projection, points: list[PathPoint], marks: list[Mark], chunks: 
     out += [el("polyline", styled("exec-path", points=view.pts(chunk))) for chunk in chunks]
     for point in points:
         x, y = view.xy(point.pos)
-        out.append(el("circle", {"class": "pt", "cx": _f(x), "cy": _f(y), "r": "2.2", "fill": GRIPPER_COLOUR[point.gripper_open]},
+        dot = {"class": "pt", "cx": _f(x), "cy": _f(y), "r": "2.2", "fill": GRIPPER_COLOUR[point.gripper_open]}
+        out.append(el("circle", dot,
                       title=f"step #{point.index} {point.stage}: {units.vec(point.pos)} {units.label}, "
                             f"gripper {format_gripper(point.gripper_open)}"))
     (sx, sy), (ex, ey) = view.xy(points[0].pos), view.xy(points[-1].pos)
@@ -210,7 +213,8 @@ def path_svg(points: list[PathPoint], marks: list[Mark], chunks: list[list[Point
         el("text", styled("axis", x=_f(view.ml + view.w / 2), y=_f(view.height - 6), text_anchor="middle"),
            text=f"{names[axes[0]]} ({units.label})"),
         el("text", styled("axis", x="14", y=_f(view.mt + view.h / 2), text_anchor="middle",
-                          transform=f"rotate(-90 14 {view.mt + view.h / 2:.1f})"), text=f"{names[axes[1]]} ({units.label})"),
+                          transform=f"rotate(-90 14 {view.mt + view.h / 2:.1f})"),
+           text=f"{names[axes[1]]} ({units.label})"),
     ]
     if box is not None:  # the workspace box, and in the side view the table and the lowest allowed height
         out += view.box_edges(box.lo, box.hi, box.source)
@@ -222,7 +226,7 @@ def path_svg(points: list[PathPoint], marks: list[Mark], chunks: list[list[Point
     if points:
         out += _path(view, points, marks, chunks, units)
     else:
-        out.append(el("text", styled("tick", x=_f(view.ml + view.w / 2), y=_f(view.mt + view.h / 2), text_anchor="middle"),
-                      text="no end-effector positions recorded"))
+        centre = styled("tick", x=_f(view.ml + view.w / 2), y=_f(view.mt + view.h / 2), text_anchor="middle")
+        out.append(el("text", centre, text="no end-effector positions recorded"))
     return el("svg", {"class": "plot", "xmlns": "http://www.w3.org/2000/svg", "viewBox": f"0 0 {width} {height}",
                       "width": width, "height": height, "role": "img", "aria-label": title}, *out)

@@ -121,3 +121,8 @@ class Units:
         if vec is None:
             return MISSING
         return "(" + ", ".join(self.num(v) for v in vec[:3]) + ")"
+
+
+def shorten(value: object, limit: int = 120) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
