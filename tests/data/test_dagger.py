@@ -117,7 +117,7 @@ def test_a_policy_that_does_what_the_expert_does_gets_the_expert_labels_and_no_d
         assert outcome.labelled == outcome.states > 0 and not outcome.skipped
         d = outcome.disagreement
         assert (d.subtask_lists, d.current_subtask, d.plan_offset, d.chunk_move, d.gripper, d.unusable) == (0,) * 6
-        assert d.plans_compared == outcome.states
+        assert d.plans_compared == outcome.states and all(off == 0 for _, off in d.by_subtask.values())
         reader = EpisodeReader(path)
         records = {r.index: r for r in reader.steps()}
         for sample in samples:
@@ -165,6 +165,7 @@ def test_a_policy_that_closes_the_gripper_wrongly_gets_the_open_gripper_as_its_c
     samples, outcome = _label(path)
     d = outcome.disagreement
     assert d.gripper >= 1 and d.states == outcome.states
+    assert d.by_subtask["move to object"][1] >= 1  # the user sees where: on the way to the object
     reader = EpisodeReader(path)
     closed_on_nothing = [r.index for r in reader.steps() if r.stage == "motion" and r.gripper_open is False]
     assert closed_on_nothing, "the fake should have closed the gripper on nothing"

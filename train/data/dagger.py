@@ -408,10 +408,16 @@ class Disagreement(BaseModel):
     chunk_move: int = Field(default=0, description="Chunks whose summed move is more than `offset_cm` from the expert's.")
     gripper: int = Field(default=0, description="Chunks ending with another gripper value than the expert's.")
     offset_cm: float = 2.0
+    by_subtask: dict[str, list[int]] = Field(
+        default_factory=dict, description="Per kind of the expert's subtask: [states, states where the policy was off].")
 
     def add(self, other: "Disagreement") -> None:
         for name in type(self).model_fields:
-            if name != "offset_cm":
+            if name == "by_subtask":
+                for kind, (n, off) in other.by_subtask.items():
+                    mine = self.by_subtask.setdefault(kind, [0, 0])
+                    mine[0], mine[1] = mine[0] + n, mine[1] + off
+            elif name != "offset_cm":
                 setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def lines(self) -> list[str]:
@@ -428,7 +434,11 @@ class Disagreement(BaseModel):
             (f"chunk move > {cm}", share(self.chunk_move, self.chunks_compared), "chunks"),
             ("gripper not the expert's", share(self.gripper, self.chunks_compared), "chunks"),
         ]
-        return [f"{what:<31} {figure:>12} {unit}" for what, figure, unit in rows]
+        lines = [f"{what:<31} {figure:>12} {unit}" for what, figure, unit in rows]
+        if self.by_subtask:
+            kinds = ", ".join(f"{kind} {off}/{n}" for kind, (n, off) in self.by_subtask.items())
+            lines.append(f"states the policy was off in, by the expert's subtask: {kinds}")
+        return lines
 
 
 _OFFSET = re.compile(r"\((-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\)")
@@ -440,7 +450,25 @@ def plan_offset(plan: str | None) -> Vec3 | None:
     return None if found is None else (float(found[1]), float(found[2]), float(found[3]))
 
 
+def subtask_kind(subtask: str) -> str:
+    """'move to object', 'grasp', 'lift', 'move to container' or 'release' of one of the expert's subtasks."""
+    verb, name = subtask.split(" ", 1)[0].lower(), subtask.rsplit(" ", 1)[-1]
+    if verb == "move":
+        return "move to container" if name in CATALOGUE and not CATALOGUE[name].graspable else "move to object"
+    return verb
+
+
 def compare(state: PolicyState, label: ExpertLabel, tally: Disagreement) -> None:
+    """Count where the policy's answer in `state` differs from the expert's `label`."""
+    before = (tally.current_subtask, tally.unusable, tally.plan_offset, tally.chunk_move, tally.gripper)
+    _compare(state, label, tally)
+    after = (tally.current_subtask, tally.unusable, tally.plan_offset, tally.chunk_move, tally.gripper)
+    counts = tally.by_subtask.setdefault(subtask_kind(label.move.subtask), [0, 0])
+    counts[0] += 1
+    counts[1] += int(after != before)
+
+
+def _compare(state: PolicyState, label: ExpertLabel, tally: Disagreement) -> None:
     tally.states += 1
     if state.subtask != label.move.subtask:
         tally.current_subtask += 1
