@@ -549,9 +549,13 @@ def label_policy_episode(
 
     samples: list[Sample] = []
     tally = outcome.disagreement
-    tally.episodes = 1
-    tally.subtask_lists = int(list(names) != (episode.subtasks or []))
-    if replay.mismatch(episode.first, first_scene) is None:
+    # The rebuilt world is only the recorded one while every earlier state matched: after a mismatch the
+    # replay goes on from the recorded arm positions, but the objects may no longer be where they were.
+    diverged: str | None = None
+    initial = replay.mismatch(episode.first, first_scene)
+    if initial is None:
+        tally.episodes = 1
+        tally.subtask_lists = int(list(names) != (episode.subtasks or []))
         world = replay.world
         samples.append(Sample(
             id=f"{episode_id}/{episode.first.index:06d}/subtasks", episode=episode_id, step=episode.first.index,
@@ -559,11 +563,13 @@ def label_policy_episode(
             image=image(episode.first), scene=world.describe(),
         ))
     else:
-        skipped["initial scene does not match the recording"] += 1
-    broken: str | None = None
+        skipped[f"initial state: {initial}"] += 1
+        diverged = "an earlier state did not match the recording"
     for state in episode.states:
         record = state.record
-        reason = broken or replay.mismatch(record, scene_from_prompt(record.prompt))
+        reason = diverged or replay.mismatch(record, scene_from_prompt(record.prompt))
+        if reason is not None and diverged is None:
+            diverged = "an earlier state did not match the recording"
         if reason is None:
             found = expert.next_move(task, replay.world, replay.grasped_at)
             if isinstance(found, str):
@@ -588,8 +594,9 @@ def label_policy_episode(
                     outcome.labelled += 1
         if reason is not None:
             skipped[reason] += 1
-        if broken is None:
-            broken = replay.execute(state.executed)
+        if diverged is None:
+            failed = replay.execute(state.executed)
+            diverged = f"the replay stopped: {failed}" if failed else None
     outcome.skipped = dict(skipped)
     outcome.samples = len(samples)
     return samples, outcome
