@@ -13,9 +13,12 @@ package makes that dataset:
 - `local_annotator`: the deterministic annotator and the shared relabelling loop (`relabel`);
 - `gemini_annotator`: Gemini words subtasks and plans; validated, cached, falls back to local labels;
 - `dataset`: the labelled dataset's writer and reader (`write_dataset`, `read_dataset`);
+  `dataset_append` grows an existing dataset atomically (a complete copy swapped in);
+- `dagger`: the data flywheel: the states a recorded policy visited, labelled with the simulator expert's
+  correction (the world rebuilt from the episode), or teleoperated corrections with the local annotator;
 - `lerobot_export`: episodes -> a LeRobot v3.0 dataset (parquet, camera videos, `vlm2vla.*` columns);
   `lerobot_layout` (v2.x/v3 paths, shared with the importer) and `video` (PyAV decode and encode);
-- `cli`: `vlm2vla-edge data import | export | relabel | stats`.
+- `cli`: `vlm2vla-edge data import | export | relabel | dagger | eval | stats`.
 
 Labelled dataset format (version 1)
 ===================================
