@@ -220,6 +220,7 @@ def test_appending_keeps_the_dataset_and_adds_the_corrections(pick_episodes: lis
     result = _cli(*map(str, pick_episodes), "--into", str(tmp_path / "ds"), "--report", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.output
     assert "[1/2]" in result.output and "where the policy disagreed with the expert" in result.output
+    assert "from the held-out evaluation seeds" in result.output  # eval's default seeds: warned, not refused
     after = read_dataset(tmp_path / "ds")
     assert after.samples[: len(before)] == before.samples  # nothing lost, nothing reordered
     assert after.info.language() == WAYPOINTS and len(after) > len(before)

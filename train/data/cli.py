@@ -221,7 +221,7 @@ class ExpertName(str, Enum):
 @_user_errors
 def dagger(
     episodes: Annotated[Optional[list[Path]], typer.Argument(
-        help="Recorded policy episodes: episode folders, folders of them, or `eval --record`'s OUT folder.")] = None,
+        help="Recorded policy episodes (do --local --sim, eval --record, the daemon): episode folders, folders of them, or eval's OUT folder.")] = None,
     into: Annotated[Path, typer.Option("--into", help="The labelled dataset to grow (appended to, atomically), or a new folder.")] = ...,  # type: ignore[assignment]
     expert: Annotated[ExpertName, typer.Option(help="Who labels EPISODES' states: sim, the scripted expert of the simulator (needs the episodes' seeds).")] = ExpertName.sim,
     corrections: Annotated[Optional[Path], typer.Option(help="Teleoperated corrections (a real robot): episodes a person recorded from states the policy visited; labelled with the local annotator.")] = None,
@@ -234,7 +234,7 @@ def dagger(
 
     \b
     The loop:
-      1. record the policy:  vlm2vla-edge eval --bundle B --record --out RUN  (or do --local --sim)
+      1. record the policy:  vlm2vla-edge eval --bundle B --record --out RUN --seed-start 500000 --allow-training-seeds
       2. label its states:   vlm2vla-edge data dagger RUN --into DATA
       3. retrain:            vlm2vla-edge train --dataset DATA --base BASE --out ADAPTER
       4. convert:            vlm2vla-edge convert --mode adapter --base BASE --adapter ADAPTER --out B2; back to 1
@@ -246,7 +246,13 @@ def dagger(
     Prints, per stage, how often the policy disagreed with the expert: subtask list, current subtask, plan offset and chunk move (more than 2 cm off), gripper. Exit 2 on bad input (not a policy episode, no seed, another action language); the dataset is then unchanged.
     """
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.train.data.dagger import DaggerOptions, EpisodeOutcome, find_policy_episodes, run_dagger
+    from vlm2vla_edge.train.data.dagger import (
+        DaggerOptions,
+        EpisodeOutcome,
+        find_policy_episodes,
+        held_out_episodes,
+        run_dagger,
+    )
     from vlm2vla_edge.train.data.dataset import INFO_FILE, read_dataset
     from vlm2vla_edge.train.data.local_annotator import find_episodes
 
@@ -262,6 +268,11 @@ def dagger(
         language = load_policy_config("policy_waypoints").action_language
         typer.echo("labelling in the action language of policy_waypoints (a new dataset; --policy chooses another)")
     options = DaggerOptions(robot=load_robot_config(robot), language=language, aux=aux)
+    held_out = held_out_episodes(paths)
+    if held_out:
+        typer.echo(f"warning: {len(held_out)} episodes are from the held-out evaluation seeds (1000000 on): training on "
+                   "them makes later held-out figures optimistic; record DAgger runs with --seed-start 500000 "
+                   "--allow-training-seeds", err=True)
     typer.echo(f"dagger: {len(paths)} policy episodes ({expert.value} expert), {len(fixes)} corrections -> {into}")
 
     def progress(number: int, total: int, path: Path, outcome: EpisodeOutcome) -> None:

@@ -690,6 +690,22 @@ def run_dagger(
                         samples_after=sum(info.counts.values()), episodes=outcomes, disagreement=overall)
 
 
+def held_out_episodes(paths: Sequence[Path]) -> list[str]:
+    """Episodes whose simulator seed lies in the evaluation's held-out range: training on their states would
+    make later held-out figures optimistic (the same scenes, now with labels)."""
+    from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED
+
+    found = []
+    for path in paths:
+        try:
+            seed = (EpisodeReader(path).meta.extra or {}).get("seed")
+        except EpisodeFormatError:
+            continue
+        if isinstance(seed, int) and not isinstance(seed, bool) and seed >= HELD_OUT_SEED:
+            found.append(path.name)
+    return found
+
+
 def _is_policy_episode(path: Path) -> bool:
     try:
         return EpisodeReader(path).meta.source == "policy"
@@ -712,6 +728,6 @@ def find_policy_episodes(sources: Sequence[os.PathLike[str] | str]) -> list[Path
 __all__ = [
     "CORRECTION_ANNOTATOR", "EXPERT_ANNOTATOR", "DaggerInputError", "DaggerOptions", "DaggerReport", "Disagreement",
     "EpisodeOutcome", "ExpertLabel", "ExpertMove", "ExpertRules", "PolicyEpisode", "PolicyState", "Replay",
-    "StateExpert", "find_policy_episodes", "label_move", "label_policy_episode", "plan_offset", "read_policy_episode",
+    "StateExpert", "find_policy_episodes", "held_out_episodes", "label_move", "label_policy_episode", "plan_offset", "read_policy_episode",
     "run_dagger", "scene_from_prompt", "sim_candidates", "task_from_instruction",
 ]
