@@ -20,11 +20,8 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reliability_suite.tally import Tally  # noqa: E402
+from reliability_suite.tally import Tally  # bench/ is on the path: Python puts a script's folder there
 
 
 def _guarded(category: str, name: str, run: Callable[[], Tally | list[Tally]]) -> list[Tally]:

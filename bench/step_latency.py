@@ -195,10 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     with LlamaPolicy(LlamaDecoder(args.model, config), DEFAULT_PROMPTS, LANGUAGE, sampling, vision=False) as policy:
         main_phases = run(policy, SCENE, args.rounds, f"{args.model.name} (text, scene description)")
     if args.tiny_vision:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import model_fixtures  # noqa: E402  (test helper: builds or reuses the cached tiny model)
+        from vlm2vla_edge.testing import models  # builds or reuses the cached tiny model (convert extra)
 
-        files = model_fixtures.tiny_vision_gguf()
+        files = models.tiny_vision_gguf()
         decoder = LlamaDecoder(files.text_model, config, mmproj_path=files.mmproj)
         image = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
         with LlamaPolicy(decoder, DEFAULT_PROMPTS, LANGUAGE, sampling, vision=True) as policy:

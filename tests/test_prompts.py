@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from model_fixtures import GEMMA3_CHAT_TEMPLATE
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, MEDIA_MARKER, PromptError, PromptTemplates
+from vlm2vla_edge.testing.models import GEMMA3_CHAT_TEMPLATE
 
 P = DEFAULT_PROMPTS
 INSTRUCTION = "put the carrot on the plate"

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fakes.policies import ScriptedPolicy, block_until_cancelled
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter
 from vlm2vla_edge.runtime.events import EpisodeEnded, EpisodeStarted, LoopEvent, SafetyChecked
@@ -21,6 +20,7 @@ from vlm2vla_edge.runtime.sim.scene import Scene
 from vlm2vla_edge.runtime.sim.world import SimArm, SimCamera, SimWorld
 from vlm2vla_edge.runtime.verifier.base import Verdict, Verifier
 from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
+from vlm2vla_edge.testing.policies import ScriptedPolicy, block_until_cancelled
 
 ROBOT = load_robot_config()
 
@@ -256,8 +256,7 @@ def test_empty_instruction_is_a_user_error() -> None:
 
 KILL_SCRIPT = r"""
 import sys, time
-sys.path.insert(0, sys.argv[2])
-from fakes.policies import ScriptedPolicy
+from vlm2vla_edge.testing.policies import ScriptedPolicy
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeWriter
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
@@ -291,8 +290,7 @@ def test_sigkill_mid_episode_leaves_a_readable_episode(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    tests_dir = str(Path(__file__).parent)
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path), tests_dir], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "started"
         steps_file = tmp_path / "killed" / "steps.jsonl"

@@ -16,8 +16,6 @@ from PIL import Image
 
 pytest.importorskip("google.genai")
 
-from fake_gemini_server import FakeGeminiServer, Reply  # noqa: E402
-
 from vlm2vla_edge.runtime.errors import ConfigError  # noqa: E402
 from vlm2vla_edge.runtime.robot.base import ArmState  # noqa: E402
 from vlm2vla_edge.runtime.verifier import (  # noqa: E402
@@ -32,6 +30,7 @@ from vlm2vla_edge.runtime.verifier import (  # noqa: E402
     load_api_key,
     make_verifier,
 )
+from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply  # noqa: E402
 
 KEY = "AIzaFAKE-test-key-0123456789abcdef"
 MODEL = "gemini-test"

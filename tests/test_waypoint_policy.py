@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from fakes.policies import SceneCopyPolicy, ScriptedPolicy
 from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeReader
 from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED
@@ -18,6 +17,7 @@ from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, record_demonstration
 from vlm2vla_edge.runtime.sim.session import make_sim_session
 from vlm2vla_edge.runtime.subtask_eval import run_subtask_eval
 from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
+from vlm2vla_edge.testing.policies import SceneCopyPolicy, ScriptedPolicy
 from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples
 
 ROBOT = load_robot_config("widowx250s")

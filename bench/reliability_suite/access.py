@@ -11,7 +11,7 @@
   (status, tasks, events, errors, metrics) are searched for the key. Each place holding it is a leak.
   (A client that types the key into an instruction gets it recorded as its instruction: not tested.)
 
-The fake Gemini server is the tests' (tests/fake_gemini_server.py), reused rather than copied.
+The fake Gemini server is the tests' (vlm2vla_edge.testing.gemini_server), reused rather than copied.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import hmac
 import os
 import socket
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,11 +31,11 @@ from vlm2vla_edge.runtime.daemon.client import DaemonClient
 from vlm2vla_edge.runtime.daemon.server import ApiServer, prepare_socket_path
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
+from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply
 
 from .load import DaemonSubprocess, clean_error, daemon_in_process, raw_exchange, write_runtime_config
 from .tally import Tally
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = "reliability-token-0123456789abcdef"
 
 
@@ -147,22 +146,12 @@ def _get(path: str, authorization: str | None) -> bytes:
 # --- the key-leak scan ----------------------------------------------------------------------------
 
 
-def _fake_gemini():  # noqa: ANN202 - tests/fake_gemini_server.FakeGeminiServer
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from fake_gemini_server import FakeGeminiServer, Reply
-
-    return FakeGeminiServer, Reply
-
-
 def scan_key_leaks(key: str = "AIzaSyFAKE-reliability-0123456789abcdefXYZ", tasks: int = 3) -> Tally:
     """Run `tasks` episodes with the cloud verifier failing in every way, then search for the key.
 
     Runs: one per place searched (the log, each episode file, each API answer); survived when the
     key is not in it. `unsafe_commands` stays 0: this suite checks secrets, not motion.
     """
-    FakeGeminiServer, Reply = _fake_gemini()
     tally = Tally("access", "gemini key leaks")
     with tempfile.TemporaryDirectory(prefix="reliability-key-") as tmp, FakeGeminiServer() as gemini:
         folder = Path(tmp)

@@ -16,7 +16,7 @@ low-level write the episode files go through), and SIGKILL of a daemon process m
 
 In-process scenarios run the product's `Daemon` and `ApiServer` on the non-real-time simulator
 with a scripted policy (a second or two each); the model and SIGKILL scenarios start real daemon
-processes (`vlm2vla-edge serve`, tests/daemon/fake_daemon.py) and take longer.
+processes (`vlm2vla-edge serve`, `python -m vlm2vla_edge.testing.fake_daemon`) and take longer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -37,24 +36,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 from unittest import mock
 
-_REPO = Path(__file__).resolve().parents[2]
-for _folder in (_REPO / "tests", _REPO / "tests" / "daemon"):  # the shared fakes live with the tests
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-from daemon_process import DaemonProcess, write_config  # noqa: E402
-from fake_gemini_server import FakeGeminiServer, Reply  # noqa: E402
-from fakes.policies import ScriptedPolicy  # noqa: E402
-
-from vlm2vla_edge.runtime import episode as episode_module  # noqa: E402
-from vlm2vla_edge.runtime import files as files_module  # noqa: E402
-from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
-from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, DaemonUnavailable  # noqa: E402
-from vlm2vla_edge.runtime.daemon.server import ApiServer  # noqa: E402
-from vlm2vla_edge.runtime.daemon.service import Daemon  # noqa: E402
-from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader  # noqa: E402
-from vlm2vla_edge.runtime.station import Station  # noqa: E402
-from vlm2vla_edge.runtime.robot.base import (  # noqa: E402
+from vlm2vla_edge.runtime import episode as episode_module
+from vlm2vla_edge.runtime import files as files_module
+from vlm2vla_edge.runtime.config import load_robot_config
+from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, DaemonUnavailable
+from vlm2vla_edge.runtime.daemon.server import ApiServer
+from vlm2vla_edge.runtime.daemon.service import Daemon
+from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader
+from vlm2vla_edge.runtime.station import Station
+from vlm2vla_edge.runtime.robot.base import (
     Arm,
     ArmState,
     Camera,
@@ -64,16 +54,19 @@ from vlm2vla_edge.runtime.robot.base import (  # noqa: E402
     Frame,
     MoveResult,
 )
-from vlm2vla_edge.runtime.runner import RunnerConfig  # noqa: E402
-from vlm2vla_edge.runtime.runtime_config import DaemonConfig  # noqa: E402
-from vlm2vla_edge.runtime.sim.session import make_sim_session  # noqa: E402
-from vlm2vla_edge.runtime.verifier.base import Verifier  # noqa: E402
-from vlm2vla_edge.runtime.verifier.credentials import ApiKey  # noqa: E402
-from vlm2vla_edge.runtime.verifier.fallback import FallbackVerifier  # noqa: E402
-from vlm2vla_edge.runtime.verifier.gemini import GeminiConfig, GeminiVerifier  # noqa: E402
-from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier  # noqa: E402
+from vlm2vla_edge.runtime.runner import RunnerConfig
+from vlm2vla_edge.runtime.runtime_config import DaemonConfig
+from vlm2vla_edge.runtime.sim.session import make_sim_session
+from vlm2vla_edge.runtime.verifier.base import Verifier
+from vlm2vla_edge.runtime.verifier.credentials import ApiKey
+from vlm2vla_edge.runtime.verifier.fallback import FallbackVerifier
+from vlm2vla_edge.runtime.verifier.gemini import GeminiConfig, GeminiVerifier
+from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
+from vlm2vla_edge.testing.daemon_process import DaemonProcess, write_config
+from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply
+from vlm2vla_edge.testing.policies import ScriptedPolicy
 
-from .tally import Tally  # noqa: E402
+from .tally import Tally
 
 INSTRUCTION = "put the carrot on the plate"
 #: Two moves per chunk, out and back, so an episode has several arm commands to interrupt.

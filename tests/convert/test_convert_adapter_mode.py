@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_bundle import make_gguf  # noqa: E402
+from test_bundle import make_gguf
 
-from vlm2vla_edge.convert.cli import run_app  # noqa: E402
-from vlm2vla_edge.convert.merge_quantize import default_adapter_name  # noqa: E402
-from vlm2vla_edge.runtime.policy.bundle import write_bundle  # noqa: E402
+from vlm2vla_edge.convert.cli import run_app
+from vlm2vla_edge.convert.merge_quantize import default_adapter_name
+from vlm2vla_edge.runtime.policy.bundle import write_bundle
 
 
 @pytest.fixture()

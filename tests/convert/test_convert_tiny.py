@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import model_fixtures
 from convert_helpers import make_adapter
 from vlm2vla_edge.convert.merge_quantize import ConvertOptions, ValidationFailed, convert
 from vlm2vla_edge.convert.merge import AdapterError
@@ -21,6 +20,7 @@ from vlm2vla_edge.convert.validate import Thresholds
 from vlm2vla_edge.runtime.config import PolicyConfig
 from vlm2vla_edge.runtime.policy.bundle import load_bundle
 from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
+from vlm2vla_edge.testing import models
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +28,16 @@ RELAXED_CHUNKS = Thresholds(min_top1_agreement=0.99, min_chunk_agreement=0.0, ma
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_vision_gguf: model_fixtures.VisionModelFiles) -> Path:
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_vision_gguf: models.VisionModelFiles) -> Path:
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     config = Gemma3Config.from_pretrained(str(tiny_vision_gguf.hf_dir))
     return make_adapter(config, Gemma3ForConditionalGeneration, tmp_path_factory.mktemp("adapter") / "tiny", seed=3)
 
 
-def _options(files: model_fixtures.VisionModelFiles, adapter: Path, out: Path, **kw: object) -> ConvertOptions:
+def _options(files: models.VisionModelFiles, adapter: Path, out: Path, **kw: object) -> ConvertOptions:
     fields: dict = dict(
-        base=files.hf_dir, adapter=adapter, out=out, quant="Q8_0", vocab_gguf=model_fixtures.gemma270m_gguf(),
+        base=files.hf_dir, adapter=adapter, out=out, quant="Q8_0", vocab_gguf=models.gemma270m_gguf(),
         thresholds=RELAXED_CHUNKS, max_prompts=2, n_threads=2,
     )
     fields.update(kw)
@@ -45,7 +45,7 @@ def _options(files: model_fixtures.VisionModelFiles, adapter: Path, out: Path, *
 
 
 def test_tiny_vision_bundle_runs_in_the_runtime(
-    tmp_path: Path, tiny_vision_gguf: model_fixtures.VisionModelFiles, tiny_adapter: Path
+    tmp_path: Path, tiny_vision_gguf: models.VisionModelFiles, tiny_adapter: Path
 ) -> None:
     lines: list[str] = []
     result = convert(_options(tiny_vision_gguf, tiny_adapter, tmp_path / "bundle"), progress=lines.append)
@@ -74,7 +74,7 @@ def test_tiny_vision_bundle_runs_in_the_runtime(
 
 
 def test_failed_validation_writes_no_bundle(
-    tmp_path: Path, tiny_vision_gguf: model_fixtures.VisionModelFiles, tiny_adapter: Path
+    tmp_path: Path, tiny_vision_gguf: models.VisionModelFiles, tiny_adapter: Path
 ) -> None:
     strict = Thresholds(max_logit_diff=1e-6)  # no F16 conversion is that exact
     with pytest.raises(ValidationFailed, match="max \\|logit diff\\|"):
@@ -83,12 +83,12 @@ def test_failed_validation_writes_no_bundle(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_adapter_for_another_base_is_refused(tmp_path: Path, tiny_vision_gguf: model_fixtures.VisionModelFiles) -> None:
+def test_adapter_for_another_base_is_refused(tmp_path: Path, tiny_vision_gguf: models.VisionModelFiles) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     # A text-only Gemma-3 of the same width: the vision model's adapter names modules it does not have.
-    config = Gemma3TextConfig(**{**model_fixtures.TINY_TEXT_CONFIG, "vocab_size": 1024})
+    config = Gemma3TextConfig(**{**models.TINY_TEXT_CONFIG, "vocab_size": 1024})
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).save_pretrained(str(tmp_path / "text-base"))
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
@@ -103,7 +103,7 @@ def test_adapter_for_another_base_is_refused(tmp_path: Path, tiny_vision_gguf: m
 
 
 def test_adapter_mode_on_a_vision_base_then_a_second_adapter_added(
-    tmp_path: Path, tiny_vision_gguf: model_fixtures.VisionModelFiles, tiny_adapter: Path
+    tmp_path: Path, tiny_vision_gguf: models.VisionModelFiles, tiny_adapter: Path
 ) -> None:
     """A Hugging Face base is converted once, without the adapter; `--add` puts a second adapter beside the
     first on the very same base file (hard-linked, not rewritten), and the policy switches between them."""

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_bundle import make_gguf  # noqa: E402
+from test_bundle import make_gguf
 
-from vlm2vla_edge.convert.lora_gguf import LoraConversionError, write_lora_gguf  # noqa: E402
+from vlm2vla_edge.convert.lora_gguf import LoraConversionError, write_lora_gguf
 
 pytest.importorskip("gguf")
 pytest.importorskip("safetensors")

@@ -4,21 +4,17 @@ happens between episodes, and status, the task and the recorded episode name the
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fakes package
-
-from fakes.policies import ScriptedPolicy  # noqa: E402
-
-from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
-from vlm2vla_edge.runtime.daemon.service import Daemon, InvalidRequest, validate_adapter  # noqa: E402
-from vlm2vla_edge.runtime.station import Station  # noqa: E402
-from vlm2vla_edge.runtime.runtime_config import DaemonConfig  # noqa: E402
-from vlm2vla_edge.runtime.sim.session import make_sim_session  # noqa: E402
-from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier  # noqa: E402
+from vlm2vla_edge.runtime.config import load_robot_config
+from vlm2vla_edge.runtime.daemon.service import Daemon, InvalidRequest, validate_adapter
+from vlm2vla_edge.runtime.runtime_config import DaemonConfig
+from vlm2vla_edge.runtime.sim.session import make_sim_session
+from vlm2vla_edge.runtime.station import Station
+from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
+from vlm2vla_edge.testing.policies import ScriptedPolicy
 
 
 class SkilledPolicy(ScriptedPolicy):

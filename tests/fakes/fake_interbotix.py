@@ -105,6 +105,9 @@ class FakeWidowX:
     global_node_exists: bool = False
     up: bool = False
     released: threading.Event = field(default_factory=threading.Event)
+    # Called (on the caller's thread) as each blocking API call begins: lets a test act at an exact point
+    # of a move (a cancel during segment 1) instead of guessing it with a sleep.
+    on_enter: Callable[[tuple[Any, ...]], None] | None = None
 
     def __post_init__(self) -> None:
         self._joint_from = tuple(self.start_joints[: self.num_joints])
@@ -115,6 +118,7 @@ class FakeWidowX:
         self.finger = self.finger_upper
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._entered = threading.Condition(self._busy_lock)  # notified as each blocking call begins
 
     # time and bookkeeping
     def sleep(self, seconds: float) -> None:
@@ -125,7 +129,10 @@ class FakeWidowX:
             if self._busy:
                 self.overlapping_calls += 1
             self._busy += 1
-        self.calls.append(call)
+            self.calls.append(call)
+            self._entered.notify_all()
+        if self.on_enter is not None:
+            self.on_enter(call)
 
     def leave(self) -> None:
         with self._busy_lock:
@@ -133,6 +140,18 @@ class FakeWidowX:
 
     def calls_named(self, name: str) -> list[tuple[Any, ...]]:
         return [c for c in self.calls if c[0] == name]
+
+    @property
+    def in_call(self) -> bool:
+        """Whether a blocking API call (a move segment, a gripper action) is running now."""
+        with self._busy_lock:
+            return self._busy > 0
+
+    def wait_for_call(self, name: str, count: int = 1, timeout_s: float = 30.0) -> None:
+        """Block until `count` blocking calls named `name` have begun (generous timeout: loaded machines)."""
+        with self._entered:
+            if not self._entered.wait_for(lambda: len(self.calls_named(name)) >= count, timeout_s):
+                raise AssertionError(f"no {count} {name!r} calls within {timeout_s} s; calls: {self.calls}")
 
     # joints and pose
     def joints_now(self) -> tuple[float, ...]:

@@ -12,8 +12,6 @@ from typer.testing import CliRunner
 
 pytest.importorskip("google.genai")
 
-from fake_gemini_server import FakeGeminiServer, Reply  # noqa: E402
-
 from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
 from vlm2vla_edge.runtime.episode import EpisodeReader  # noqa: E402
 from vlm2vla_edge.runtime.errors import UserError  # noqa: E402
@@ -21,6 +19,7 @@ from vlm2vla_edge.runtime.parser import parse_motion_plan, parse_subtasks  # noq
 from vlm2vla_edge.runtime.sim.expert import run_expert_episode  # noqa: E402
 from vlm2vla_edge.runtime.sim.tasks import sample_episode  # noqa: E402
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey  # noqa: E402
+from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply  # noqa: E402
 from vlm2vla_edge.train.data.cli import app  # noqa: E402
 from vlm2vla_edge.train.data.dataset import read_dataset  # noqa: E402
 from vlm2vla_edge.train.data.gemini_annotator import (  # noqa: E402

@@ -16,10 +16,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-import model_fixtures  # noqa: E402  (tests/ is on the path through tests/conftest.py)
 from test_lora_samples import make_dataset  # noqa: E402
 
 from vlm2vla_edge.runtime.errors import UserError  # noqa: E402
+from vlm2vla_edge.testing import models  # noqa: E402
 from vlm2vla_edge.train.data.dataset import read_dataset  # noqa: E402
 from vlm2vla_edge.train.lora.collate import Collator, EncodedDataset, encode_all  # noqa: E402
 from vlm2vla_edge.train.lora.config import TrainConfig  # noqa: E402
@@ -43,7 +43,7 @@ def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vision_dir(tiny_vision_gguf: model_fixtures.VisionModelFiles) -> Path:
+def vision_dir(tiny_vision_gguf: models.VisionModelFiles) -> Path:
     return tiny_vision_gguf.hf_dir
 
 
@@ -52,7 +52,7 @@ def text_dir(tmp_path_factory: pytest.TempPathFactory, gemma_tokenizer_dir: Path
     """A tiny random Gemma3ForCausalLM (text-only, the demo model's architecture) with the real tokenizer."""
     out = tmp_path_factory.mktemp("tiny-text") / "hf"
     torch.manual_seed(1)
-    config = transformers.Gemma3TextConfig(**model_fixtures.TINY_TEXT_CONFIG)
+    config = transformers.Gemma3TextConfig(**models.TINY_TEXT_CONFIG)
     transformers.Gemma3ForCausalLM(config).save_pretrained(str(out))
     for item in gemma_tokenizer_dir.iterdir():
         shutil.copy2(item, out / item.name)

@@ -24,9 +24,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-import model_fixtures  # noqa: E402  (tests/ is on the path through tests/conftest.py)
 from test_lora_samples import make_dataset  # noqa: E402
 
+from vlm2vla_edge.testing import models  # noqa: E402
 from vlm2vla_edge.train.lora.trainer import CARD_FILE, CHECKPOINTS_DIR  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ gradient_accumulation_steps: {accumulation}
 def text_dir(tmp_path_factory: pytest.TempPathFactory, gemma_tokenizer_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("tiny-text") / "hf"
     torch.manual_seed(1)
-    config = transformers.Gemma3TextConfig(**model_fixtures.TINY_TEXT_CONFIG)
+    config = transformers.Gemma3TextConfig(**models.TINY_TEXT_CONFIG)
     transformers.Gemma3ForCausalLM(config).save_pretrained(str(out))
     for item in gemma_tokenizer_dir.iterdir():
         shutil.copy2(item, out / item.name)

@@ -294,7 +294,7 @@ def make_tiny_vision_bundle(dest: Path, **manifest_fields: Any) -> Bundle:
     files = tiny_vision_gguf()
     fields: dict[str, Any] = {
         "name": "tiny-gemma3-vision-test",
-        "base_model": "random tiny Gemma-3 (tests/model_fixtures.py)",
+        "base_model": "random tiny Gemma-3 (vlm2vla_edge.testing.models)",
         "quant_type": "F16",
     }
     fields.update(manifest_fields)

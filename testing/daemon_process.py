@@ -14,15 +14,15 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-FAKE_DAEMON = Path(__file__).with_name("fake_daemon.py")
+#: The fake daemon's module, run with `python -m` (no path games: the package is installed).
+FAKE_DAEMON_MODULE = "vlm2vla_edge.testing.fake_daemon"
 
 
 def cli(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real command line, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "vlm2vla_edge.runtime.cli", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )
 
 
@@ -58,14 +58,14 @@ class DaemonProcess:
         if watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         process = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env=env, text=True,
+            [sys.executable, *args], env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )
         return cls(process, notify, socket_path)
 
     @classmethod
     def fake(cls, config: Path, socket_path: Path, step_s: float = 0.0, **kwargs: object) -> "DaemonProcess":
-        return cls.start([str(FAKE_DAEMON), "--config", str(config), "--step-s", str(step_s)], socket_path, **kwargs)
+        return cls.start(["-m", FAKE_DAEMON_MODULE, "--config", str(config), "--step-s", str(step_s)], socket_path, **kwargs)
 
     def read_messages(self, timeout_s: float) -> None:
         self.notify.settimeout(timeout_s)
