@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 
 from vlm2vla_edge.grammars import action_chunk_gbnf
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, load_policy_config
-from vlm2vla_edge.runtime.policy.decoder import Generation, LlamaDecoder
+from vlm2vla_edge.runtime.policy.decoder import Generation, Grammar, LlamaDecoder
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
 
 V1_PROMPT = (  # bench/grammar_overhead.py's prompt
@@ -113,7 +112,11 @@ class Result:
               f"{'tok/forward':>12}{'accepted':>10}")
         for name in PATHS:
             p = self.paths[name]
-            per_chunk = 1000 * p.decode_s / max(1, p.chunks) if name != "free" else self.ms_per_action("free") * today.actions / max(1, today.chunks)
+            per_chunk = (
+                1000 * p.decode_s / max(1, p.chunks)
+                if name != "free"
+                else self.ms_per_action("free") * today.actions / max(1, today.chunks)
+            )
             rate = f"{p.accepted / p.drafted:.2f}" if p.drafted else "-"
             print(f"{name:<13}{self.ms_per_action(name):>10.1f}{per_chunk:>10.1f}{p.ms_per_token:>10.2f}"
                   f"{p.batches:>10d}{p.evaluated / max(1, p.batches):>12.2f}{rate:>10}")
@@ -150,10 +153,12 @@ def waypoint_cases(n: int, episodes: int) -> list["Case"]:
 
 
 def find_demo_bundle():  # noqa: ANN201 - Bundle | None
-    from vlm2vla_edge.runtime.demo import DEMO_BUNDLE_NAME, default_cache_dir
+    from vlm2vla_edge.convert.demo_bundle import DEMO_BUNDLE_NAME, default_cache_dir
     from vlm2vla_edge.runtime.policy.bundle import BundleError, load_bundle
 
-    for candidate in sorted(default_cache_dir().glob(f"{DEMO_BUNDLE_NAME}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for candidate in sorted(
+        default_cache_dir().glob(f"{DEMO_BUNDLE_NAME}-*"), key=lambda p: p.stat().st_mtime, reverse=True
+    ):
         if (candidate / "manifest.json").is_file():
             try:
                 return load_bundle(candidate, verify="size")
@@ -162,7 +167,9 @@ def find_demo_bundle():  # noqa: ANN201 - Bundle | None
     return None
 
 
-def run(decoder: LlamaDecoder, label: str, cases: list[Case], grammar, sampling: Sampling, base: dict) -> Result:
+def run(
+    decoder: LlamaDecoder, label: str, cases: list[Case], grammar: Grammar | None, sampling: Sampling, base: dict
+) -> Result:
     configs = {
         "today": PolicyConfig(**base, speculative=False),
         "speculative": PolicyConfig(**base, speculative=True),
@@ -178,7 +185,9 @@ def run(decoder: LlamaDecoder, label: str, cases: list[Case], grammar, sampling:
             prefix = decoder.eval_prefix(case.prefix)
             if name == "free":
                 budget = max(1, len(texts["today"]))
-                gen = decoder.generate(case.suffix, None, sampling.model_copy(update={"max_tokens": budget}), prefix=prefix)
+                gen = decoder.generate(
+                    case.suffix, None, sampling.model_copy(update={"max_tokens": budget}), prefix=prefix
+                )
             else:
                 gen = decoder.generate(case.suffix, grammar, sampling, prefix=prefix)
                 texts[name] = gen.tokens
@@ -196,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v1-rounds", type=int, default=6, help="v1 chunks per sampling setting")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft", type=int, default=None, help="PolicyConfig.draft_max_tokens (default: its default)")
-    parser.add_argument("--bundle", type=Path, default=None, help="demo bundle folder (default: the cached one, if any)")
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="demo bundle folder (default: the cached one, if any)"
+    )
     parser.add_argument("--base-only", action="store_true", help="ignore the demo bundle: the bare base model")
     args = parser.parse_args(argv)
 
@@ -235,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     waypoints.print()
 
     v1 = ActionLanguage(max_abs_value_m=0.999)
-    v1_grammar = decoder.compile_grammar(action_chunk_gbnf(v1.max_abs_value_m, v1.decimals, v1.max_steps), "action_chunk_v1")
+    v1_grammar = decoder.compile_grammar(
+        action_chunk_gbnf(v1.max_abs_value_m, v1.decimals, v1.max_steps), "action_chunk_v1"
+    )
     if decoder.active_adapter is not None:
         decoder.use_adapter(None)  # the v1 rows measure the base model on the few-shot prompt
     head, tail = V1_PROMPT.rsplit("\n", 1)

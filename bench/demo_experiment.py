@@ -87,14 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}", file=sys.stderr)
         return 2
 
-    from vlm2vla_edge.runtime.demo import default_cache_dir, find_or_build_bundle
+    from vlm2vla_edge.convert.demo_bundle import default_cache_dir, find_or_build_bundle
     from vlm2vla_edge.runtime.policy.bundle import load_bundle
 
     started = time.monotonic()
     tuned = find_or_build_bundle(echo=print, threads=args.threads).path
     base = base_bundle(default_cache_dir())
     common = {"threads": args.threads, "max_steps": args.max_steps}
-    results: dict[str, Any] = {"bundles": {"fine_tuned": str(tuned), "base": str(base)}, "args": vars(args) | {"out": str(args.out)}}
+    results: dict[str, Any] = {
+        "bundles": {"fine_tuned": str(tuned), "base": str(base)},
+        "args": vars(args) | {"out": str(args.out)},
+    }
     rows: list[tuple[str, str, str]] = []
 
     if "success" in parts:
@@ -102,14 +105,22 @@ def main(argv: list[str] | None = None) -> int:
             results[f"success_{name}"] = evaluate(bundle, episodes=args.episodes, label=f"{name} (en)", **common)
         b, t = results["success_base"], results["success_fine_tuned"]
         for kind in ("pick", "place", "composite", "overall"):
-            rows.append((f"sim success {kind}", _pct(_figure(b, kind, "success_rate")), _pct(_figure(t, kind, "success_rate"))))
+            rows.append(
+                (f"sim success {kind}", _pct(_figure(b, kind, "success_rate")), _pct(_figure(t, kind, "success_rate")))
+            )
         rows.append(("partial credit composite", _pct(_figure(b, "composite", "mean_partial_credit")),
                      _pct(_figure(t, "composite", "mean_partial_credit"))))
         rows.append(("plan hit rate", _pct(_figure(b, "overall", "plan_hit_rate")),
                      _pct(_figure(t, "overall", "plan_hit_rate"))))
     if "languages" in parts:
         for language in ("es", "hi", "zh"):
-            r = evaluate(tuned, episodes=args.language_episodes, language=language, label=f"fine-tuned ({language}, unseen)", **common)
+            r = evaluate(
+                tuned,
+                episodes=args.language_episodes,
+                language=language,
+                label=f"fine-tuned ({language}, unseen)",
+                **common,
+            )
             results[f"language_{language}"] = r
             rows.append((f"sim success, unseen {language}", "", _pct(_figure(r, "overall", "success_rate"))))
             rows.append((f"plan hit rate, unseen {language}", "", _pct(_figure(r, "overall", "plan_hit_rate"))))
@@ -118,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             results[f"format_{name}"] = evaluate(
                 bundle, episodes=max(1, args.episodes // 2), constraint="none", label=f"{name}, grammar off", **common
             )
-        rows.append(("format validity, grammar off", _pct(_figure(results["format_base"], "overall", "format_validity")),
-                     _pct(_figure(results["format_fine_tuned"], "overall", "format_validity"))))
+        rows.append(
+            (
+                "format validity, grammar off",
+                _pct(_figure(results["format_base"], "overall", "format_validity")),
+                _pct(_figure(results["format_fine_tuned"], "overall", "format_validity")),
+            )
+        )
         rows.append(("sim success, grammar off", _pct(_figure(results["format_base"], "overall", "success_rate")),
                      _pct(_figure(results["format_fine_tuned"], "overall", "success_rate"))))
     if "quant" in parts:

@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ class WatchedPolicy:
     action_language = property(lambda self: self.inner.action_language)
     bundle_id = property(lambda self: self.inner.bundle_id)
 
-    def _call(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.probe.stamp(Probe.STARTED)
         try:
             return fn(*args, **kwargs)
@@ -161,7 +162,8 @@ def _gemma_policy(threads: int, n_batch: int):  # noqa: ANN202
 
 def _serve_main(args: argparse.Namespace) -> int:
     """The daemon process: the product's `Daemon` + `serve()` on the real-time simulator, stamping the probe."""
-    from vlm2vla_edge.runtime.config import load_robot_config, load_runtime_config
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve
     from vlm2vla_edge.runtime.daemon.service import Daemon
     from vlm2vla_edge.runtime.station import open_station
@@ -331,9 +333,25 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, __file__, "--serve", kind, "--config", str(config), "--probe", str(folder / "probe.bin"),
-                 "--threads", str(args.threads), "--n-batch", str(args.n_batch)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=scheduling.apply, start_new_session=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve",
+                    kind,
+                    "--config",
+                    str(config),
+                    "--probe",
+                    str(folder / "probe.bin"),
+                    "--threads",
+                    str(args.threads),
+                    "--n-batch",
+                    str(args.n_batch),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=scheduling.apply,
+                start_new_session=True,
             )
         proc = cls(process, socket_path, log_path)
         client = DaemonClient(socket_path, timeout_s=2)
@@ -379,7 +397,12 @@ def _finished(client: DaemonClient, task_id: str) -> bool:
 def run_phase(kind: str, trials: int, rng: random.Random, folder: Path, scheduling: Scheduling,
               args: argparse.Namespace, outcomes: dict[str, int]) -> dict[str, list[float]]:
     probe = Probe(folder / "probe.bin")
-    times: dict[str, list[float]] = {"http answered": [], "generation preempted": [], "arm halted": [], "episode ended": []}
+    times: dict[str, list[float]] = {
+        "http answered": [],
+        "generation preempted": [],
+        "arm halted": [],
+        "episode ended": [],
+    }
     daemon = DaemonProcess.start(kind, folder, scheduling, args)
     client = DaemonClient(daemon.socket_path, timeout_s=30)
     try:
@@ -441,11 +464,17 @@ def _pct(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=30, help="trials per situation")
-    parser.add_argument("--cpu-load", type=int, default=0, metavar="N", help="busy processes at normal priority during the trials")
+    parser.add_argument(
+        "--cpu-load", type=int, default=0, metavar="N", help="busy processes at normal priority during the trials"
+    )
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-batch", type=int, default=PolicyConfig().n_batch,
-                        help="tokens per prompt-evaluation call (llama.cpp n_batch; the cancel flag is checked between calls)")
+    parser.add_argument(
+        "--n-batch",
+        type=int,
+        default=PolicyConfig().n_batch,
+        help="tokens per prompt-evaluation call (llama.cpp n_batch; the cancel flag is checked between calls)",
+    )
     parser.add_argument("--no-model", action="store_true", help="skip the generating phase (no Gemma-3-270M)")
     parser.add_argument("--no-unit-scheduling", action="store_true",
                         help="run the daemon at nice 0 with no scheduling settings (the baseline)")
@@ -474,16 +503,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'situation':<11} {'measured until':<21} {'n':>3} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for kind, measure, values in rows:
         ms = [v * 1000 for v in values]
-        print(f"{kind:<11} {measure:<21} {len(ms):>3} {_pct(ms, 50):8.2f} {_pct(ms, 90):8.2f} {_pct(ms, 99):8.2f} {max(ms):8.2f}"
-              f"   (mean {statistics.fmean(ms):.2f})")
+        print(
+            f"{kind:<11} {measure:<21} {len(ms):>3} "
+            f"{_pct(ms, 50):8.2f} {_pct(ms, 90):8.2f} {_pct(ms, 99):8.2f} {max(ms):8.2f}"
+            f"   (mean {statistics.fmean(ms):.2f})"
+        )
     def worst(measure: str) -> float:
         return max(_pct([v * 1000 for v in values], 99) for _, name, values in rows if name == measure)
     print("episode outcomes after the stop: " + ", ".join(f"{k} x{v}" for k, v in sorted(outcomes.items())))
     applied = ", ".join(line for line in scheduling.lines if not line.startswith("CPUWeight")) or "none (nice 0)"
     print(f"daemon scheduling from the unit: {applied}; {weight}")
-    print(f"cpu load: {args.cpu_load} busy processes at nice {os.getpriority(os.PRIO_PROCESS, 0)}, each in a session "
-          f"(autogroup) of its own like a separate service; "
-          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; llama.cpp threads {args.threads}, n_batch {args.n_batch}")
+    print(
+        f"cpu load: {args.cpu_load} busy processes at nice {os.getpriority(os.PRIO_PROCESS, 0)}, each in a session "
+        f"(autogroup) of its own like a separate service; "
+        f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; "
+        f"llama.cpp threads {args.threads}, n_batch {args.n_batch}"
+    )
     if not args.no_model:
         print(f"generation_preempted_p99_ms: {worst('generation preempted'):.2f}")
     print(f"estop_p99_ms: {worst('arm halted'):.2f}")

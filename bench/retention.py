@@ -79,12 +79,18 @@ def load_data(path: Path = DATA_FILE) -> RetentionData:
         prompt, choices, answer = item.get("prompt"), item.get("choices"), item.get("answer")
         if not isinstance(prompt, str) or not prompt.strip():
             raise RetentionError(f"{path}: question {i} has no prompt")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
             raise RetentionError(f"{path}: question {i} needs at least two non-empty choices")
         if len(set(choices)) != len(choices):
             raise RetentionError(f"{path}: question {i} repeats a choice")
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise RetentionError(f"{path}: question {i} has answer {answer!r}, not an index into its {len(choices)} choices")
+            raise RetentionError(
+                f"{path}: question {i} has answer {answer!r}, not an index into its {len(choices)} choices"
+            )
         questions.append(Question(prompt, tuple(choices), answer))
     if not questions:
         raise RetentionError(f"{path}: 'questions' is empty")
@@ -168,7 +174,9 @@ class TextFigures:
     tuned_perplexity: float
 
 
-def text_figures(kl: Sequence[float], agree: Sequence[bool], base_lp: Sequence[float], tuned_lp: Sequence[float], passages: int) -> TextFigures:
+def text_figures(
+    kl: Sequence[float], agree: Sequence[bool], base_lp: Sequence[float], tuned_lp: Sequence[float], passages: int
+) -> TextFigures:
     """Summarise per-position KL, agreement and the log-probabilities of the actual next tokens."""
     n = len(kl)
     if n == 0 or not (len(agree) == len(base_lp) == len(tuned_lp) == n):
@@ -241,14 +249,15 @@ def check_adapter(adapter_dir: Path, base: Path) -> "AdapterInfo":
     base that is one file, whose digest must be among them. Without a card, the module-by-module check
     in `attach_adapter` still catches an adapter made for another architecture.
     """
-    from vlm2vla_edge.convert.merge import read_adapter, resolve_base, check_card_base
+    from vlm2vla_edge.convert.merge import check_card_base, read_adapter, resolve_base
     from vlm2vla_edge.runtime.errors import UserError
-    from vlm2vla_edge.runtime.policy.bundle import sha256_file
+    from vlm2vla_edge.runtime.files import sha256_file
 
     adapter_dir = Path(adapter_dir).expanduser()
     if not adapter_dir.is_dir():
         raise RetentionError(
-            f"adapter folder {adapter_dir} does not exist; train one (python train/demo_recipe.py) or pass --adapter DIR"
+            f"adapter folder {adapter_dir} does not exist; "
+            "train one (python train/demo_recipe.py) or pass --adapter DIR"
         )
     try:
         adapter = read_adapter(adapter_dir)
@@ -352,7 +361,9 @@ def measure_text(model: Any, tokenizer: Any, passages: Sequence[str], max_positi
     return text_figures(kl, agree, base_lp, tuned_lp, len(passages))
 
 
-def measure_questions(model: Any, tokenizer: Any, questions: Sequence[Question], max_positions: int = 128) -> list[QuestionResult]:
+def measure_questions(
+    model: Any, tokenizer: Any, questions: Sequence[Question], max_positions: int = 128
+) -> list[QuestionResult]:
     """Every choice is one row: prompt + choice, scored on the choice's tokens only.
 
     Prompt and choice are tokenised apart and joined, so every choice is scored after the same prompt
@@ -461,9 +472,15 @@ def _default_base() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, default=DEFAULT_ADAPTER, help="peft LoRA folder (default: train/demo_model)")
-    parser.add_argument("--base", type=Path, default=None, help="base model it was trained on (default: the PyPI Gemma-3-270M GGUF)")
-    parser.add_argument("--data", type=Path, default=DATA_FILE, help="passages and questions (default: bench/retention_data.json)")
+    parser.add_argument(
+        "--adapter", type=Path, default=DEFAULT_ADAPTER, help="peft LoRA folder (default: train/demo_model)"
+    )
+    parser.add_argument(
+        "--base", type=Path, default=None, help="base model it was trained on (default: the PyPI Gemma-3-270M GGUF)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=DATA_FILE, help="passages and questions (default: bench/retention_data.json)"
+    )
     parser.add_argument("--passages", type=int, default=None, help="use only the first N passages")
     parser.add_argument("--questions", type=int, default=None, help="use only the first N questions")
     parser.add_argument("--threads", type=int, default=2)

@@ -18,7 +18,7 @@ from typing import Any
 
 from vlm2vla_edge.convert.hf_folder import FolderFixes, copy_side_files, make_converter_ready
 from vlm2vla_edge.runtime.errors import UserError
-from vlm2vla_edge.runtime.policy.bundle import sha256_file
+from vlm2vla_edge.runtime.files import sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -171,9 +171,10 @@ def attach_adapter(model: Any, adapter: AdapterInfo, base: BaseModelSource | Non
     from peft import PeftModel
 
     where = f" --base {base.path}" if base is not None else " this base model"
+    trained_on = adapter.config.get("base_model_name_or_path")
     wrong_base = (
         f"--adapter {adapter.path} does not fit{where} (it was trained on another model"
-        f"{': ' + str(adapter.config.get('base_model_name_or_path')) if adapter.config.get('base_model_name_or_path') else ''})"
+        f"{': ' + str(trained_on) if trained_on else ''})"
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing keys are checked below, with a clear message

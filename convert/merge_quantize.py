@@ -132,7 +132,7 @@ def count_parameters(base: Any) -> int:
     total = 0
     for path in base.path.glob("*.safetensors"):
         with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle is no dict
                 n = 1
                 for dim in handle.get_slice(key).get_shape():
                     n *= dim
@@ -262,7 +262,9 @@ def _choose_quant(options: ConvertOptions, base: Any) -> str:
         return wanted or "Q4_K_M"
     own = _gguf_quant(base.path)
     if own is None:
-        raise UserError(f"--base {base.path} has a quantisation this tool does not name; quantise it to one of ours first")
+        raise UserError(
+            f"--base {base.path} has a quantisation this tool does not name; quantise it to one of ours first"
+        )
     if wanted is None or wanted == own:
         return own
     if own in UNQUANTISED:
@@ -281,42 +283,54 @@ def _check_adapter_name(name: str, existing: Any, options: ConvertOptions) -> No
         raise UserError(f"--adapter-name '{name}' is not {ADAPTER_NAME_RULE}")
     if existing is not None and name in existing.adapters and not options.overwrite:
         raise BundleError(
-            f"--add: {options.out} already has an adapter '{name}'; give another --adapter-name, or --overwrite to replace it"
+            f"--add: {options.out} already has an adapter '{name}'; "
+            "give another --adapter-name, or --overwrite to replace it"
         )
 
 
 def _existing_bundle(options: ConvertOptions, base: Any) -> Any:
     """`--add`: the base + adapters bundle at --out, whose base must be the one given as --base."""
-    from vlm2vla_edge.runtime.policy.bundle import BundleError, load_bundle, sha256_file
+    from vlm2vla_edge.runtime.files import sha256_file
+    from vlm2vla_edge.runtime.policy.bundle import BundleError, load_bundle
 
     if not options.out.exists():
-        raise UserError(f"--add: there is no bundle at {options.out} to add the adapter to (leave out --add to write one)")
+        raise UserError(
+            f"--add: there is no bundle at {options.out} to add the adapter to (leave out --add to write one)"
+        )
     bundle = load_bundle(options.out, verify="full")
     if not bundle.adapters:
-        raise BundleError(f"--add: {options.out} is a merged bundle; adapters can only be added to a base + adapters bundle")
+        raise BundleError(
+            f"--add: {options.out} is a merged bundle; adapters can only be added to a base + adapters bundle"
+        )
     if base.kind == "gguf-text":
         digest = sha256_file(base.path)
         own = bundle.manifest.files[bundle.text_model.name].sha256
         if digest != own and _gguf_quant(base.path) not in ("F16", "F32"):
             raise BundleError(
-                f"--add: the bundle's base {bundle.text_model.name} (sha256 {own[:12]}...) is not --base {base.path.name} "
+                f"--add: the bundle's base {bundle.text_model.name} (sha256 {own[:12]}...) "
+                f"is not --base {base.path.name} "
                 f"(sha256 {digest[:12]}...): an adapter must run on the very base it was validated on"
             )
     return bundle
 
 
 def _run(
-    options: ConvertOptions, quant: str, base: Any, adapter: Any, fields: dict[str, Any], work: Path, progress: Progress,
+    options: ConvertOptions,
+    quant: str,
+    base: Any,
+    adapter: Any,
+    fields: dict[str, Any],
+    work: Path,
+    progress: Progress,
     existing: Any = None,
 ) -> ConvertResult:
+    import transformers
+
     from vlm2vla_edge.convert import validate as V
     from vlm2vla_edge.convert.converter import ConversionError, run_converter
     from vlm2vla_edge.convert.merge import load_base_model, merge_adapter, save_merged
     from vlm2vla_edge.convert.quantize import quantize_gguf
-    from vlm2vla_edge.runtime.policy.bundle import write_bundle
     from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
-
-    import transformers
 
     transformers.utils.logging.set_verbosity_error()  # our progress lines say what happens
     transformers.utils.logging.disable_progress_bar()
@@ -352,7 +366,9 @@ def _run(
                  + (f", projector {mmproj.stat().st_size / 1e6:.1f} MB" if mmproj else ""))
         return text, mmproj, outtype
 
-    reference, mmproj, reference_type = phases.run("convert", "Hugging Face folder -> GGUF (llama.cpp converter)", convert_files)
+    reference, mmproj, reference_type = phases.run(
+        "convert", "Hugging Face folder -> GGUF (llama.cpp converter)", convert_files
+    )
 
     prompts = fields["prompts"]
     language = fields["action_language"]
@@ -375,7 +391,10 @@ def _run(
     def validate_reference() -> None:
         decoder = LlamaDecoder(reference, decoder_config, mmproj_path=mmproj)
         try:
-            report.logits = V.compare_logits(model, decoder, cases, prompts, image_spec, progress=progress)
+            report.logits = V.compare_logits(
+                model,  # noqa: F821 - bound above; the `del model` below runs after this call
+                decoder, cases, prompts, image_spec, progress=progress,
+            )
         finally:
             decoder.close()
         progress(
@@ -383,8 +402,11 @@ def _run(
             f"{report.logits.positions} positions, max |logit diff| {report.logits.max_logit_diff:.4f}"
         )
 
-    phases.run("validate-reference", f"{reference_type.upper()} GGUF vs the merged transformers model on {len(cases)} prompts",
-               validate_reference)
+    phases.run(
+        "validate-reference",
+        f"{reference_type.upper()} GGUF vs the merged transformers model on {len(cases)} prompts",
+        validate_reference,
+    )
     del model
     gc.collect()
     if report.failures:  # a wrong conversion is not worth quantising
@@ -430,7 +452,9 @@ def _run(
             f"{report.chunks.max_abs_diff_cm:.3f} cm"
         )
 
-    phases.run("validate-quant", f"{quant} vs {reference_type.upper()} action chunks (greedy, action grammar)", validate_quant)
+    phases.run(
+        "validate-quant", f"{quant} vs {reference_type.upper()} action chunks (greedy, action grammar)", validate_quant
+    )
     if report.failures:
         raise ValidationFailed(report)
 
@@ -550,7 +574,9 @@ def _finish_adapter(
             f"{report.chunks.prompts} prompts, mean |diff| {report.chunks.mean_abs_diff_cm:.3f} cm"
         )
 
-    phases.run("validate-adapter", f"{quant} base + run-time LoRA vs merged F16 ({len(cases)} prompts)", validate_adapter)
+    phases.run(
+        "validate-adapter", f"{quant} base + run-time LoRA vs merged F16 ({len(cases)} prompts)", validate_adapter
+    )
     if report.failures:
         raise ValidationFailed(report)
 
@@ -581,14 +607,9 @@ def _finish_adapter(
     return ConvertResult(bundle, report, phases.seconds, tensor_type_census(bundle.text_model))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point (`python convert/merge_quantize.py`): same options as `vlm2vla-edge convert`."""
-    from vlm2vla_edge.convert.cli import run_app
-
-    return run_app(argv, prog_name="merge_quantize.py")
-
-
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - `python convert/merge_quantize.py`: the `convert` command
     import sys
 
-    sys.exit(main())
+    from vlm2vla_edge.convert.cli import run_app  # only when run as a script, so no import cycle with cli
+
+    sys.exit(run_app(prog_name="merge_quantize.py"))

@@ -4,7 +4,9 @@ The GBNF files are the single source the decoder loads (llguidance reads GBNF, a
 server takes them as they are); `action_language.lark` is the parser's grammar for the same language,
 and tests/test_grammars.py checks on generated strings that the two accept exactly the same strings.
 llguidance is an optional dependency of the runtime (the `llm` extra), so it is imported only inside
-`validate_gbnf`.
+`validate_gbnf`. The package imports nothing of ours (tests/test_layers.py): every part of the
+project reads the language from here, so its errors are its own (`GrammarError`, a `ValueError`); the
+runtime wraps them in its error hierarchy (`runtime.errors.GrammarError`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from __future__ import annotations
 import re
 from importlib import resources
 from typing import Literal, get_args
-
-from vlm2vla_edge.runtime.errors import Vlm2VlaError
 
 GbnfName = Literal["action_chunk", "subtasks", "motion_plan"]
 GBNF_NAMES: tuple[str, ...] = get_args(GbnfName)
@@ -28,7 +28,7 @@ LARK_START_RULES: dict[str, str] = {
 _PACKAGE = "vlm2vla_edge.grammars"
 
 
-class GrammarError(Vlm2VlaError):
+class GrammarError(ValueError):
     """A grammar is missing, unknown or does not compile; the message names the file or rule."""
 
 

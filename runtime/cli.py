@@ -1,6 +1,7 @@
 """The `vlm2vla-edge` command line: the app, its groups and global options; the commands live in their
 own modules (cli_check, cli_config, cli_run, cli_daemon, cli_episode) and are registered here, so
-`--help` lists them in one place.
+`--help` lists them in one place; `sim` and `eval` are mounted from their subsystems, and the
+training and conversion tools (`demo`, `data`, `train`, `convert`) only when they are installed.
 
 Exit codes (DESIGN.md §6): 0 success, 1 the task or check failed, 2 usage or input error. A user
 mistake ends in one sentence on stderr, never a traceback.
@@ -8,7 +9,6 @@ mistake ends in one sentence on stderr, never a traceback.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Annotated, Optional
 
@@ -19,7 +19,7 @@ from vlm2vla_edge.runtime.cli_check import check
 from vlm2vla_edge.runtime.cli_config import config_check, config_show
 from vlm2vla_edge.runtime.cli_daemon import install_service, reset, serve, status, stop
 from vlm2vla_edge.runtime.cli_episode import episode_report, episode_show, episode_view
-from vlm2vla_edge.runtime.cli_run import demo, do
+from vlm2vla_edge.runtime.cli_run import do
 from vlm2vla_edge.runtime.errors import UserError
 
 app = typer.Typer(
@@ -38,7 +38,6 @@ config_app.command("check")(config_check)
 config_app.command("show")(config_show)
 app.command("check")(check)
 app.command("do")(do)
-app.command("demo")(demo)
 app.command("serve")(serve)
 app.command("status")(status)
 app.command("stop")(stop)
@@ -50,22 +49,24 @@ episode_app.command("view")(episode_view)
 
 
 def _mount_optional_subapps() -> None:
-    """Sub-apps that live with their subsystem; mounted here so `--help` lists them. The training tools
-    are part of the package but their heavy dependencies (torch, ...) are imported only when they run."""
+    """Sub-apps that live with their subsystem; mounted here so `--help` lists them. The training and
+    conversion tools are looked up by name (`optional_tool`): the runtime never imports them, a partial
+    install (no training tools) still runs, and their heavy dependencies (torch, ...) load only when
+    they run."""
+    from vlm2vla_edge.runtime.cli_support import optional_tool
     from vlm2vla_edge.runtime.eval_cli import eval_command
     from vlm2vla_edge.runtime.sim.cli import app as sim_app
 
     app.add_typer(sim_app, name="sim")
     app.command("eval")(eval_command)
     for module, name, attr in (
+        ("vlm2vla_edge.convert.demo_cli", "demo", "demo_command"),  # one command
         ("vlm2vla_edge.train.data.cli", "data", "app"),  # a group of commands
         ("vlm2vla_edge.train.lora.cli", "train", "app"),  # one command as the group's callback
         ("vlm2vla_edge.convert.cli", "convert", "convert_command"),  # one command
     ):
-        try:
-            found = getattr(__import__(module, fromlist=[attr]), attr)
-        except (ImportError, AttributeError) as exc:  # a partial install (no training tools): the runtime works
-            logging.getLogger(__name__).debug("not mounting %s: %s", name, exc)
+        found = optional_tool(module, attr)
+        if found is None:
             continue
         if isinstance(found, typer.Typer):
             app.add_typer(found, name=name)

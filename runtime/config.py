@@ -17,15 +17,13 @@ import reprlib
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vlm2vla_edge.runtime.errors import ConfigError
 
-if TYPE_CHECKING:
-    from vlm2vla_edge.runtime.runtime_config import RuntimeConfig
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -330,16 +328,6 @@ class PolicyConfig(StrictModel):
         return self
 
 
-def __getattr__(name: str) -> object:
-    """`RuntimeConfig` lives in `runtime/runtime_config.py` (it embeds the runner's and verifier's configs,
-    which import this module); it is re-exported here lazily so old imports keep working."""
-    if name in ("RuntimeConfig", "DaemonConfig"):
-        from vlm2vla_edge.runtime import runtime_config
-
-        return getattr(runtime_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --- loading ---------------------------------------------------------------------------------------
 
 _PRESET_FOLDERS: dict[type[BaseModel], str] = {RobotConfig: "robots", PolicyConfig: ""}  # others: top level
@@ -454,9 +442,3 @@ def load_robot_config(name_or_path: str | Path = "widowx250s") -> RobotConfig:
 
 def load_policy_config(name_or_path: str | Path = "policy") -> PolicyConfig:
     return load_config(name_or_path, PolicyConfig)
-
-
-def load_runtime_config(name_or_path: str | Path = "runtime") -> "RuntimeConfig":
-    from vlm2vla_edge.runtime.runtime_config import RuntimeConfig
-
-    return load_config(name_or_path, RuntimeConfig)

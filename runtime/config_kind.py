@@ -26,9 +26,10 @@ class ConfigKind(str, Enum):
 def config_model(kind: ConfigKind, path: str) -> type[BaseModel]:
     """The config model for `path`: `kind` itself, or (auto) the one the file's place, fields or name point to."""
     from vlm2vla_edge.runtime import config
+    from vlm2vla_edge.runtime.runtime_config import RuntimeConfig
 
     models: dict[str, type[BaseModel]] = {
-        "robot": config.RobotConfig, "policy": config.PolicyConfig, "runtime": config.RuntimeConfig,
+        "robot": config.RobotConfig, "policy": config.PolicyConfig, "runtime": RuntimeConfig,
     }
     if kind != ConfigKind.auto:
         return models[kind.value]
@@ -46,7 +47,7 @@ def config_model(kind: ConfigKind, path: str) -> type[BaseModel]:
             if "sampling" in data or "action_language" in data:
                 return config.PolicyConfig
             if "episodes_dir" in data or "robot" in data:
-                return config.RuntimeConfig
+                return RuntimeConfig
     if as_path.stem in ("policy", "runtime"):
         return models[as_path.stem]
     raise UserError(f"cannot tell what kind of config '{path}' is; pass --kind robot|policy|runtime")

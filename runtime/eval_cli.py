@@ -111,8 +111,9 @@ def eval_command(
     per stage and retries; prints a table and writes results.json and episodes.csv. Exit 0 when it
     ran, 2 on an input error, 130 when Ctrl-C stopped it (the results so far are written, partial).
     """
-    from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED, LANGUAGES, EvalConfig, evaluate_bundle, write_results
+    from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED, EvalConfig, evaluate_bundle, write_results
     from vlm2vla_edge.runtime.runner import RunnerConfig
+    from vlm2vla_edge.runtime.sim.tasks import LANGUAGES
     from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
 
     kinds = parse_tasks(tasks)
@@ -160,8 +161,8 @@ def _per_subtask(config: "EvalConfig", out_dir: Path) -> None:
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.evaluation import select_seeds
     from vlm2vla_edge.runtime.files import atomic_write
-    from vlm2vla_edge.runtime.station import load_policy
     from vlm2vla_edge.runtime.sim.session import make_sim_session
+    from vlm2vla_edge.runtime.station import load_policy
     from vlm2vla_edge.runtime.subtask_eval import run_subtask_eval
     from vlm2vla_edge.runtime.verifier.fallback import make_verifier
 

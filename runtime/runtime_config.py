@@ -2,8 +2,9 @@
 verifier, and the daemon's service settings (socket, TCP with a token, request limits, watchdog).
 
 It lives apart from `runtime/config.py` because it embeds the runner's and the verifier's config
-models, and both of those modules import `runtime/config.py`; `runtime/config.py` re-exports
-`RuntimeConfig` lazily so `from vlm2vla_edge.runtime.config import RuntimeConfig` keeps working.
+models, and both of those modules import `runtime/config.py`: config.py must not import back (not
+even lazily; tests/test_layers.py checks for cycles), so the runtime config and its loader
+(`load_runtime_config`) are imported from here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from vlm2vla_edge.runtime.config import StrictModel
+from vlm2vla_edge.runtime.config import StrictModel, load_config
 from vlm2vla_edge.runtime.runner import RunnerConfig
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
 
@@ -170,3 +171,8 @@ def client_socket_candidates(
     if runtime_dir:
         candidates.insert(0, Path(runtime_dir.split(":")[0]) / SOCKET_NAME)
     return candidates
+
+
+def load_runtime_config(name_or_path: str | Path = "runtime") -> RuntimeConfig:
+    """The runtime config from a preset name (configs/<name>.yaml) or a YAML file; `ConfigError` names the problem."""
+    return load_config(name_or_path, RuntimeConfig)

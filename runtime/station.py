@@ -119,7 +119,8 @@ def open_station(
         return
     if devices is None:
         raise UserError("a real robot needs --devices FILE (YAML with 'arm:' and 'camera:' sections), or use --sim")
-    from vlm2vla_edge.runtime.robot.devices import DevicesConfig, make_arm, make_camera
+    from vlm2vla_edge.runtime.robot.devices import DevicesConfig
+    from vlm2vla_edge.runtime.robot.factory import make_arm, make_camera
     from vlm2vla_edge.runtime.robot.kinematics import WX250sKinematics
 
     config = load_config(devices, DevicesConfig)

@@ -142,7 +142,7 @@ class SceneCopyPolicy:
         self, observation: Observation, instruction: str, subtask: str, *, retry: bool = False,
         cancel: threading.Event | None = None,
     ) -> StepResult:
-        from vlm2vla_edge.train.data.segment import waypoint_plan_text
+        from vlm2vla_edge.train.data.chunks import waypoint_plan_text
 
         self.steps += 1
         assert observation.scene is not None

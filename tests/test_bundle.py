@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from vlm2vla_edge.runtime.config import ActionLanguage
+from vlm2vla_edge.runtime.files import sha256_file
 from vlm2vla_edge.runtime.policy import bundle as bundle_module
 from vlm2vla_edge.runtime.policy.bundle import (
     GGML_BLOCK_SIZES,
@@ -19,7 +20,6 @@ from vlm2vla_edge.runtime.policy.bundle import (
     load_bundle,
     read_gguf_header,
     runtime_grammar_version,
-    sha256_file,
     write_bundle,
 )
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates

@@ -10,13 +10,13 @@ import pytest
 
 from test_bundle import make_gguf
 from vlm2vla_edge.runtime.config import ActionLanguage
+from vlm2vla_edge.runtime.files import sha256_file
 from vlm2vla_edge.runtime.policy.bundle import (
     MANIFEST_NAME,
     AdapterSpec,
     BundleError,
     adapter_specs_of,
     load_bundle,
-    sha256_file,
     write_bundle,
 )
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates

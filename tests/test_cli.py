@@ -106,7 +106,8 @@ def test_do_local_sim_without_a_bundle_runs_the_demo_model(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A newcomer's `do --local --sim "..."` gets the demo bundle (found or built as `demo` does)."""
-    from vlm2vla_edge.runtime import demo, local_run
+    from vlm2vla_edge.convert import demo_bundle as demo
+    from vlm2vla_edge.runtime import local_run
 
     asked: dict[str, object] = {}
 

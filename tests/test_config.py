@@ -11,14 +11,13 @@ from vlm2vla_edge.runtime.config import (
     HARD_LIMITS,
     PolicyConfig,
     RobotConfig,
-    RuntimeConfig,
     load_config,
     load_policy_config,
     load_robot_config,
-    load_runtime_config,
     packaged_configs_dir,
 )
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
+from vlm2vla_edge.runtime.runtime_config import RuntimeConfig, load_runtime_config
 
 ROBOT_YAML = packaged_configs_dir() / "robots" / "widowx250s.yaml"
 

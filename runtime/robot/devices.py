@@ -1,4 +1,4 @@
-"""Device configs (which arm, which camera) and the factory that turns a config into a driver.
+"""Device configs: which arm, which camera (the factory that turns one into a driver is `factory`).
 
 Each backend has its own strict config model, told apart by its `kind` field, so a device section
 in a YAML file is validated by exactly one model and a typo is an error, not a silent default.
@@ -6,23 +6,20 @@ Vendor SDKs are imported by the drivers only when a device of that kind is conne
 module (and the runtime) imports without ROS 2 or pyrealsense2 installed.
 
 A `sim` kind (the simulator's arm and camera, in `runtime/sim/`) is wired in by adding its config
-model to the `ArmDeviceConfig` / `CameraDeviceConfig` unions and a branch to `make_arm` /
-`make_camera`.
+model to the `ArmDeviceConfig` / `CameraDeviceConfig` unions and a branch to `factory.make_arm` /
+`factory.make_camera`. The drivers import their config from here, so this module imports no driver.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from vlm2vla_edge.runtime.config import RobotConfig, StrictModel, describe_validation_error
+from vlm2vla_edge.runtime.config import StrictModel, describe_validation_error
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
 from vlm2vla_edge.runtime.robot.base import DeviceError
-
-if TYPE_CHECKING:
-    from vlm2vla_edge.runtime.robot.base import Arm, Camera
 
 
 class DeviceSetupError(DeviceError, UserError):
@@ -178,29 +175,3 @@ def parse_camera_config(data: object) -> RealSenseCameraConfig | FolderCameraCon
         return _CAMERA_ADAPTER.validate_python(data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error("camera config", exc)) from exc
-
-
-def make_arm(config: InterbotixArmConfig, robot: RobotConfig) -> "Arm":
-    """The driver for an arm config; `robot` supplies the poses and limits it must respect."""
-    if isinstance(config, InterbotixArmConfig):
-        if config.robot_model != robot.model:
-            raise ConfigError(
-                f"the arm config drives a '{config.robot_model}' but the robot config '{robot.name}' is a '{robot.model}'"
-            )
-        from vlm2vla_edge.runtime.robot.interbotix import InterbotixArm
-
-        return InterbotixArm(config, robot)
-    raise ConfigError(f"arm kind '{getattr(config, 'kind', type(config).__name__)}' is not supported by make_arm")
-
-
-def make_camera(config: RealSenseCameraConfig | FolderCameraConfig) -> "Camera":
-    """The driver for a camera config."""
-    if isinstance(config, RealSenseCameraConfig):
-        from vlm2vla_edge.runtime.robot.realsense import RealSenseCamera
-
-        return RealSenseCamera(config)
-    if isinstance(config, FolderCameraConfig):
-        from vlm2vla_edge.runtime.robot.folder_camera import FolderCamera
-
-        return FolderCamera(config)
-    raise ConfigError(f"camera kind '{getattr(config, 'kind', type(config).__name__)}' is not supported by make_camera")

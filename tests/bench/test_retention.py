@@ -193,7 +193,7 @@ def test_missing_adapter_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_adapter_trained_on_another_base_is_refused(tmp_path, capsys):
-    from vlm2vla_edge.runtime.policy.bundle import sha256_file
+    from vlm2vla_edge.runtime.files import sha256_file
 
     base = _fake_gguf(tmp_path / "base.gguf")
     other = _fake_adapter(tmp_path / "other", {"model.gguf": "0" * 64})

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlm2vla_edge.convert.demo_bundle import demo_adapter_dir, validation_dataset
 from vlm2vla_edge.convert.merge_quantize import ConvertOptions, convert
 from vlm2vla_edge.convert.validate import compare_chunks, compare_decoders, dataset_cases, greedy_chunks
 from vlm2vla_edge.runtime.config import PolicyConfig
-from vlm2vla_edge.runtime.demo import demo_adapter_dir, validation_dataset
-from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, adapter_specs_of, load_bundle, sha256_file, write_bundle
+from vlm2vla_edge.runtime.files import sha256_file
+from vlm2vla_edge.runtime.policy.bundle import AdapterSpec, adapter_specs_of, load_bundle, write_bundle
 from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 from vlm2vla_edge.runtime.policy.interface import Observation
 

