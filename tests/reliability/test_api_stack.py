@@ -60,26 +60,30 @@ def test_the_estop_is_not_queued_behind_busy_worker_threads(api, monkeypatch: py
     """Every worker thread stuck in a slow status call: the e-stop still answers at once (it runs on the loop)."""
     daemon, path = api
     release = threading.Event()
+    stuck = threading.Semaphore(0)  # released once per worker thread that is stuck
     original = daemon.status
 
     def stuck_status() -> dict:
-        release.wait(10)
+        stuck.release()
+        release.wait(60)
         return original()
 
     monkeypatch.setattr(daemon, "status", stuck_status)
-    callers = [threading.Thread(target=lambda: DaemonClient(path, timeout_s=20).status())
+    callers = [threading.Thread(target=lambda: DaemonClient(path, timeout_s=90).status())
                for _ in range(http_api.MAX_WORKERS + 4)]
     for t in callers:
         t.start()
     try:
-        time.sleep(0.3)
+        for _ in range(http_api.MAX_WORKERS):  # every worker thread is stuck (the last 4 calls wait for one)
+            assert stuck.acquire(timeout=30)
         began = time.monotonic()
-        DaemonClient(path, timeout_s=5).estop("test: workers busy")
-        assert time.monotonic() - began < 1.0 and daemon.station.limiter.engaged
+        DaemonClient(path, timeout_s=30).estop("test: workers busy")
+        # Queued behind the workers it would wait the 60 s they are stuck; the bound is for a loaded machine.
+        assert time.monotonic() - began < 5.0 and daemon.station.limiter.engaged
     finally:
         release.set()
         for t in callers:
-            t.join(20)
+            t.join(90)
         daemon.reset(wait_s=5)
 
 
