@@ -13,7 +13,8 @@ the noise of a shared machine falls on every path alike. Paths:
                    `LlamaGrammar.from_string` (its grammar sampler checks the whole vocabulary)
 
 Paths run back to back within a round (the order reversed every other round); ratios are medians
-of per-round ratios, which cancels most of the load other users put on the machine. Time per token is decode time (after the prompt) / generated tokens; time per action is decode time
+of per-round ratios, which cancels most of the load other users put on the machine.
+Time per token is decode time (after the prompt) / generated tokens; time per action is decode time
 / actions written ([dx, dy, dz, gripper]); for free decoding, whose text is not a chunk, it is the free
 time per token times the constrained path's tokens per action. Last line: `grammar_overhead: RATIO`
 (mask+ff per-token time / free per-token time).
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(x / y for x, y in zip(a.per_round, b.per_round))
 
     print(f"model: {args.model.name}  threads: {args.threads}  rounds: {args.rounds}  max_tokens: {args.max_tokens}")
-    print(f"{'path':<26}{'ms/token':>10}{'x free':>8}{'(range)':>14}{'tokens':>8}{'forced':>8}{'resampl':>8}{'tok/act':>8}{'ms/action':>10}")
+    print(
+        f"{'path':<26}{'ms/token':>10}{'x free':>8}{'(range)':>14}"
+        f"{'tokens':>8}{'forced':>8}{'resampl':>8}{'tok/act':>8}{'ms/action':>10}"
+    )
     for s in stats.values():
         reference = stats["llama-cpp-python free"] if s.name == "llama-cpp-python grammar" else free
         per_round = [x / y for x, y in zip(s.per_round, reference.per_round)]

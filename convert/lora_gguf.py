@@ -79,7 +79,7 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
 
         try:
             with safe_open(str(path), "np") as handle:
-                return {k: handle.get_tensor(k).astype(np.float32) for k in handle.keys()}
+                return {k: handle.get_tensor(k).astype(np.float32) for k in handle.keys()}  # noqa: SIM118 - a safetensors handle is no dict
         except (TypeError, ValueError):  # bfloat16 has no numpy dtype: take the torch path
             pass
     import torch

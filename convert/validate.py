@@ -125,7 +125,9 @@ def builtin_cases(*, vision: bool, image_size: int | None = None) -> list[Valida
     for i, (instruction, subtask, plan, target, scene) in enumerate(_BUILTIN):
         image = synthetic_image(i, image_size or 64) if vision else None
         cases.append(
-            ValidationCase("action", instruction, subtask, plan, target, image, None if vision else scene, f"builtin-{i}")
+            ValidationCase(
+                "action", instruction, subtask, plan, target, image, None if vision else scene, f"builtin-{i}"
+            )
         )
     return cases
 
@@ -410,7 +412,9 @@ class ChunkComparison:
         return self.abs_diff_sum_cm / self.compared_values if self.compared_values else math.nan
 
 
-def compare_chunks(reference: list[ChunkOutcome], candidate: list[ChunkOutcome], tolerance_cm: float) -> ChunkComparison:
+def compare_chunks(
+    reference: list[ChunkOutcome], candidate: list[ChunkOutcome], tolerance_cm: float
+) -> ChunkComparison:
     """Agreement of two runs' chunks, prompt by prompt. Identical raw text always agrees (also two
     identical failures); parsed chunks agree when lengths and grippers match and every translation is
     within `tolerance_cm`. The mean difference is over translations of equal-length parsed pairs."""

@@ -84,7 +84,11 @@ def _text(step: StepRecord) -> tuple[str, str] | None:
     parts: list[str] = []
     level = "INFO"
     if step.subtask:
-        parts.append(f"subtask {step.subtask_index}: {step.subtask}" if step.subtask_index is not None else f"subtask: {step.subtask}")
+        parts.append(
+            f"subtask {step.subtask_index}: {step.subtask}"
+            if step.subtask_index is not None
+            else f"subtask: {step.subtask}"
+        )
     if step.subtasks:
         parts.append("subtasks: " + json.dumps(step.subtasks, ensure_ascii=False))
     if step.motion_plan and step.stage != "action":
@@ -107,9 +111,15 @@ def log_episode(reader: EpisodeReader, recording: Any, rr: ModuleType) -> tuple[
     """Log every record of the episode to `recording`; returns (records, frames)."""
     meta = reader.meta
     steps = reader.steps()
-    header = [f"# {meta.instruction}", "", f"- outcome: {reader.outcome}" + (f" ({meta.outcome_detail})" if meta.outcome_detail else ""),
-              f"- episode: {reader.episode_id}", f"- source: {meta.source or 'unknown'}",
-              f"- robot: {meta.robot_name or meta.robot_model or 'unknown'}", f"- steps: {len(steps)}"]
+    header = [
+        f"# {meta.instruction}",
+        "",
+        f"- outcome: {reader.outcome}" + (f" ({meta.outcome_detail})" if meta.outcome_detail else ""),
+        f"- episode: {reader.episode_id}",
+        f"- source: {meta.source or 'unknown'}",
+        f"- robot: {meta.robot_name or meta.robot_model or 'unknown'}",
+        f"- steps: {len(steps)}",
+    ]
     if meta.bundle_id:
         header.append(f"- model bundle: {meta.bundle_id}")
     recording.log("episode", rr.TextDocument("\n".join(header), media_type="text/markdown"), static=True)
@@ -125,7 +135,9 @@ def log_episode(reader: EpisodeReader, recording: Any, rr: ModuleType) -> tuple[
             try:
                 data = reader.frame_path(relative).read_bytes()
             except OSError as exc:
-                log.warning("episode=%s event=view_frame_missing frame=%s reason=%r", reader.episode_id, relative, str(exc))
+                log.warning(
+                    "episode=%s event=view_frame_missing frame=%s reason=%r", reader.episode_id, relative, str(exc)
+                )
                 continue
             recording.log(f"camera/{name}", rr.EncodedImage(contents=data, media_type="image/jpeg"))
             frames += 1
@@ -138,7 +150,9 @@ def log_episode(reader: EpisodeReader, recording: Any, rr: ModuleType) -> tuple[
             for name, value in zip(("dx", "dy", "dz", "gripper"), step.action[:4]):
                 recording.log(f"plot/action/{name}", rr.Scalars([float(value)]))
             if here is not None:
-                recording.log("world/action", rr.Arrows3D(vectors=[step.action[:3]], origins=[here], colors=[[255, 140, 0]]))
+                recording.log(
+                    "world/action", rr.Arrows3D(vectors=[step.action[:3]], origins=[here], colors=[[255, 140, 0]])
+                )
         if step.parsed_actions and here is not None:
             points = [tuple(here)]
             for move in step.parsed_actions:

@@ -7,6 +7,7 @@ rewritten in place.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -59,9 +60,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
         raise
     fsync_dir(path.parent)

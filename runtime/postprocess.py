@@ -131,7 +131,9 @@ def interpolate_waypoints(chunk: ActionChunk, max_step_m: float, max_path_m: flo
     return ActionChunk(tuple(out))
 
 
-def postprocess_chunk(chunk: ActionChunk, language: ActionLanguage, limits: StepLimits, gripper_open: bool) -> ActionChunk:
+def postprocess_chunk(
+    chunk: ActionChunk, language: ActionLanguage, limits: StepLimits, gripper_open: bool
+) -> ActionChunk:
     """Everything between the parser and the limiter, as the bundle's action language asks: re-aggregation,
     then, for waypoint actions, interpolation within the robot's `limits` from the gripper's current state."""
     processed = reaggregate(chunk, language.postprocess)

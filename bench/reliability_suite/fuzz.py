@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from vlm2vla_edge.runtime.actions import Action, ActionChunk
 from vlm2vla_edge.runtime.action_text import format_action_chunk
+from vlm2vla_edge.runtime.actions import Action, ActionChunk
 from vlm2vla_edge.runtime.config import (
     HARD_LIMITS,
     ActionLanguage,
@@ -352,7 +352,9 @@ def _raw_chunk(rng: random.Random) -> ActionChunk:
         return rng.choice(_HOSTILE_FLOATS) if rng.random() < 0.3 else rng.uniform(-0.3, 0.3)
 
     n = rng.randint(0, 80)
-    return ActionChunk(tuple(Action(value(), value(), value(), rng.choice((0.0, 1.0, 0.5, math.nan, 2.0))) for _ in range(n)))
+    return ActionChunk(
+        tuple(Action(value(), value(), value(), rng.choice((0.0, 1.0, 0.5, math.nan, 2.0))) for _ in range(n))
+    )
 
 
 def _pick(rng: random.Random) -> tuple[str, Callable[[random.Random, ActionLanguage], str]]:
@@ -443,17 +445,30 @@ def _limit_and_execute(
         except (SafetyViolation, CommandRefusedError):
             break  # refused: the runner stops the chunk here too
     if executed and rng.random() < 0.05:
-        try:  # a replay must be refused before it reaches the motors
+        with contextlib.suppress(SafetyViolation, CommandRefusedError):  # a replay must be refused before it moves
             arm.execute(rng.choice(executed))
-        except (SafetyViolation, CommandRefusedError):
-            pass
     limiter.reset()
     return estops
 
 
 # --- hostile API requests --------------------------------------------------------------------------
 
-_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "CONNECT", "FOO", "get", 'G"ET', "G\\ET", "X" * 300)
+_METHODS = (
+    "GET",
+    "POST",
+    "PUT",
+    "DELETE",
+    "PATCH",
+    "HEAD",
+    "OPTIONS",
+    "TRACE",
+    "CONNECT",
+    "FOO",
+    "get",
+    'G"ET',
+    "G\\ET",
+    "X" * 300,
+)
 _ENDPOINTS = ("/v1/health", "/v1/status", "/v1/tasks", "/v1/estop", "/v1/reset", "/metrics")
 _HOSTILE_PATHS = (
     "/v1/tasks/../../etc/passwd", "/v1/tasks/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/v1/tasks/..", "/v1/tasks/.",
@@ -496,7 +511,9 @@ def _api_body(rng: random.Random, limit: int) -> tuple[str, bytes]:
         return "wrong types", json.dumps({"instruction": _json_value(rng, 2)}).encode()
     if roll < 0.65:
         text = rng.choice(_HOSTILE_INSTRUCTIONS)
-        return "instruction", json.dumps({"instruction": text}, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+        return "instruction", json.dumps({"instruction": text}, ensure_ascii=rng.random() < 0.5).encode(
+            "utf-8", "surrogatepass"
+        )
     if roll < 0.85:
         body = {"instruction": "lift the carrot", rng.choice(_PATHLIKE_KEYS): _json_value(rng, 2)}
         return "path-like fields", json.dumps(body).encode()
@@ -526,7 +543,14 @@ def _api_request(rng: random.Random, limit: int) -> tuple[str, bytes, bool, bool
         body = b'{"instruction": "lift the carrot"}'
         choice = rng.randrange(9)
         if choice == 0:
-            headers.append(("Content-Length", rng.choice(("-1", "abc", "\u00b2", "\u00b9\u00b3", "1e3", "+5", " 5", "99999999999999999999", "0x10"))))
+            headers.append(
+                (
+                    "Content-Length",
+                    rng.choice(
+                        ("-1", "abc", "\u00b2", "\u00b9\u00b3", "1e3", "+5", " 5", "99999999999999999999", "0x10")
+                    ),
+                )
+            )
         elif choice == 1:
             headers += [("Content-Length", str(len(body))), ("Content-Length", "3")]
         elif choice == 2:
@@ -561,11 +585,22 @@ def _api_request(rng: random.Random, limit: int) -> tuple[str, bytes, bool, bool
         return kind, _render(method, path, headers, full[:cut], explicit_length=True), True, False
     else:
         kind = "request line"
-        line = rng.choice((
-            b"GET /v1/status HTTP/1.1\x01", b"GET /v1/status HTTP/2.0", b"GET /v1/status HTTP/1.0", b"GET /v1/status",
-            b"GET  /v1/status  HTTP/1.1", b"GET /v1/status HTTP/1.1 extra", b"\x00\x01\x02", b"GET /v1/status HTTP/1.1\"",
-            b"GET /v1/st\\atus HTTP/1.1\\", b"GET " + b"/a" * 40_000 + b" HTTP/1.1", b"\r\n\r\n", b"HTTP/1.1 200 OK",
-        ))
+        line = rng.choice(
+            (
+                b"GET /v1/status HTTP/1.1\x01",
+                b"GET /v1/status HTTP/2.0",
+                b"GET /v1/status HTTP/1.0",
+                b"GET /v1/status",
+                b"GET  /v1/status  HTTP/1.1",
+                b"GET /v1/status HTTP/1.1 extra",
+                b"\x00\x01\x02",
+                b'GET /v1/status HTTP/1.1"',
+                b"GET /v1/st\\atus HTTP/1.1\\",
+                b"GET " + b"/a" * 40_000 + b" HTTP/1.1",
+                b"\r\n\r\n",
+                b"HTTP/1.1 200 OK",
+            )
+        )
         return kind, line + b"\r\nHost: x\r\n\r\n", True, False
     version = rng.choice(("HTTP/1.1", "HTTP/1.1", "HTTP/1.0"))
     return kind, _render(method, path, headers, body, version=version), False, method == "HEAD"
@@ -611,7 +646,9 @@ def fuzz_api(n: int, seed: int = 0, *, timeout_s: float = 5.0, slowloris: int = 
                 tally.record(problem is None, f"request {i} ({kind}) {data[:120]!r}: {problem}")
                 if i % 200 == 199 or i == n - 1:
                     health = raw_exchange(path, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n", timeout_s)
-                    tally.record(health.status == 200, f"after request {i}: /v1/health answered {health.status} ({health.error})")
+                    tally.record(
+                        health.status == 200, f"after request {i}: /v1/health answered {health.status} ({health.error})"
+                    )
                 if daemon.station.limiter.engaged and rng.random() < 0.5:
                     with contextlib.suppress(Exception):
                         daemon.reset(wait_s=2.0)
@@ -733,7 +770,9 @@ def _mutated_config(rng: random.Random, base: dict[str, Any]) -> str:
     """A YAML text: the shipped config with random hostile edits, or one of the structural attacks."""
     roll = rng.random()
     if roll < 0.05:
-        return _BOMB + rng.choice(("name: *i\n", "model: *i\n", "home_joints: [*i, *i]\n", "limits: *i\n", "sampling: *h\n"))
+        return _BOMB + rng.choice(
+            ("name: *i\n", "model: *i\n", "home_joints: [*i, *i]\n", "limits: *i\n", "sampling: *h\n")
+        )
     if roll < 0.08:
         return "[" * rng.choice((100, 1000, 20_000)) + "]" * rng.choice((0, 100, 20_000))
     if roll < 0.11:
@@ -782,9 +821,16 @@ def widens_hard_limits(robot: RobotConfig) -> list[str]:
     problems: list[str] = []
     for axis in "xyz":
         mine, ceiling = getattr(robot.workspace, axis), getattr(hard.workspace, axis)
-        if not (math.isfinite(mine.min) and math.isfinite(mine.max) and ceiling.min <= mine.min < mine.max <= ceiling.max):
+        if not (
+            math.isfinite(mine.min) and math.isfinite(mine.max) and ceiling.min <= mine.min < mine.max <= ceiling.max
+        ):
             problems.append(f"workspace.{axis} [{mine.min}, {mine.max}]")
-    for name in ("max_translation_per_action_m", "max_translation_per_chunk_m", "max_chunk_length", "max_commands_per_s"):
+    for name in (
+        "max_translation_per_action_m",
+        "max_translation_per_chunk_m",
+        "max_chunk_length",
+        "max_commands_per_s",
+    ):
         value = getattr(robot.limits, name)
         if not (math.isfinite(value) and 0 < value <= getattr(hard, name)):
             problems.append(f"limits.{name} = {value}")

@@ -72,7 +72,9 @@ class DaemonClient:
         self.timeout_s = timeout_s
 
     @classmethod
-    def locate(cls, config: DaemonConfig | None = None, socket_path: Path | None = None, timeout_s: float = 5.0) -> "DaemonClient":
+    def locate(
+        cls, config: DaemonConfig | None = None, socket_path: Path | None = None, timeout_s: float = 5.0
+    ) -> "DaemonClient":
         """The client of the first socket that exists (explicit path, config, system service, user's own)."""
         if socket_path is not None:
             return cls(socket_path, timeout_s=timeout_s)
@@ -159,7 +161,9 @@ class DaemonClient:
     def metrics(self) -> str:
         return str(self._checked("GET", "/metrics"))
 
-    def events(self, task_id: str, since: int = 0, read_timeout_s: float = STREAM_READ_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    def events(
+        self, task_id: str, since: int = 0, read_timeout_s: float = STREAM_READ_TIMEOUT_S
+    ) -> Iterator[dict[str, Any]]:
         """The task's events as they happen, until its end; each read waits at most `read_timeout_s`."""
         conn = self._connection(read_timeout_s)
         try:
@@ -180,7 +184,9 @@ class DaemonClient:
                 try:
                     line = response.readline()
                 except (OSError, http.client.HTTPException) as exc:
-                    raise DaemonUnavailable(f"the daemon at {self.where} stopped sending progress ({_why(exc)})") from None
+                    raise DaemonUnavailable(
+                        f"the daemon at {self.where} stopped sending progress ({_why(exc)})"
+                    ) from None
                 if not line:
                     return  # the server closed the stream
                 text = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -194,7 +200,7 @@ class DaemonClient:
                     if data_lines:
                         if kind == "end":
                             return
-                        try:
+                        try:  # noqa: SIM105 - suppress() around a yield would also swallow what is thrown in
                             yield json.loads("\n".join(data_lines))
                         except ValueError:
                             pass
@@ -232,7 +238,10 @@ def format_event(event: dict[str, Any]) -> list[str]:
             return [f"{t} subtask {index}{retry}: model output rejected: {event['error']}"]
         text = str(event.get("action_text", ""))
         text = text if len(text) <= 160 else text[:157] + "..."
-        return [f"{t} subtask {index}{retry} '{event.get('subtask')}': plan: {event.get('motion_plan')}", f"{t}   actions: {text}"]
+        return [
+            f"{t} subtask {index}{retry} '{event.get('subtask')}': plan: {event.get('motion_plan')}",
+            f"{t}   actions: {text}",
+        ]
     if kind == "safety":
         notes = [f"{d['rule']} {d['verdict']}" for d in event.get("decisions", [])]
         if notes or event.get("rejected"):
@@ -240,7 +249,9 @@ def format_event(event: dict[str, Any]) -> list[str]:
             return [f"{t}   safety: {', '.join(notes) or 'rejected'}{reason}"]
         return []
     if kind == "verified":
-        via = str(event.get("verifier")) + (f" after {event['fallback_from']} failed" if event.get("fallback_from") else "")
+        via = str(event.get("verifier")) + (
+            f" after {event['fallback_from']} failed" if event.get("fallback_from") else ""
+        )
         return [f"{t}   verdict: {'done' if event.get('success') else 'not done'} ({via}): {event.get('reason')}"]
     if kind == "episode_end":
         return [f"{t} outcome: {event.get('outcome')}: {event.get('detail')}"]

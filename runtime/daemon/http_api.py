@@ -10,8 +10,9 @@ the client.
 
     GET  /v1/health                  200 {"ok": true} | 503
     GET  /v1/status                  the daemon's state, e-stop, current task, arm
-    POST /v1/tasks                   {"instruction": "...", "adapter": optional LoRA skill name} -> 202 {"id", ...} | 409 busy | 423 e-stop latched
-                                     | 503 no model / arm or camera not connected | 507 episodes disk full
+    POST /v1/tasks                   {"instruction": "...", "adapter": optional LoRA skill name} -> 202 {"id", ...}
+                                     | 409 busy | 423 e-stop latched | 503 no model / arm or camera not connected
+                                     | 507 episodes disk full
     GET  /v1/tasks/{id}              one task
     GET  /v1/tasks/{id}/events       server-sent events (`?since=N` resumes)
     POST /v1/tasks/{id}/cancel       stop that task (the arm holds; nothing latches)
@@ -189,7 +190,9 @@ class Api:
                     if size <= limit:
                         chunks.append(chunk)
         except TimeoutError:
-            raise ApiError(408, "timeout", f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", close=True) from None
+            raise ApiError(
+                408, "timeout", f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", close=True
+            ) from None
         return b"".join(chunks)
 
     @staticmethod
@@ -198,8 +201,12 @@ class Api:
             if key in allowed:
                 continue
             if _PATHLIKE_FIELD.search(str(key)):
-                raise ApiError(400, "bad_request", f"field '{printable(str(key))}' is not accepted: the API takes no file paths")
-            raise ApiError(400, "bad_request", f"unknown field '{printable(str(key))}'; allowed: {', '.join(sorted(allowed))}")
+                raise ApiError(
+                    400, "bad_request", f"field '{printable(str(key))}' is not accepted: the API takes no file paths"
+                )
+            raise ApiError(
+                400, "bad_request", f"unknown field '{printable(str(key))}'; allowed: {', '.join(sorted(allowed))}"
+            )
 
     def _find(self, request: Request):  # noqa: ANN202 - a Task
         task_id = request.path_params["task_id"]
@@ -290,7 +297,9 @@ class Api:
         while True:
             items, since, closed = await self._call(task.events.read, since, 1.0, pool=self._streams)
             for n, item in items:
-                yield ServerSentEvent(json.dumps(item, ensure_ascii=False, allow_nan=False), event=item["kind"], id=str(n))
+                yield ServerSentEvent(
+                    json.dumps(item, ensure_ascii=False, allow_nan=False), event=item["kind"], id=str(n)
+                )
             if closed and not items:
                 break
         yield ServerSentEvent("{}", event="end")
@@ -318,7 +327,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405 as the API's JSON errors."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        allowed = sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip() and m.strip() != "HEAD")
+        allowed = sorted(
+            m.strip() for m in (exc.headers or {}).get("Allow", "").split(",") if m.strip() and m.strip() != "HEAD"
+        )
         return _error_response(ApiError(405, "method_not_allowed", f"use {' or '.join(allowed)} here",
                                          {"Allow": ", ".join(allowed)}))
     if exc.status_code == 404:
@@ -360,11 +371,15 @@ class ApiApp:
                 await self.app(scope, receive, sending)
         except ClientDisconnect:
             pass
-        except Exception:  # noqa: BLE001 - logged; Starlette has already answered 500 when it could
-            log.exception("http event=handler_crash method=%s path=%s", scope.get("method"), printable(scope.get("path", "")))
+        except Exception:  # logged; Starlette has already answered 500 when it could
+            log.exception(
+                "http event=handler_crash method=%s path=%s", scope.get("method"), printable(scope.get("path", ""))
+            )
             status = 500
             if not started:
-                await _error_response(ApiError(500, "internal", "internal error (see the daemon's log)"))(scope, receive, send)
+                await _error_response(ApiError(500, "internal", "internal error (see the daemon's log)"))(
+                    scope, receive, send
+                )
         finally:
             self.daemon.metrics.count_request(status)
             log.info("http method=%s path=%s status=%d ms=%.1f", scope.get("method"), printable(scope.get("path", "")),
@@ -379,7 +394,9 @@ class ApiApp:
                 break
         scheme, _, given = header.decode("latin-1").partition(" ")
         # compare_digest on bytes: any header value is comparable, and the time does not depend on where it differs
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1", "replace"), self.token)
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("latin-1", "replace"), self.token
+        )
 
 
 def create_app(daemon: Daemon, config: DaemonConfig, token: bytes | None = None) -> "ApiApp":

@@ -360,10 +360,17 @@ class BundleAdapter(StrictModel):
     trained_base_sha256: dict[str, Sha256Hex] = Field(
         default_factory=dict, description="Weight files of the base training loaded, by name (from the training card)."
     )
-    action_language: ActionLanguage = Field(description="How this adapter writes actions (units, format, grammar version).")
+    action_language: ActionLanguage = Field(
+        description="How this adapter writes actions (units, format, grammar version)."
+    )
     prompts: PromptTemplates = Field(description="The prompt templates this adapter was trained with.")
     validation: dict[str, float] = Field(default_factory=dict, description="Validation figures (free names).")
-    sampling: StageSampling | None = Field(None, description="Per-stage sampling the model was trained and validated for (e.g. greedy for a policy that copies numbers); the runtime uses it unless the policy config sets a sampling of its own. None: the policy config's.")
+    sampling: StageSampling | None = Field(
+        None,
+        description="Per-stage sampling the model was trained and validated for (e.g. greedy for a policy that "
+        "copies numbers); the runtime uses it unless the policy config sets a sampling of its own. "
+        "None: the policy config's.",
+    )
 
 
 class BundleManifest(StrictModel):
@@ -376,7 +383,9 @@ class BundleManifest(StrictModel):
     format_version: Literal[1, 2] = Field(description="Version of this manifest format (2: base + adapters).")
     name: str = Field(min_length=1, max_length=200, description="Human-readable bundle name.")
     created: AwareDatetime = Field(description="When the bundle was written (ISO 8601 with time zone).")
-    base_model: str = Field(min_length=1, description="The model the adapter was trained on, e.g. google/gemma-3-4b-it.")
+    base_model: str = Field(
+        min_length=1, description="The model the adapter was trained on, e.g. google/gemma-3-4b-it."
+    )
     adapter_sha256: Sha256Hex | None = Field(None, description="SHA-256 of the LoRA adapter merged in, if any.")
     quant_type: str = Field(min_length=1, description="Quantisation of the text model, e.g. Q4_K_M.")
     files: dict[str, BundleFile] = Field(min_length=1, description="Every file of the bundle by file name.")
@@ -386,7 +395,12 @@ class BundleManifest(StrictModel):
     action_language: ActionLanguage = Field(description="How actions are written as text (units, format).")
     prompts: PromptTemplates = Field(description="The prompt templates the model was trained with.")
     validation: dict[str, float] = Field(default_factory=dict, description="Validation figures (free names).")
-    sampling: StageSampling | None = Field(None, description="Per-stage sampling the model was trained and validated for (e.g. greedy for a policy that copies numbers); the runtime uses it unless the policy config sets a sampling of its own. None: the policy config's.")
+    sampling: StageSampling | None = Field(
+        None,
+        description="Per-stage sampling the model was trained and validated for (e.g. greedy for a policy that "
+        "copies numbers); the runtime uses it unless the policy config sets a sampling of its own. "
+        "None: the policy config's.",
+    )
     adapters: dict[str, BundleAdapter] = Field(
         default_factory=dict, description="LoRA adapters applied at run time on the text model, by name (format 2)."
     )
@@ -493,7 +507,8 @@ class Bundle:
         chosen = self.manifest.default_adapter if name is None else name
         if chosen not in self.adapters:
             raise BundleError(
-                f"bundle {self.manifest.name} has no adapter '{chosen}'; its adapters: {', '.join(sorted(self.adapters))}"
+                f"bundle {self.manifest.name} has no adapter '{chosen}'; "
+                f"its adapters: {', '.join(sorted(self.adapters))}"
             )
         return self.adapters[chosen]
 
@@ -538,7 +553,9 @@ def load_bundle(path: Path | str, verify: Literal["full", "size"] = "full") -> B
     manifest = read_manifest(root)
     check_grammar_version(manifest.grammar_version, f"bundle {root.name}")
     for adapter_name, adapter in manifest.adapters.items():
-        check_grammar_version(adapter.action_language.grammar_version, f"adapter '{adapter_name}' of bundle {root.name}")
+        check_grammar_version(
+            adapter.action_language.grammar_version, f"adapter '{adapter_name}' of bundle {root.name}"
+        )
     check_adapter_bases(manifest, root.name)
     gguf_names = {manifest.text_model} | ({manifest.mmproj} if manifest.mmproj else set())
     adapter_files = {a.file: n for n, a in manifest.adapters.items()}
@@ -560,7 +577,9 @@ def load_bundle(path: Path | str, verify: Literal["full", "size"] = "full") -> B
                     f"{entry.sha256[:12]}...): it was changed or corrupted"
                 )
     for file_name, adapter_name in adapter_files.items():
-        check_adapter_header(headers[file_name], headers[manifest.text_model], f"adapter '{adapter_name}' ({file_name})")
+        check_adapter_header(
+            headers[file_name], headers[manifest.text_model], f"adapter '{adapter_name}' ({file_name})"
+        )
     return Bundle(
         root=root,
         manifest=manifest,
@@ -789,7 +808,9 @@ def write_bundle(
         "text_model": text_name,
         "mmproj": names.get("mmproj"),
         "grammar_version": runtime_grammar_version(),
-        "action_language": (action_language or ActionLanguage(grammar_version=runtime_grammar_version())).model_dump(mode="json"),
+        "action_language": (action_language or ActionLanguage(grammar_version=runtime_grammar_version())).model_dump(
+            mode="json"
+        ),
         "prompts": (prompts or PromptTemplates()).model_dump(mode="json"),
         "validation": dict(validation or {}),
         "sampling": sampling.model_dump(mode="json") if sampling is not None else None,
@@ -826,7 +847,8 @@ def write_bundle(
             if spec.base_sha256 is not None and spec.base_sha256 != base_sha256:
                 raise BundleError(
                     f"adapter '{spec.name}' was made for a base with sha256 {spec.base_sha256[:12]}..., but the text "
-                    f"model {sources['text model']} has sha256 {base_sha256[:12]}...; write the adapter against this base"
+                    f"model {sources['text model']} has sha256 {base_sha256[:12]}...; "
+                    "write the adapter against this base"
                 )
         manifest_data = {
             **manifest_base,

@@ -34,7 +34,7 @@ import re
 import string
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from vlm2vla_edge.runtime.config import StrictModel
 from vlm2vla_edge.runtime.errors import UserError
@@ -125,7 +125,7 @@ class PromptTemplates(StrictModel):
         "motion_question", "plan", "action_question",
     )
     @classmethod
-    def _placeholders(cls, value: str, info) -> str:  # type: ignore[no-untyped-def]
+    def _placeholders(cls, value: str, info: ValidationInfo) -> str:
         expected = cls._PLACEHOLDERS[info.field_name]
         try:
             found = _fields_of(value)

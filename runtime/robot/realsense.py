@@ -92,7 +92,8 @@ class RealSenseCamera(Camera):
             return serial
         if len(serials) > 1:
             raise DeviceError(
-                f"{len(serials)} RealSense cameras are connected ({', '.join(serials)}); set serial_number to choose one"
+                f"{len(serials)} RealSense cameras are connected ({', '.join(serials)}); "
+                "set serial_number to choose one"
             )
         return serials[0]
 

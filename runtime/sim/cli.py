@@ -82,7 +82,12 @@ def expert(
         typer.echo(f"{episode_id} {'ok' if result.success else 'FAILED'} steps={result.steps} {result.instruction}")
 
     results = record_demonstrations(
-        out, seeds, load_robot_config(robot), languages=(language,) if language else None, frames=frames, progress=report
+        out,
+        seeds,
+        load_robot_config(robot),
+        languages=(language,) if language else None,
+        frames=frames,
+        progress=report,
     )
     solved = sum(r.success for r in results)
     typer.echo(f"expert solved {solved}/{episodes} episodes; demonstrations in {out}")

@@ -11,6 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from vlm2vla_edge.runtime.config import RobotConfig
+from vlm2vla_edge.runtime.robot.base import ArmState
 from vlm2vla_edge.runtime.runner import SceneHooks
 from vlm2vla_edge.runtime.safety import SafetyLimiter
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
@@ -100,7 +101,7 @@ def make_sim_session(
     camera.connect()
     limiter = SafetyLimiter(robot, reachable=world.reachable, clock=world.clock)
 
-    def gripper_pixel(state) -> tuple[float, float] | None:
+    def gripper_pixel(state: ArmState) -> tuple[float, float] | None:
         cam = world.renderer.camera
         u, v = cam.project_point(state.position)
         if not (0 <= u <= cam.width and 0 <= v <= cam.height):

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from vlm2vla_edge.runtime.config import StrictModel
 from vlm2vla_edge.runtime.errors import ConfigError
-from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
+from vlm2vla_edge.runtime.verifier.base import Verdict, VerificationRequest, Verifier, cancelled_verdict
 from vlm2vla_edge.runtime.verifier.credentials import load_api_key
 from vlm2vla_edge.runtime.verifier.gemini import GeminiConfig, GeminiVerifier
 from vlm2vla_edge.runtime.verifier.heuristic import HeuristicConfig, HeuristicVerifier
@@ -41,7 +41,8 @@ class VerifierConfig(StrictModel):
         ),
     )
     fallback_on_error: bool = Field(
-        True, description="With Gemini: answer from the heuristic verifier when the cloud fails (else a failed verdict)."
+        True,
+        description="With Gemini: answer from the heuristic verifier when the cloud fails (else a failed verdict).",
     )
     api_key_file: Path | None = Field(
         None, description="File holding the Gemini API key (else systemd's credential, GEMINI_API_KEY, GOOGLE_API_KEY)."
@@ -75,7 +76,7 @@ class FallbackVerifier(Verifier):
             self._last_unavailable = None
             try:
                 verdict = self.primary.verify(request, cancel)
-            except Exception as exc:  # a verifier should not raise; if one does, the robot still goes on
+            except Exception as exc:  # noqa: BLE001 - a verifier should not raise; if one does, the robot still goes on
                 error = self.redact(f"{type(exc).__name__}: {exc}")[:300]
                 log.warning("event=verify verifier=%s outcome=exception error=%s", self.primary.name, error)
             else:

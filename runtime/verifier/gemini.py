@@ -13,6 +13,7 @@ google-genai is imported lazily (the `[gemini]` extra): the runtime imports with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -27,9 +28,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlm2vla_edge.runtime.errors import Vlm2VlaError
 from vlm2vla_edge.runtime.config import HttpUrl, StrictModel
-from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
+from vlm2vla_edge.runtime.errors import Vlm2VlaError
+from vlm2vla_edge.runtime.verifier.base import Verdict, VerificationRequest, Verifier, cancelled_verdict
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey, redact
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def build_prompt(request: VerificationRequest) -> str:
         f"Robot's plan for this step: {request.motion_plan or '(none given)'}",
         (
             f"Proprioception: the end effector moved {achieved * 100:.1f} cm "
-            f"(commanded {commanded * 100:.1f} cm), height change {(post.position[2] - pre.position[2]) * 100:+.1f} cm; "
+            f"(commanded {commanded * 100:.1f} cm), "
+            f"height change {(post.position[2] - pre.position[2]) * 100:+.1f} cm; "
             f"the last command {change[request.gripper_change]}; the gripper is now {gripper}."
         ),
         f'Was the subtask "{request.subtask}" completed? The BEFORE image comes first, then the AFTER image.',
@@ -318,7 +320,7 @@ class GeminiVerifier(Verifier):
         if self._sdk_available and self._key is not None:
             try:
                 self._ensure_client()
-            except Exception as exc:  # verify() will try again and report it in the verdict
+            except Exception as exc:  # noqa: BLE001 - verify() will try again and report it in the verdict
                 log.warning("event=gemini_prepare outcome=error error=%s", self.redact(f"{type(exc).__name__}: {exc}"))
 
     def _ensure_client(self) -> Any:
@@ -339,7 +341,9 @@ class GeminiVerifier(Verifier):
 
     def _build(self, request: VerificationRequest) -> tuple[list[Any], Any]:
         types, cfg = self._types, self.config
-        images = [encode_jpeg(im, cfg.jpeg_quality, cfg.max_image_side) for im in (request.pre_image, request.post_image)]
+        images = [
+            encode_jpeg(im, cfg.jpeg_quality, cfg.max_image_side) for im in (request.pre_image, request.post_image)
+        ]
         parts = [
             types.Part.from_text(text=build_prompt(request)),
             types.Part.from_text(text="BEFORE image:"),
@@ -357,7 +361,9 @@ class GeminiVerifier(Verifier):
             candidate_count=1,
             response_mime_type="application/json",
             response_schema=RESPONSE_SCHEMA,
-            thinking_config=None if cfg.thinking_budget is None else types.ThinkingConfig(thinking_budget=cfg.thinking_budget),
+            thinking_config=None
+            if cfg.thinking_budget is None
+            else types.ThinkingConfig(thinking_budget=cfg.thinking_budget),
             automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
         )
         return [types.Content(role="user", parts=parts)], generation
@@ -373,7 +379,7 @@ class GeminiVerifier(Verifier):
                 box["response"] = client.models.generate_content(
                     model=self.config.model, contents=contents, config=generation
                 )
-            except BaseException as exc:  # handed to the caller's thread
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 box["error"] = exc
             finally:
                 done.set()
@@ -422,10 +428,8 @@ class GeminiVerifier(Verifier):
         response = getattr(exc, "response", None)
         headers = getattr(response, "headers", None)
         if getattr(exc, "code", None) == 429 and headers is not None:
-            try:
+            with contextlib.suppress(TypeError, ValueError):  # a malformed header keeps our own delay
                 delay = max(delay, min(float(headers.get("retry-after", 0)), cfg.backoff_max_s))
-            except (TypeError, ValueError):
-                pass
         return delay
 
     def verify(self, request: VerificationRequest, cancel: threading.Event | None = None) -> Verdict:
@@ -442,7 +446,7 @@ class GeminiVerifier(Verifier):
         try:
             self._ensure_client()
             contents, generation = self._build(request)
-        except Exception as exc:  # bad base_url, image encoding: not worth a retry
+        except Exception as exc:  # noqa: BLE001 - bad base_url, image encoding: not worth a retry
             error = self.redact(f"cannot prepare the request ({type(exc).__name__}: {exc})")[:_MAX_ERROR_CHARS]
             self.breaker.record_failure()
             log.warning("event=verify verifier=gemini outcome=error error=%s", error)
@@ -457,7 +461,7 @@ class GeminiVerifier(Verifier):
                 answer = parse_answer(self._call(contents, generation, cancel))
             except _Cancelled:
                 return cancelled_verdict(self.name, time.perf_counter() - start, attempt)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - _classify decides: retry the transient ones, report the rest
                 retry, text = self._classify(exc)
                 error = self.redact(text)[:_MAX_ERROR_CHARS]
                 retry = retry and attempt < total

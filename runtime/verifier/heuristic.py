@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field
 
 from vlm2vla_edge.runtime.config import StrictModel
-from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
+from vlm2vla_edge.runtime.verifier.base import Verdict, VerificationRequest, Verifier, cancelled_verdict
 
 
 class HeuristicConfig(StrictModel):
@@ -59,7 +59,9 @@ class HeuristicConfig(StrictModel):
     grasp_opening_max: float = Field(
         0.9, gt=0, le=1, description="A closed gripper reading above this did not close at all (fault)."
     )
-    gripper_open_min: float = Field(0.5, gt=0, le=1, description="Finger opening at or above which the gripper is open.")
+    gripper_open_min: float = Field(
+        0.5, gt=0, le=1, description="Finger opening at or above which the gripper is open."
+    )
     pixel_change_threshold: int = Field(
         25, ge=1, le=255, description="Mean absolute channel difference (0-255) above which a pixel has changed."
     )
@@ -67,7 +69,10 @@ class HeuristicConfig(StrictModel):
         0.01, gt=0, lt=1, description="Share of changed pixels (in the region) that counts as a scene change."
     )
     region_half_size: float = Field(
-        0.2, gt=0, le=0.5, description="Half side of the square around the gripper pixel, share of the shorter image side."
+        0.2,
+        gt=0,
+        le=0.5,
+        description="Half side of the square around the gripper pixel, share of the shorter image side.",
     )
 
 
@@ -199,7 +204,8 @@ def measure_motion(request: VerificationRequest, config: HeuristicConfig) -> Mot
 # (-0.18, -0.16, -0.06), grasp (...)": the offset, metres, from the gripper to the object's approach point.
 _NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
 _OFFSET = re.compile(
-    rf"(?P<name>[a-z][a-z ]*?) (?:on|in) the [a-z ]+?: above \((?P<dx>{_NUMBER}), (?P<dy>{_NUMBER}), (?P<dz>{_NUMBER})\)"
+    r"(?P<name>[a-z][a-z ]*?) (?:on|in) the [a-z ]+?: "
+    rf"above \((?P<dx>{_NUMBER}), (?P<dy>{_NUMBER}), (?P<dz>{_NUMBER})\)"
 )
 
 
@@ -272,7 +278,10 @@ class HeuristicVerifier(Verifier):
         if not state.gripper_open:
             return False, "the gripper is closed"
         if state.gripper_opening is not None and not state.gripper_opening >= c.gripper_open_min:
-            return False, f"gripper commanded open but opening is {state.gripper_opening:.2f} < {c.gripper_open_min:.2f}"
+            return (
+                False,
+                f"gripper commanded open but opening is {state.gripper_opening:.2f} < {c.gripper_open_min:.2f}",
+            )
         return True, "the gripper is open"
 
     def _decide(
@@ -290,7 +299,10 @@ class HeuristicVerifier(Verifier):
             name, (dx, dy, dz) = target
             away = math.hypot(dx, dy)
             if away <= c.move_arrival_cm and abs(dz) <= c.move_arrival_cm:
-                return True, f"the gripper is over the {name} ({away:.0f} cm off, {abs(dz):.0f} cm in height, scene text)"
+                return (
+                    True,
+                    f"the gripper is over the {name} ({away:.0f} cm off, {abs(dz):.0f} cm in height, scene text)",
+                )
             if away <= c.move_arrival_cm:
                 return False, (f"the gripper is above the {name} but still {abs(dz):.0f} cm from its approach height "
                                "(scene text)")

@@ -186,7 +186,9 @@ def _prepare_destination(path: Path) -> None:
         if INFO_FILE in content:
             raise UserError(f"{path} already holds a labelled dataset; labelled datasets are never overwritten")
         if content - {SAMPLES_FILE, IMAGES_DIR} or ((path / IMAGES_DIR).exists() and not (path / IMAGES_DIR).is_dir()):
-            raise UserError(f"{path} already exists and holds other files; choose a new folder for the labelled dataset")
+            raise UserError(
+                f"{path} already exists and holds other files; choose a new folder for the labelled dataset"
+            )
         if content:  # an interrupted relabelling run: start it over
             (path / SAMPLES_FILE).unlink(missing_ok=True)
             shutil.rmtree(path / IMAGES_DIR, ignore_errors=True)
@@ -203,7 +205,7 @@ class DatasetWriter:
         self.annotator = annotator
         self.action_language = action_language
         self.settings = settings or {}
-        self._samples = open(self.path / SAMPLES_FILE, "w", encoding="utf-8")
+        self._samples = open(self.path / SAMPLES_FILE, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._ids: set[str] = set()
         self._sources: list[SourceEpisode] = []
         self._skipped: list[str] = []
@@ -258,7 +260,10 @@ class DatasetWriter:
             skipped=self._skipped,
             settings=self.settings,
         )
-        atomic_write(self.path / INFO_FILE, (json.dumps(info.model_dump(mode="json"), ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+        atomic_write(
+            self.path / INFO_FILE,
+            (json.dumps(info.model_dump(mode="json"), ensure_ascii=False, indent=2) + "\n").encode("utf-8"),
+        )
         self._finished = True
         return info
 
@@ -306,7 +311,9 @@ def read_dataset(path: str | os.PathLike[str], *, check_images: bool = True) -> 
         raise DatasetFormatError(f"{info_path} cannot be read as JSON: {exc}") from exc
     version = data.get("format_version") if isinstance(data, dict) else None
     if isinstance(version, int) and version > FORMAT_VERSION:
-        raise DatasetFormatError(f"{info_path} has format version {version}, newer than {FORMAT_VERSION}; upgrade vlm2vla-edge")
+        raise DatasetFormatError(
+            f"{info_path} has format version {version}, newer than {FORMAT_VERSION}; upgrade vlm2vla-edge"
+        )
     try:
         info = DatasetInfo.model_validate(data)
     except ValidationError as exc:
@@ -324,7 +331,9 @@ def read_dataset(path: str | os.PathLike[str], *, check_images: bool = True) -> 
             try:
                 samples.append(Sample.model_validate_json(line))
             except ValidationError as exc:
-                raise DatasetFormatError(f"{samples_path} line {number} is not a valid sample: {_first_error(exc)}") from exc
+                raise DatasetFormatError(
+                    f"{samples_path} line {number} is not a valid sample: {_first_error(exc)}"
+                ) from exc
     dataset = LabelledDataset(root, info, samples)
     if check_images:
         for sample in samples:

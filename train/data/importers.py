@@ -129,7 +129,9 @@ def _check_layout(root: Path, wanted: ImportFormat) -> None:
     except UnknownLayoutError:
         raise UnknownLayoutError(f"{root} is not {EXPECTED[wanted]}") from None
     if found != wanted:
-        raise UnknownLayoutError(f"{root} is not {EXPECTED[wanted]}; it looks like {EXPECTED[found]} (--format {found})")
+        raise UnknownLayoutError(
+            f"{root} is not {EXPECTED[wanted]}; it looks like {EXPECTED[found]} (--format {found})"
+        )
 
 
 def _check_free(dest: Path, ids: Sequence[str]) -> None:
@@ -143,8 +145,14 @@ def _check_free(dest: Path, ids: Sequence[str]) -> None:
         raise UserError("two source episodes map to the same episode id; import them into separate folders")
 
 
-def import_dataset(source: str | os.PathLike[str], dest: str | os.PathLike[str], fmt: ImportFormat | Literal["auto"] = "auto",
-                   *, progress: Progress | None = None, **options: Any) -> ImportReport:
+def import_dataset(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    fmt: ImportFormat | Literal["auto"] = "auto",
+    *,
+    progress: Progress | None = None,
+    **options: Any,
+) -> ImportReport:
     """Import `source` in layout `fmt` (or the detected one) into the episode folder `dest`."""
     root = Path(source)
     if fmt == "auto":
@@ -256,7 +264,9 @@ def _import_bridge_trajectory(folder: Path, out: Path, episode_id: str, frames: 
     actions = _bridge_actions(_unpickle(folder / "policy_out.pkl"))
     n_actions = len(actions)
     if len(positions) < n_actions:
-        report.warnings.append(f"{folder}: {len(positions)} states for {n_actions} actions; the extra actions are dropped")
+        report.warnings.append(
+            f"{folder}: {len(positions)} states for {n_actions} actions; the extra actions are dropped"
+        )
         n_actions = len(positions)
     if n_actions == 0:
         raise ValueError("the trajectory has no actions")
@@ -377,11 +387,15 @@ def _lerobot_tasks(root: Path, pq: Any) -> dict[int, str]:
     table_path = root / "meta" / "tasks.parquet"
     if table_path.is_file():
         table = pq.read_table(table_path).to_pydict()
-        text_col = "task" if "task" in table else next((k for k, v in table.items() if v and isinstance(v[0], str)), None)
+        text_col = (
+            "task" if "task" in table else next((k for k, v in table.items() if v and isinstance(v[0], str)), None)
+        )
         if text_col is None or "task_index" not in table:
             raise UserError(f"{table_path} has no task text and task_index columns")
         return {int(i): str(t) for i, t in zip(table["task_index"], table[text_col])}
-    raise UserError(f"{root / 'meta'} has neither tasks.jsonl nor tasks.parquet: the episodes would have no instruction")
+    raise UserError(
+        f"{root / 'meta'} has neither tasks.jsonl nor tasks.parquet: the episodes would have no instruction"
+    )
 
 
 def import_lerobot(
@@ -397,7 +411,9 @@ def import_lerobot(
     features: dict[str, Any] = info["features"]
     for key in ("observation.state", "action"):
         if key not in features:
-            raise UserError(f"{info_path} has no '{key}' feature; the episode format needs end-effector states and actions")
+            raise UserError(
+                f"{info_path} has no '{key}' feature; the episode format needs end-effector states and actions"
+            )
     report = ImportReport()
     state_names, action_names = _flat_names(features["observation.state"]), _flat_names(features["action"])
     state_xyz = mapping.state_xyz or _xyz_from_names(state_names)
@@ -407,11 +423,14 @@ def import_lerobot(
     if state_xyz is None:
         if state_names and any(".pos" in n or "joint" in n or "shoulder" in n for n in state_names):
             raise UserError(
-                f"the state of {root} looks like joint positions ({', '.join(state_names[:4])}, ...), not an end-effector "
+                f"the state of {root} looks like joint positions ({', '.join(state_names[:4])}, ...), "
+                "not an end-effector "
                 "pose; the episode format needs end-effector x, y, z: give the dimensions with --state-xyz"
             )
         state_xyz = (0, 1, 2)
-        report.warnings.append("observation.state has no x/y/z names: dimensions 0, 1, 2 taken as the end-effector position")
+        report.warnings.append(
+            "observation.state has no x/y/z names: dimensions 0, 1, 2 taken as the end-effector position"
+        )
     if action_xyz is None:
         action_xyz = (0, 1, 2)
         report.warnings.append("action has no x/y/z names: dimensions 0, 1, 2 taken as the end-effector deltas")
@@ -431,7 +450,9 @@ def import_lerobot(
         try:
             require_av()
         except UserError as exc:
-            raise UserError(f"{root} stores its camera frames as videos; {exc}; or import without frames (--no-frames)") from None
+            raise UserError(
+                f"{root} stores its camera frames as videos; {exc}; or import without frames (--no-frames)"
+            ) from None
         video_places = video_locations(root, info, [image_key], pq)  # type: ignore[list-item]
     tasks = _lerobot_tasks(root, pq)
     files = sorted((root / "data").rglob("*.parquet"))
@@ -459,9 +480,24 @@ def import_lerobot(
         rows = rows_by_episode[episode]
         try:
             steps = _import_lerobot_episode(
-                rows, tables, out, ids[episode], tasks, state_xyz, action_xyz, gripper, mapping, image_key if frames else None,
-                fps, robot_name or info.get("robot_type"), root, report, state_gripper=state_gripper,
-                video=(lambda e=episode: locate(root, info, e, image_key, video_places)) if video_places is not None else None,  # type: ignore[misc, arg-type]
+                rows,
+                tables,
+                out,
+                ids[episode],
+                tasks,
+                state_xyz,
+                action_xyz,
+                gripper,
+                mapping,
+                image_key if frames else None,
+                fps,
+                robot_name or info.get("robot_type"),
+                root,
+                report,
+                state_gripper=state_gripper,
+                video=(lambda e=episode: locate(root, info, e, image_key, video_places))
+                if video_places is not None
+                else None,  # type: ignore[misc, arg-type]
             )
         except ValueError as exc:
             report.skipped.append(f"episode {episode}: {exc}")
@@ -484,10 +520,23 @@ def _decode_image(value: Any, root: Path) -> Image.Image | None:
 
 
 def _import_lerobot_episode(
-    rows: list[tuple[Path, int]], tables: dict[Path, dict[str, list[Any]]], out: Path, episode_id: str,
-    tasks: dict[int, str], state_xyz: tuple[int, int, int], action_xyz: tuple[int, int, int], gripper: int,
-    mapping: LeRobotMapping, image_key: str | None, fps: float, robot_name: str | None, root: Path, report: ImportReport,
-    *, state_gripper: int | None = None, video: Callable[[], VideoLocation] | None = None,
+    rows: list[tuple[Path, int]],
+    tables: dict[Path, dict[str, list[Any]]],
+    out: Path,
+    episode_id: str,
+    tasks: dict[int, str],
+    state_xyz: tuple[int, int, int],
+    action_xyz: tuple[int, int, int],
+    gripper: int,
+    mapping: LeRobotMapping,
+    image_key: str | None,
+    fps: float,
+    robot_name: str | None,
+    root: Path,
+    report: ImportReport,
+    *,
+    state_gripper: int | None = None,
+    video: Callable[[], VideoLocation] | None = None,
 ) -> int:
     def value(column: str, at: tuple[Path, int]) -> Any:
         table = tables[at[0]]
@@ -501,8 +550,14 @@ def _import_lerobot_episode(
     actions = np.array([np.asarray(value("action", at), dtype=float) for at in rows])
     if states.ndim != 2 or actions.ndim != 2:
         raise ValueError("observation.state and action must be vectors of one length")
-    if max(state_xyz) >= states.shape[1] or max(action_xyz) >= actions.shape[1] or not -actions.shape[1] <= gripper < actions.shape[1]:
-        raise ValueError(f"the mapping names dimensions beyond state ({states.shape[1]}) or action ({actions.shape[1]}) length")
+    if (
+        max(state_xyz) >= states.shape[1]
+        or max(action_xyz) >= actions.shape[1]
+        or not -actions.shape[1] <= gripper < actions.shape[1]
+    ):
+        raise ValueError(
+            f"the mapping names dimensions beyond state ({states.shape[1]}) or action ({actions.shape[1]}) length"
+        )
     positions = states[:, list(state_xyz)]
     moves = actions[:, list(action_xyz)]
     if not mapping.action_is_delta:
@@ -580,7 +635,9 @@ def import_episodes(
             report.skipped.append(f"{path.name}: {exc}")
             continue
         if reader.truncated:
-            report.warnings.append(f"{path.name}: its last step was cut off by a crash (copied as it is; readers skip it)")
+            report.warnings.append(
+                f"{path.name}: its last step was cut off by a crash (copied as it is; readers skip it)"
+            )
         shutil.copytree(path, out / path.name)
         report.imported.append(path.name)
         report.steps += len(reader)

@@ -178,7 +178,9 @@ def _episode_frames(episode: _Episode, size: tuple[int, int, int]) -> tuple[list
         if step.image:
             last = episode.reader.frame(step.image)
             if last.shape != size:
-                raise ValueError(f"its frames are {last.shape[1]}x{last.shape[0]}, the dataset's are {size[1]}x{size[0]}")
+                raise ValueError(
+                    f"its frames are {last.shape[1]}x{last.shape[0]}, the dataset's are {size[1]}x{size[0]}"
+                )
             frames.append(last)
         else:
             frames.append(None)
@@ -211,10 +213,23 @@ def _tasks_table(pa: Any, tasks: list[str]) -> Any:
     table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
     pandas_meta = {
         "index_columns": ["task"],
-        "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
-                            "metadata": {"encoding": "UTF-8"}}],
+        "column_indexes": [
+            {
+                "name": None,
+                "field_name": None,
+                "pandas_type": "unicode",
+                "numpy_type": "object",
+                "metadata": {"encoding": "UTF-8"},
+            }
+        ],
         "columns": [
-            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", "metadata": None},
+            {
+                "name": "task_index",
+                "field_name": "task_index",
+                "pandas_type": "int64",
+                "numpy_type": "int64",
+                "metadata": None,
+            },
             {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
         ],
         "creator": {"library": "pyarrow", "version": pa.__version__},
@@ -367,11 +382,14 @@ def export_lerobot(
                     pixel_min = np.minimum(pixel_min, as_float.min(axis=0) * 255.0)
                     pixel_max = np.maximum(pixel_max, as_float.max(axis=0) * 255.0)
                     pixels += as_float.shape[0]
-                row.update({
-                    f"videos/{CAMERA_KEY}/chunk_index": video_roll.chunk, f"videos/{CAMERA_KEY}/file_index": video_roll.file,
-                    f"videos/{CAMERA_KEY}/from_timestamp": video_frames_before / fps,
-                    f"videos/{CAMERA_KEY}/to_timestamp": (video_frames_before + n) / fps,
-                })
+                row.update(
+                    {
+                        f"videos/{CAMERA_KEY}/chunk_index": video_roll.chunk,
+                        f"videos/{CAMERA_KEY}/file_index": video_roll.file,
+                        f"videos/{CAMERA_KEY}/from_timestamp": video_frames_before / fps,
+                        f"videos/{CAMERA_KEY}/to_timestamp": (video_frames_before + n) / fps,
+                    }
+                )
                 video_frames_before += n
                 report.codec = video.codec
             episode_rows.append(row)
@@ -389,9 +407,13 @@ def export_lerobot(
             video.close()
     if not report.episodes:
         shutil.rmtree(out, ignore_errors=True)
-        raise UserError(f"no episode of {root} could be exported ({report.skipped[0] if report.skipped else 'none found'})")
+        raise UserError(
+            f"no episode of {root} could be exported ({report.skipped[0] if report.skipped else 'none found'})"
+        )
     if report.repeated_frames:
-        report.warnings.append(f"{report.repeated_frames} exported steps had no frame of their own and show the previous one")
+        report.warnings.append(
+            f"{report.repeated_frames} exported steps had no frame of their own and show the previous one"
+        )
 
     # Episode metadata, tasks, stats, info.
     episodes_path = out / V3_EPISODES_PATH.format(chunk_index=0, file_index=0)

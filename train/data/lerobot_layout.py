@@ -48,7 +48,9 @@ def is_v3(info: dict[str, Any]) -> bool:
     return version.startswith("v3") or "{file_index" in str(info.get("data_path") or "")
 
 
-def video_locations(root: Path, info: dict[str, Any], video_keys: list[str], pq: Any) -> dict[int, dict[str, VideoLocation]]:
+def video_locations(
+    root: Path, info: dict[str, Any], video_keys: list[str], pq: Any
+) -> dict[int, dict[str, VideoLocation]]:
     """episode_index -> video key -> location, for every episode the metadata lists (v3) or may hold (v2.x).
 
     v2.x needs no metadata (the path follows from the episode index), so it returns an empty mapping
@@ -66,8 +68,11 @@ def video_locations(root: Path, info: dict[str, Any], video_keys: list[str], pq:
         names = set(pq.read_schema(file).names)
         columns = ["episode_index"]
         for key in video_keys:
-            columns += [c for c in (f"videos/{key}/chunk_index", f"videos/{key}/file_index", f"videos/{key}/from_timestamp")
-                        if c in names]
+            columns += [
+                c
+                for c in (f"videos/{key}/chunk_index", f"videos/{key}/file_index", f"videos/{key}/from_timestamp")
+                if c in names
+            ]
         table = pq.read_table(file, columns=columns).to_pydict()
         for row, episode in enumerate(table["episode_index"]):
             places: dict[str, VideoLocation] = {}
@@ -78,7 +83,9 @@ def video_locations(root: Path, info: dict[str, Any], video_keys: list[str], pq:
                     start = float(table[f"videos/{key}/from_timestamp"][row])
                 except (KeyError, TypeError, ValueError):
                     continue  # the episode has no video of this key; the importer says so per episode
-                places[key] = VideoLocation(root / template.format(video_key=key, chunk_index=chunk, file_index=index), start)
+                places[key] = VideoLocation(
+                    root / template.format(video_key=key, chunk_index=chunk, file_index=index), start
+                )
             found[int(episode)] = places
     return found
 

@@ -111,7 +111,10 @@ def decode_frames(path: str | Path, timestamps: Sequence[float], tolerance_s: fl
                     distance = abs(t - target)
                     if best[i] is None or distance < best[i][0]:  # type: ignore[index]
                         best[i] = (distance, frame)
-    except (av.error.FFmpegError, OSError) as exc:  # a damaged or missing file (PyAV's errors subclass ValueError/OSError)
+    except (
+        av.error.FFmpegError,
+        OSError,
+    ) as exc:  # a damaged or missing file (PyAV's errors subclass ValueError/OSError)
         raise ValueError(f"{path} cannot be decoded ({type(exc).__name__}: {exc})") from None
     missing = [float(wanted[i]) for i, found in enumerate(best) if found is None]
     if missing:
@@ -225,7 +228,9 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

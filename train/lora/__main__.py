@@ -1,4 +1,7 @@
-"""`python -m vlm2vla_edge.train.lora` and `accelerate launch -m vlm2vla_edge.train.lora` (same options as `vlm2vla-edge train`)."""
+"""`python -m vlm2vla_edge.train.lora` and `accelerate launch -m vlm2vla_edge.train.lora`.
+
+The same options as `vlm2vla-edge train`.
+"""
 
 import sys
 

@@ -18,7 +18,8 @@ from vlm2vla_edge.runtime.errors import UserError
 def train_command(
     dataset: Annotated[Path, typer.Option(help="Labelled dataset folder (dataset.json + samples.jsonl).")],
     base: Annotated[
-        Path, typer.Option(help="Base model: a Hugging Face folder (Gemma-3, vision or text) or a GGUF file (text only).")
+        Path,
+        typer.Option(help="Base model: a Hugging Face folder (Gemma-3, vision or text) or a GGUF file (text only)."),
     ],
     out: Annotated[Path, typer.Option(help="Folder for the adapter, checkpoints and training_card.json.")],
     config: Annotated[
