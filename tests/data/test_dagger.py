@@ -295,3 +295,26 @@ def test_in_a_steps_language_the_label_is_the_experts_next_chunk_toward_its_wayp
         theirs = np.sum(np.array(records[sample.step + 1].parsed_actions)[:, :3], axis=0)
         ours = np.array(chunk.total_translation())
         assert float(theirs @ ours) / (np.linalg.norm(theirs) * np.linalg.norm(ours)) > 0.99, sample.id
+
+
+def test_a_run_that_fails_half_way_leaves_the_dataset_as_it_was(
+    pick_episodes: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vlm2vla_edge.train.data.dagger as dagger
+
+    run_dagger(pick_episodes[:1], tmp_path / "ds", DaggerOptions(robot=ROBOT, language=WAYPOINTS))
+    before = read_dataset(tmp_path / "ds")
+    real = dagger.label_policy_episode
+
+    def fail_on_second(episode, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if episode.path == pick_episodes[1]:
+            raise OSError("disk full")
+        return real(episode, *args, **kwargs)
+
+    monkeypatch.setattr(dagger, "label_policy_episode", fail_on_second)
+    other = Path(shutil.copytree(pick_episodes[0], tmp_path / "copy" / "20990101T000000.000Z-abcdef"))
+    with pytest.raises(OSError):
+        run_dagger([other, pick_episodes[1]], tmp_path / "ds", DaggerOptions(robot=ROBOT, language=WAYPOINTS))
+    after = read_dataset(tmp_path / "ds")
+    assert after.info == before.info and after.samples == before.samples
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "ds"]  # no staging copy left behind
