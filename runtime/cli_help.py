@@ -6,7 +6,8 @@ whatever width the terminal has; and it names every value by its Python type (`<
 a flag that takes no value, `<int range>`). `readable_help` walks the command tree typer builds and
 fixes both in place: each docstring paragraph becomes one line that rich wraps to the terminal (lists,
 indented blocks and click's `\\b` no-rewrap paragraphs stay as written), a flag shows no value, and any
-other parameter a conventional name (TEXT, INTEGER, FLOAT, PATH, or its choices a|b|c).
+other parameter a conventional name (TEXT, INTEGER, FLOAT, PATH, or its choices a|b|c). Square
+brackets in help text are escaped: rich would take "[viewer]" (an extra's name) for markup and drop it.
 
 typer 0.29 builds its commands on a vendored copy of click, so the tree is walked by attribute
 (`params`, `commands`, `help`), not by click's classes. An argument's value name is not read from its
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import re
 from typing import Any, Callable
+
+from rich.markup import escape
 
 _KEEP_LINES = re.compile(r"^\s*(?:[-*•]\s|\d+[.)]\s|\x08)|^\s{2,}\S")  # a list item, a `\b` block, an indented line
 _TYPE_LABEL = re.compile(r"^<(?P<inner>.*)>$")
@@ -58,6 +61,8 @@ def _flag(param: Any) -> bool:
 
 
 def _readable_param(param: Any) -> None:
+    if not hasattr(param, "display_type_rich"):  # older typer on click itself: click names values well
+        return
     if getattr(param, "param_type_name", "") == "argument":
         shown: Callable[[Any], str | None] = param.display_type_rich
         param.display_type_rich = lambda ctx: value_name(shown(ctx))
@@ -72,8 +77,10 @@ def _readable_param(param: Any) -> None:
 def readable_help(command: Any) -> Any:
     """Unwrap `command`'s help and its sub-commands', and name their values (module docstring)."""
     if getattr(command, "help", None):
-        command.help = unwrap_paragraphs(command.help)
+        command.help = escape(unwrap_paragraphs(command.help))
     for param in getattr(command, "params", ()):
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
         _readable_param(param)
     if hasattr(command, "get_help_option"):
         make_help_option = command.get_help_option

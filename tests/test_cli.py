@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,49 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout
+
+
+def _command_tree() -> list[tuple[list[str], object]]:
+    """Every command and group under `vlm2vla-edge`, as its argument path and its click object."""
+    from vlm2vla_edge.runtime.cli import _mount_optional_subapps, app
+    from vlm2vla_edge.runtime.cli_support import click_command
+
+    _mount_optional_subapps()
+    found: list[tuple[list[str], object]] = []
+
+    def walk(path: list[str], command: object) -> None:
+        found.append((path, command))
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk([*path, name], sub)
+
+    walk([], click_command(app))
+    return found
+
+
+_TYPE_PLACEHOLDER = re.compile(r"<(?:str|bool|int|float|path|file|directory|datetime|list\[\w+\])(?: range)?>")
+
+
+def test_help_of_every_command_reads_well(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` of every command: no `<str>`/`<bool>` type placeholders, and on a wide terminal each paragraph of
+    the command's docstring is one line (typer's rich help kept the source's line breaks mid-sentence)."""
+    monkeypatch.setenv("COLUMNS", "2000")
+    tree = _command_tree()
+    assert len(tree) > 20  # every command, also those of the mounted sub-apps
+    checked_paragraphs = 0
+    for path, command in tree:
+        assert main([*path, "--help"]) == 0, path
+        out = capsys.readouterr().out
+        assert not _TYPE_PLACEHOLDER.search(out), f"{path}: {_TYPE_PLACEHOLDER.search(out)}"
+        lines = [line.strip() for line in out.splitlines()]
+        doc = inspect.getdoc(getattr(command, "callback", None)) or ""
+        for paragraph in doc.partition("\f")[0].split("\n\n"):
+            rows = paragraph.splitlines()
+            if len(rows) < 2 or any(re.match(r"\s*(?:[-*]\s|\d+[.)]\s)|\s{2,}", row) for row in rows):
+                continue  # one line already, or a list / an indented block that keeps its lines
+            joined = " ".join(row.strip() for row in rows)
+            assert any(joined in line for line in lines), f"{path}: paragraph broken into lines:\n{paragraph}"
+            checked_paragraphs += 1
+    assert checked_paragraphs > 5  # the check is not vacuous: several commands have multi-line paragraphs
 
 
 def test_version() -> None:
