@@ -1,7 +1,9 @@
-"""The objects and destinations of an instruction, in English or any language of the shared vocabulary.
+"""The objects and destinations of an instruction, in English or any language of the simulator's task suite.
 
 English text goes through verb and preposition patterns; other text is matched against the known
-objects' names in every language the task suite uses; failing both, the parts are generic ("the
+objects' names in every language the task suite uses (the simulator's vocabulary, `sim.tasks.NOUNS`,
+and its catalogue says which objects are containers: the simulator ships with the runtime, and the
+task suite is what the demonstrations were recorded in); failing both, the parts are generic ("the
 object", "the target"). The subtask names (`subtasks`) are built from these parts.
 """
 
@@ -11,6 +13,9 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
+
+from vlm2vla_edge.runtime.sim.scene import CATALOGUE
+from vlm2vla_edge.runtime.sim.tasks import NOUNS
 
 
 @dataclass(frozen=True)
@@ -76,10 +81,6 @@ def _parse_english_clause(clause: str, generic: bool) -> TaskPart | None:
 @functools.lru_cache(maxsize=1)
 def _noun_table() -> list[tuple[str, str]]:
     """(surface form, English name) from the simulator's multilingual nouns, longest forms first."""
-    try:
-        from vlm2vla_edge.runtime.sim.tasks import NOUNS
-    except ImportError:  # pragma: no cover - the simulator ships with the runtime
-        return []
     forms: dict[str, str] = {}
     for nouns in NOUNS.values():
         for english, phrase in nouns.items():
@@ -136,8 +137,6 @@ def parse_instruction(instruction: str, instruction_en: str | None = None) -> Pa
         return ParsedInstruction(tuple(parts), _sentence(english or instruction), "english")
     nouns = _find_known_nouns(instruction)
     if nouns:
-        from vlm2vla_edge.runtime.sim.scene import CATALOGUE
-
         parts = []
         i = 0
         while i < len(nouns):
