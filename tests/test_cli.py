@@ -32,6 +32,7 @@ def test_help_lists_implemented_commands() -> None:
         assert f" {command} " in result.stdout
 
 
+@pytest.mark.slow  # a process each; test_help_of_every_command_reads_well runs every --help in-process
 @pytest.mark.parametrize("command", [
     ["config"], ["config", "check"], ["config", "show"], ["check"], ["episode", "show"], ["episode", "report"], ["sim"],
     ["demo"], ["eval"],
@@ -101,8 +102,8 @@ def test_config_check_ok_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(err.strip().splitlines()) == 1
 
 
-def test_user_mistakes_never_print_tracebacks(tmp_path: Path) -> None:
-    cases = [
+def _user_mistakes(tmp_path: Path) -> list[list[str]]:
+    return [
         ["config", "check", "/no/such/file.yaml"],
         ["config", "show", "widowx2"],
         ["check", "[[0, 0, 0, 1]]", "--start", "a,b"],
@@ -111,10 +112,21 @@ def test_user_mistakes_never_print_tracebacks(tmp_path: Path) -> None:
         ["--log-level", "LOUD", "config", "show"],
         ["no-such-command"],
     ]
-    for args in cases:
+
+
+@pytest.mark.slow  # a process each; the in-process twin below is in the quick set
+def test_user_mistakes_never_print_tracebacks(tmp_path: Path) -> None:
+    for args in _user_mistakes(tmp_path):
         result = run(*args)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr, args
+
+
+def test_user_mistakes_never_print_tracebacks_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args in _user_mistakes(tmp_path):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.strip() and "Traceback" not in err, args
 
 
 def test_check_accepts_and_rejects(capsys: pytest.CaptureFixture[str]) -> None:
