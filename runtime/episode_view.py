@@ -182,6 +182,7 @@ def view_episode(path: str | Path, *, out: str | Path | None = None, spawn: bool
     rr = require_rerun()
     reader = EpisodeReader(path)
     recording = rr.RecordingStream(APPLICATION_ID, recording_id=reader.episode_id)
+    destination: Path | str
     if out is not None:
         destination, saved = Path(out), True
     elif spawn:

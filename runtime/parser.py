@@ -203,11 +203,12 @@ def parse_action_chunk(text: str, language: ActionLanguage | None = None) -> Act
                 continue
             value = float(token) + 0.0  # + 0.0 turns -0.0 into 0.0
             if abs(value) > language.max_abs_value_m:
+                at = (token.start_pos or 0) + offset  # lark sets start_pos on every token it parsed
                 raise ParseError(
                     "out_of_range",
-                    f"the value {token} at character {token.start_pos + offset} is larger in magnitude than "
+                    f"the value {token} at character {at} is larger in magnitude than "
                     f"max_abs_value_m = {language.max_abs_value_m}",
-                    token.start_pos + offset,
+                    at,
                 )
             values.append(value)
         actions.append(Action(*values))

@@ -395,7 +395,9 @@ class SafetyLimiter:
             if command._limiter is not self:
                 raise SafetyViolation("this command was checked by another limiter")
             if command._epoch != self._epoch:
-                raise SafetyViolation("this command was checked before an e-stop or reset; check it again from the present pose")
+                raise SafetyViolation(
+                    "this command was checked before an e-stop or reset; check it again from the present pose"
+                )
             now = self._clock() if now is None else now
             if not math.isfinite(now):
                 raise SafetyViolation(f"the clock returned {now!r}; cannot apply the rate limit")
@@ -407,7 +409,8 @@ class SafetyLimiter:
                     rate = self._robot.limits.max_commands_per_s
                     if self._mode("rate") is RuleMode.reject:
                         reason = (
-                            f"command comes {wait * 1000:.1f} ms too early for the limit of {rate:g} commands/s; refused"
+                            f"command comes {wait * 1000:.1f} ms too early for the limit of {rate:g} commands/s; "
+                            "refused"
                         )
                         self._log_decision(SafetyDecision("rate", "reject", reason))
                         raise SafetyViolation(reason)
@@ -443,32 +446,37 @@ class SafetyLimiter:
 
         blocked = self._estop_block()
         if blocked is not None:
-            return reject("estop", blocked)
+            reject("estop", blocked)
+            return None
         values = _action_values(action)
         if values is None or not all(math.isfinite(v) for v in values):
-            return reject("finite", f"action {_fmt_list(values)} holds a value that is not a finite number; refused")
+            reject("finite", f"action {_fmt_list(values)} holds a value that is not a finite number; refused")
+            return None
         if not all(math.isfinite(v) for v in start):
-            return reject("finite", f"start pose {_fmt_list(start)} is not finite; the arm's position is unknown")
+            reject("finite", f"start pose {_fmt_list(start)} is not finite; the arm's position is unknown")
+            return None
         dx, dy, dz, gripper = values
 
         # gripper
-        if gripper == GRIPPER_OPEN or gripper == GRIPPER_CLOSED:
+        if gripper in (GRIPPER_OPEN, GRIPPER_CLOSED):
             gripper_open = gripper == GRIPPER_OPEN
         elif self._mode("gripper") is RuleMode.clamp:
             gripper_open = abs(gripper - GRIPPER_OPEN) < abs(gripper - GRIPPER_CLOSED)
             snapped = "open (1)" if gripper_open else "closed (0)"
             clamp("gripper", f"gripper value {_fmt(gripper)} is neither open (1) nor closed (0); snapped to {snapped}")
         else:
-            return reject("gripper", f"gripper value {_fmt(gripper)} is neither open (1) nor closed (0); refused")
+            reject("gripper", f"gripper value {_fmt(gripper)} is neither open (1) nor closed (0); refused")
+            return None
 
         # per-action translation
         norm = math.hypot(dx, dy, dz)
         if norm > self._max_action + TOLERANCE_M:
             if self._mode("action_translation") is RuleMode.reject:
-                return reject(
+                reject(
                     "action_translation",
                     f"move of {_cm(norm)} exceeds the {_cm(self._max_action)} per-action limit; refused",
                 )
+                return None
             scale = self._max_action / norm
             dx, dy, dz = dx * scale, dy * scale, dz * scale
             clamp(
@@ -482,15 +490,17 @@ class SafetyLimiter:
         floor = self._robot.z_floor
         if z < floor - TOLERANCE_M:
             if self._mode("table_floor") is RuleMode.reject:
-                return reject(
+                reject(
                     "table_floor",
                     f"target z {_fmt(z)} m is below the table floor {_fmt(floor)} m "
                     f"(table {_fmt(self._robot.table_z)} m + clearance {_fmt(self._robot.min_clearance_m)} m); refused",
                 )
+                return None
             clamp(
                 "table_floor",
                 f"target z {_fmt(z)} m is below the table floor {_fmt(floor)} m "
-                f"(table {_fmt(self._robot.table_z)} m + clearance {_fmt(self._robot.min_clearance_m)} m); raised to the floor",
+                f"(table {_fmt(self._robot.table_z)} m + clearance {_fmt(self._robot.min_clearance_m)} m); "
+                "raised to the floor",
             )
             z = floor
         z = max(z, floor)  # a sub-nanometre rounding below the floor is snapped without a decision
@@ -508,7 +518,8 @@ class SafetyLimiter:
                 f"x[{_fmt(lo[0])}, {_fmt(hi[0])}] y[{_fmt(lo[1])}, {_fmt(hi[1])}] z[{_fmt(lo[2])}, {_fmt(hi[2])}]"
             )
             if self._mode("workspace") is RuleMode.reject:
-                return reject("workspace", f"{described}; refused")
+                reject("workspace", f"{described}; refused")
+                return None
             clamp("workspace", f"{described}; projected to {_fmt_list(projected)}")
         return _Plan(_snap_into(target, self._lo, self._hi), gripper_open)
 
@@ -531,7 +542,9 @@ class SafetyLimiter:
         elif _distance_outside(target, self._lo, self._hi) > 0.0:
             problem = f"target {_fmt_list(target)} lies outside the allowed box"
         elif not length <= self._max_action + TOLERANCE_M:
-            problem = f"reaching the workspace takes {_cm(length)}, more than the {_cm(self._max_action)} per-action limit"
+            problem = (
+                f"reaching the workspace takes {_cm(length)}, more than the {_cm(self._max_action)} per-action limit"
+            )
         elif not path_used + length <= self._max_chunk + TOLERANCE_M:
             problem = f"the chunk path would reach {_cm(path_used + length)}, over the {_cm(self._max_chunk)} budget"
         if problem is not None:
@@ -545,7 +558,7 @@ class SafetyLimiter:
         if self._reachable is not None:
             try:
                 ok = bool(self._reachable(target))
-            except Exception as exc:  # an IK failure of any kind is an unreachable pose
+            except Exception as exc:  # noqa: BLE001 - an IK failure of any kind is an unreachable pose
                 ok = False
                 detail = f" (inverse kinematics raised {type(exc).__name__}: {exc})"
             else:
@@ -609,7 +622,7 @@ def _as_vec3(start: Vec3) -> Vec3:
     values = tuple(float(v) for v in start)
     if len(values) != 3:
         raise ValueError(f"a start pose has 3 coordinates (x, y, z), got {len(values)}")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _action_values(action: Action) -> tuple[float, float, float, float] | None:

@@ -57,8 +57,9 @@ MIN_TOKEN_CHARS = 16
 LISTEN_BACKLOG = 128
 #: Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_S = 5
-#: Seconds open requests (event streams) get to finish when the listeners close, before they are cancelled.
-GRACEFUL_CLOSE_S = 3.0
+#: Seconds open requests (event streams) get to finish when the listeners close, before they are cancelled
+#: (whole seconds: uvicorn's setting is an int).
+GRACEFUL_CLOSE_S = 3
 #: Largest request line plus headers (bytes); more is a 400.
 MAX_HEAD_BYTES = 16_384
 
@@ -89,7 +90,7 @@ class JsonErrorH11Protocol(H11Protocol):
             pass
         self.transport.close()
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads it; uvicorn's annotation says None
         """Keep the writing side open after the client's EOF (True), so the answer can still be sent."""
         if self.cycle is not None and self.cycle.response_started:
             return True  # the answer is being written; the connection closes after it
@@ -262,7 +263,7 @@ class ApiServer:
             set_thread_nice(self.config.api_thread_nice)
         try:
             asyncio.run(self._serve_all())
-        except BaseException as exc:  # noqa: BLE001 - reported by start() and alive
+        except BaseException as exc:  # reported by start() and alive
             self._failure = exc
             log.exception("event=api_server_failed")
 
@@ -386,7 +387,9 @@ def serve_from_config(
 
     chosen_bundle = bundle or settings.bundle
     if chosen_bundle is None:
-        raise UserError("no model bundle: pass --bundle PATH (a folder with manifest.json) or set 'bundle' in the runtime config")
+        raise UserError(
+            "no model bundle: pass --bundle PATH (a folder with manifest.json) or set 'bundle' in the runtime config"
+        )
     use_sim = settings.sim if sim is None else sim
     robot = load_robot_config(settings.robot)
     policy_config = load_policy_config(settings.policy)

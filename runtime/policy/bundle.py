@@ -505,7 +505,7 @@ class Bundle:
                 f"bundle {self.manifest.name} has no adapters (its model is merged); run it without an adapter name"
             )
         chosen = self.manifest.default_adapter if name is None else name
-        if chosen not in self.adapters:
+        if chosen is None or chosen not in self.adapters:
             raise BundleError(
                 f"bundle {self.manifest.name} has no adapter '{chosen}'; "
                 f"its adapters: {', '.join(sorted(self.adapters))}"

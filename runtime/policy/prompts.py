@@ -126,7 +126,7 @@ class PromptTemplates(StrictModel):
     )
     @classmethod
     def _placeholders(cls, value: str, info: ValidationInfo) -> str:
-        expected = cls._PLACEHOLDERS[info.field_name]
+        expected = cls._PLACEHOLDERS[str(info.field_name)]  # always set for a field validator
         try:
             found = _fields_of(value)
         except ValueError as exc:

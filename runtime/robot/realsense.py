@@ -55,6 +55,13 @@ class RealSenseCamera(Camera):
         self._index = -1
 
     @property
+    def _sdk(self) -> ModuleType:
+        """The pyrealsense2 module, which connect() imports."""
+        if self._rs is None:
+            raise DeviceError("the RealSense camera is not connected; call connect() first")
+        return self._rs
+
+    @property
     def is_connected(self) -> bool:
         return self._pipeline is not None
 
@@ -66,7 +73,7 @@ class RealSenseCamera(Camera):
     # --- connection -------------------------------------------------------------------------------
 
     def connect(self) -> None:
-        if self._pipeline is not None:
+        if self.is_connected:
             return
         self._rs = _import_pyrealsense2()
         self._start(self._config.serial_number)
@@ -79,7 +86,7 @@ class RealSenseCamera(Camera):
         log.info("event=camera_connected driver=realsense serial=%s", self._serial)
 
     def _find_device(self, serial: str | None) -> str:
-        rs = self._rs
+        rs = self._sdk
         serials = [d.get_info(rs.camera_info.serial_number) for d in rs.context().query_devices()]
         if not serials:
             raise DeviceError(
@@ -98,7 +105,7 @@ class RealSenseCamera(Camera):
         return serials[0]
 
     def _start(self, serial: str | None) -> None:
-        rs, config = self._rs, self._config
+        rs, config = self._sdk, self._config
         serial = self._find_device(serial)
         pipeline = rs.pipeline()
         stream = rs.config()
@@ -128,8 +135,8 @@ class RealSenseCamera(Camera):
     def _device_present(self) -> bool:
         try:
             return any(
-                d.get_info(self._rs.camera_info.serial_number) == self._serial
-                for d in self._rs.context().query_devices()
+                d.get_info(self._sdk.camera_info.serial_number) == self._serial
+                for d in self._sdk.context().query_devices()
             )
         except RuntimeError:
             return False
@@ -173,7 +180,7 @@ class RealSenseCamera(Camera):
 
     def _age_s(self, color: Any) -> float | None:
         """Seconds since capture when the frame tells it in host time; None when it cannot."""
-        rs = self._rs
+        rs = self._sdk
         domain = color.get_frame_timestamp_domain()
         if domain in (rs.timestamp_domain.system_time, rs.timestamp_domain.global_time):
             captured_ms = float(color.get_timestamp())

@@ -7,11 +7,14 @@ Mounted into the main CLI as the `sim` sub-app. Bad input ends with one sentence
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from vlm2vla_edge.runtime.config import load_robot_config
+
+if TYPE_CHECKING:
+    from vlm2vla_edge.runtime.sim.tasks import Language
 
 app = typer.Typer(
     help="Kinematic WidowX 250 6DOF simulator: render scenes, record expert demonstrations.",
@@ -23,12 +26,15 @@ app = typer.Typer(
 LANGUAGE_HELP = "Instruction language: en, es, fr, de, hi, zh (default: drawn per episode)."
 
 
-def _check_language(language: Optional[str]) -> Optional[str]:
+def _check_language(language: Optional[str]) -> Language | None:
     from vlm2vla_edge.runtime.sim.tasks import LANGUAGES
 
-    if language is not None and language not in LANGUAGES:
-        raise typer.BadParameter(f"'{language}' is not one of {', '.join(LANGUAGES)}", param_hint="--language")
-    return language
+    if language is None:
+        return None
+    for known in LANGUAGES:  # the matching entry, typed as a Language
+        if language == known:
+            return known
+    raise typer.BadParameter(f"'{language}' is not one of {', '.join(LANGUAGES)}", param_hint="--language")
 
 
 @app.command()
@@ -67,7 +73,7 @@ def expert(
     """Record scripted-expert demonstrations of the task suite in the episode format."""
     from vlm2vla_edge.runtime.sim.expert import DemoResult, expert_episode_id, record_demonstrations
 
-    language = _check_language(language)
+    chosen = _check_language(language)
     if out.exists() and not out.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
     seeds = range(seed, seed + episodes)
@@ -85,7 +91,7 @@ def expert(
         out,
         seeds,
         load_robot_config(robot),
-        languages=(language,) if language else None,
+        languages=(chosen,) if chosen else None,
         frames=frames,
         progress=report,
     )

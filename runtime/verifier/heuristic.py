@@ -310,11 +310,11 @@ class HeuristicVerifier(Verifier):
         if kind is SubtaskKind.grasp:
             return self._holding(request, change)
         if kind is SubtaskKind.lift:
-            dz = request.post_state.position[2] - request.pre_state.position[2]
+            rise = request.post_state.position[2] - request.pre_state.position[2]
             holding, why = self._holding(request, change)
-            if dz < c.min_lift_m:
-                return False, f"height gained {dz * 100:.1f} cm < {c.min_lift_m * 100:.1f} cm; {why}"
-            return holding, f"height gained {dz * 100:.1f} cm; {why}"
+            if rise < c.min_lift_m:
+                return False, f"height gained {rise * 100:.1f} cm < {c.min_lift_m * 100:.1f} cm; {why}"
+            return holding, f"height gained {rise * 100:.1f} cm; {why}"
         if kind is SubtaskKind.place:
             is_open, why = self._open(request)
             if not is_open:
