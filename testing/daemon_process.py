@@ -18,7 +18,7 @@ import yaml
 FAKE_DAEMON_MODULE = "vlm2vla_edge.testing.fake_daemon"
 
 
-def cli(*args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 120.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real command line, as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "vlm2vla_edge.runtime.cli", *args],
@@ -65,7 +65,8 @@ class DaemonProcess:
 
     @classmethod
     def fake(cls, config: Path, socket_path: Path, step_s: float = 0.0, **kwargs: object) -> "DaemonProcess":
-        return cls.start(["-m", FAKE_DAEMON_MODULE, "--config", str(config), "--step-s", str(step_s)], socket_path, **kwargs)
+        args = ["-m", FAKE_DAEMON_MODULE, "--config", str(config), "--step-s", str(step_s)]
+        return cls.start(args, socket_path, **kwargs)
 
     def read_messages(self, timeout_s: float) -> None:
         self.notify.settimeout(timeout_s)
@@ -76,7 +77,7 @@ class DaemonProcess:
         except (socket.timeout, BlockingIOError):
             pass
 
-    def wait_for(self, text: str, timeout_s: float = 20.0) -> None:
+    def wait_for(self, text: str, timeout_s: float = 60.0) -> None:  # generous: a loaded machine starts slowly
         deadline = time.monotonic() + timeout_s
         while not any(text in m for m in self.messages):
             if self.process.poll() is not None:

@@ -16,7 +16,7 @@ import argparse
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vlm2vla_edge.runtime.config import load_robot_config
@@ -26,7 +26,7 @@ from vlm2vla_edge.runtime.logs import configure_logging
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, StepResult
 from vlm2vla_edge.runtime.runtime_config import RuntimeConfig, load_runtime_config, server_socket_path
 from vlm2vla_edge.runtime.station import Station, open_station
-from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier, cancelled_verdict
+from vlm2vla_edge.runtime.verifier.base import Verdict, VerificationRequest, Verifier, cancelled_verdict
 from vlm2vla_edge.testing.policies import ScriptedPolicy
 
 #: An instruction containing this keeps its first step "generating" until the task is cancelled (or the
@@ -60,7 +60,9 @@ class InstructionPolicy(ScriptedPolicy):
         return super().step(observation, instruction, subtask, retry=retry, cancel=cancel)
 
 
-def slow_generation(step_s: float):
+def slow_generation(step_s: float) -> Callable[[int, threading.Event | None], None]:
+    """An `on_step` hook: each step "generates" for `step_s` seconds, checking the cancel flag like the decoder."""
+
     def hook(index: int, cancel: threading.Event | None) -> None:
         if cancel is not None and cancel.wait(step_s):
             raise GenerationCancelled("cancelled mid-generation")

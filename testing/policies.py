@@ -57,7 +57,9 @@ class ScriptedPolicy:
     def bundle_id(self) -> str:
         return "scripted-fake"
 
-    def subtasks(self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None) -> SubtasksResult:
+    def subtasks(
+        self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None
+    ) -> SubtasksResult:
         self.observations.append(observation)
         return SubtasksResult(
             subtasks=parse_subtasks(self._subtasks),
@@ -90,7 +92,9 @@ class ScriptedPolicy:
         )
 
 
-def block_until_cancelled(started: threading.Event, limit_s: float = 10.0) -> Callable[[int, threading.Event | None], None]:
+def block_until_cancelled(
+    started: threading.Event, limit_s: float = 10.0
+) -> Callable[[int, threading.Event | None], None]:
     """An `on_step` hook that simulates a long generation which checks the cancel flag every step."""
 
     def hook(index: int, cancel: threading.Event | None) -> None:
@@ -134,7 +138,9 @@ class SceneCopyPolicy:
     def bundle_id(self) -> str:
         return "scene-copy-fake"
 
-    def subtasks(self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None) -> SubtasksResult:
+    def subtasks(
+        self, observation: Observation, instruction: str, *, cancel: threading.Event | None = None
+    ) -> SubtasksResult:
         text = '["' + '", "'.join(self._subtasks(instruction)) + '"]'
         return SubtasksResult(subtasks=parse_subtasks(text), output=StageOutput("subtasks", instruction, text, {}))
 

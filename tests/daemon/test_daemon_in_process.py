@@ -35,7 +35,8 @@ from vlm2vla_edge.testing.fake_daemon import UNTIL_CANCELLED, fake_daemon_in_pro
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path]]:
     """One in-process fake daemon for the module (steps take 0.05 s) and its runtime config."""
     folder = tmp_path_factory.mktemp("daemon")
-    config = write_config(folder, daemon={"socket_mode": "0640", "max_request_bytes": 1024, "max_instruction_chars": 80})
+    limits = {"socket_mode": "0640", "max_request_bytes": 1024, "max_instruction_chars": 80}
+    config = write_config(folder, daemon=limits)
     with fake_daemon_in_process(config, step_s=0.05) as daemon:
         yield daemon, config
 
@@ -149,8 +150,10 @@ def test_the_socket_gets_the_configured_mode(served) -> None:
         ("POST", "/v1/tasks", b'["lift"]', {}, 400, "object"),
         ("POST", "/v1/tasks", json.dumps({"instruction": "lift\u0007 it"}).encode(), {}, 400, "control"),
         ("POST", "/v1/tasks", json.dumps({"instruction": "x" * 81}).encode(), {}, 400, "limit is 80"),
-        ("POST", "/v1/tasks", json.dumps({"instruction": "lift", "bundle": "/etc/passwd"}).encode(), {}, 400, "no file paths"),
-        ("POST", "/v1/tasks", json.dumps({"instruction": "lift", "episodes_dir": "/"}).encode(), {}, 400, "no file paths"),
+        ("POST", "/v1/tasks", json.dumps({"instruction": "lift", "bundle": "/etc/passwd"}).encode(), {}, 400,
+         "no file paths"),
+        ("POST", "/v1/tasks", json.dumps({"instruction": "lift", "episodes_dir": "/"}).encode(), {}, 400,
+         "no file paths"),
         ("POST", "/v1/tasks", json.dumps({"instruction": "x" * 2000}).encode(), {}, 413, "limit"),
         ("POST", "/v1/tasks", b'{"instruction": "lift"}', {"Content-Type": "text/plain"}, 415, "json"),
         ("GET", "/v1/tasks", None, {}, 405, "POST"),
@@ -191,7 +194,9 @@ def test_shutdown_mid_episode_parks_the_arm_and_records_the_episode(tmp_path: Pa
 
 
 @pytest.mark.parametrize("command", [["do", "lift the carrot"], ["status"], ["stop"], ["reset"]])
-def test_commands_without_a_daemon_say_so(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_commands_without_a_daemon_say_so(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([*command, "--socket", str(tmp_path / "none.sock")]) == 2
     err = capsys.readouterr().err
     assert "no vlm2vla-edge daemon answers" in err and len(err.strip().splitlines()) == 1

@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow  # processes: seconds each (the quick set has the 
 def daemon(tmp_path_factory: pytest.TempPathFactory):
     """One fake daemon for the API tests (steps take 0.3 s, so an episode lasts about two seconds)."""
     folder = tmp_path_factory.mktemp("daemon")
-    config = write_config(folder, daemon={"socket_mode": "0640", "max_request_bytes": 1024, "max_instruction_chars": 80})
+    limits = {"socket_mode": "0640", "max_request_bytes": 1024, "max_instruction_chars": 80}
+    config = write_config(folder, daemon=limits)
     proc = DaemonProcess.fake(config, folder / "d.sock", step_s=0.3)
     try:
         proc.wait_for("READY=1")
@@ -197,7 +198,8 @@ def test_tcp_needs_the_bearer_token(tmp_path: Path) -> None:
         assert get({"Authorization": "Bearer wrong-token-0123456789abcdef"}) == 401
         assert get({"Authorization": "Basic dGNwLXRva2Vu"}) == 401
         assert get({"Authorization": "Bearer tcp-token-0123456789abcdef"}) == 200
-        assert DaemonClient(url=f"http://127.0.0.1:{port}", token="tcp-token-0123456789abcdef").status()["state"] == "idle"
+        over_tcp = DaemonClient(url=f"http://127.0.0.1:{port}", token="tcp-token-0123456789abcdef")
+        assert over_tcp.status()["state"] == "idle"
         assert DaemonClient(tmp_path / "d.sock").status()["state"] == "idle"  # the Unix socket needs no token
     finally:
         code, _, err = proc.terminate()
