@@ -41,15 +41,16 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-import shutil
 import json
 import logging
 import math
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from datetime import datetime, timezone
@@ -194,7 +195,9 @@ class EpisodeMeta(_Record):
     camera: str | None = Field(None, description='Which camera took the frames, e.g. "realsense:123456", "sim".')
     action_units: str = Field("m", description="Unit of dx, dy, dz in actions and of positions.")
     grammar_version: str | None = Field(None, description="Version of grammars/ the policy used.")
-    bundle_id: str | None = Field(None, description="Model bundle identifier (from its manifest); None without a model.")
+    bundle_id: str | None = Field(
+        None, description="Model bundle identifier (from its manifest); None without a model."
+    )
     adapter: str | None = Field(
         None, description="The bundle's LoRA adapter (skill) the policy applied at run time; None for a merged model."
     )
@@ -202,7 +205,9 @@ class EpisodeMeta(_Record):
     end_wall_time: Num | None = Field(None, description="Unix time of the end; set by finish.")
     outcome: Outcome | None = Field(None, description="None while running (or never finished).")
     outcome_detail: str | None = Field(None, description="One sentence on why the episode ended so.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON for tools; not read by the runtime.")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form JSON for tools; not read by the runtime."
+    )
 
     @field_validator("extra")
     @classmethod
@@ -316,7 +321,8 @@ def new_episode_id(now: float | None = None) -> str:
 def _check_name(name: str, what: str) -> None:
     if not _SAFE_NAME.match(name):
         raise ValueError(
-            f"{what} {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+            f"{what} {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-'"
         )
 
 
@@ -390,7 +396,9 @@ class EpisodeWriter:
             try:
                 os.mkdir(path)
             except FileExistsError:
-                raise EpisodeExistsError(f"episode folder {path} already exists; episodes are never overwritten") from None
+                raise EpisodeExistsError(
+                    f"episode folder {path} already exists; episodes are never overwritten"
+                ) from None
         except OSError as exc:
             raise EpisodeWriteError(f"cannot create episode folder {path}: {exc.strerror or exc}") from exc
         fd: int | None = None
@@ -468,10 +476,8 @@ class EpisodeWriter:
                 finally:
                     os.close(fd)
             except OSError as exc:
-                try:
+                with contextlib.suppress(OSError):
                     target.unlink()
-                except OSError:
-                    pass
                 raise EpisodeWriteError(f"cannot write frame {target}: {exc.strerror or exc}") from exc
             self._frames_dirty = True
         return relative
@@ -488,7 +494,9 @@ class EpisodeWriter:
         with self._lock:
             self._check_writable()
             if step.index != self._next_index:
-                raise ValueError(f"step index {step.index} is out of order; the next step of {self.path} is {self._next_index}")
+                raise ValueError(
+                    f"step index {step.index} is out of order; the next step of {self.path} is {self._next_index}"
+                )
             assert self._fd is not None
             try:
                 if self._frames_dirty:
@@ -517,7 +525,9 @@ class EpisodeWriter:
 
     def _check_writable(self) -> None:
         if self.finished or self._fd is None:
-            raise EpisodeWriteError(f"episode {self.path} is closed (outcome {self._meta.outcome!r}); nothing more can be written")
+            raise EpisodeWriteError(
+                f"episode {self.path} is closed (outcome {self._meta.outcome!r}); nothing more can be written"
+            )
         if self._broken:
             raise EpisodeWriteError(f"episode {self.path} takes no more steps: {self._broken}")
 
@@ -540,7 +550,9 @@ class EpisodeWriter:
             try:
                 atomic_write(self.path / META_FILE, _meta_json(meta))
             except OSError as exc:
-                raise EpisodeWriteError(f"cannot record the outcome in {self.path / META_FILE}: {exc.strerror or exc}") from exc
+                raise EpisodeWriteError(
+                    f"cannot record the outcome in {self.path / META_FILE}: {exc.strerror or exc}"
+                ) from exc
             self._meta = meta
             self._close_fd()
         log.info("episode=%s event=finished outcome=%s steps=%d", self.episode_id, outcome, self._next_index)
@@ -560,7 +572,9 @@ class EpisodeWriter:
     def __enter__(self) -> "EpisodeWriter":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self.finished:
             if exc is not None:
                 outcome: Outcome = "error" if isinstance(exc, Exception) else "interrupted"
@@ -596,7 +610,8 @@ class EpisodeReader:
         version = data.get("format_version") if isinstance(data, dict) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise EpisodeFormatError(
-                f"{meta_path} has format version {version}, newer than {FORMAT_VERSION}; upgrade vlm2vla-edge to read it"
+                f"{meta_path} has format version {version}, newer than {FORMAT_VERSION}; "
+                "upgrade vlm2vla-edge to read it"
             )
         try:
             self.meta = EpisodeMeta.model_validate(data)

@@ -121,7 +121,8 @@ def render_unit(options: UnitOptions = UnitOptions()) -> str:
     exec_start = " ".join(_quote(a) for a in args) + " --episodes-dir %S/vlm2vla-edge/episodes"  # %S: /var/lib
     if options.gemini_credential is not None:
         credential = (
-            "# The Gemini API key as a systemd credential ($CREDENTIALS_DIRECTORY/gemini_api_key); the file must exist.\n"
+            "# The Gemini API key as a systemd credential "
+            "($CREDENTIALS_DIRECTORY/gemini_api_key); the file must exist.\n"
             f"LoadCredential=gemini_api_key:{options.gemini_credential}"
         )
     else:

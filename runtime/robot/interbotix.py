@@ -88,8 +88,12 @@ def _import_api() -> _InterbotixApi:
     try:
         robot_module = importlib.import_module("interbotix_common_modules.common_robot.robot")
     except ImportError as exc:
-        raise DeviceError(f"interbotix_common_modules is missing or too old for this interbotix_xs_modules: {INSTALL_HINT}") from exc
-    return _InterbotixApi(manipulator=manipulator, startup=robot_module.robot_startup, shutdown=robot_module.robot_shutdown)
+        raise DeviceError(
+            f"interbotix_common_modules is missing or too old for this interbotix_xs_modules: {INSTALL_HINT}"
+        ) from exc
+    return _InterbotixApi(
+        manipulator=manipulator, startup=robot_module.robot_startup, shutdown=robot_module.robot_shutdown
+    )
 
 
 def rpy_from_rotation(rotation: np.ndarray) -> Vec3:
@@ -175,7 +179,7 @@ class InterbotixArm(Arm):
                     self._shutdown(api, bot)
                     return
                 outcome.append(bot)
-            except BaseException as exc:  # SystemExit too: Interbotix calls sys.exit on a bad motor config
+            except BaseException as exc:  # noqa: BLE001 - SystemExit too: Interbotix calls sys.exit on a bad motor config
                 outcome.append(exc)
 
         thread = threading.Thread(target=build, name="interbotix-connect", daemon=True)
@@ -189,7 +193,9 @@ class InterbotixArm(Arm):
             )
         if isinstance(outcome[0], BaseException):
             exc = outcome[0]
-            raise DeviceError(f"could not start the Interbotix API ({type(exc).__name__}: {exc}); {DRIVER_HINT}") from exc
+            raise DeviceError(
+                f"could not start the Interbotix API ({type(exc).__name__}: {exc}); {DRIVER_HINT}"
+            ) from exc
         return outcome[0]
 
     def _check_robot(self, bot: Any) -> None:
@@ -222,7 +228,7 @@ class InterbotixArm(Arm):
                 api.shutdown()
             else:
                 bot.shutdown()
-        except Exception as exc:  # shutting down must not hide the error that led here
+        except Exception as exc:  # noqa: BLE001 - shutting down must not hide the error that led here
             log.warning("event=arm_shutdown_failed error=%r", exc)
 
     def _require(self) -> Any:
@@ -319,7 +325,9 @@ class InterbotixArm(Arm):
         finally:
             self._end_motion()
 
-    def _segment(self, bot: Any, waypoint: np.ndarray, index: int, count: int, start: np.ndarray, goal: np.ndarray) -> None:
+    def _segment(
+        self, bot: Any, waypoint: np.ndarray, index: int, count: int, start: np.ndarray, goal: np.ndarray
+    ) -> None:
         """One blocking cartesian call from the commanded pose to `waypoint`, then a check of where it went."""
         config = self._config
         commanded = self._commanded_pose(bot)

@@ -25,7 +25,6 @@ import numpy as np
 from vlm2vla_edge.runtime.actions import Vec3
 from vlm2vla_edge.runtime.config import RobotConfig
 
-
 # Screw axes in the space frame, one row per joint: (wx, wy, wz, vx, vy, vz), v = -w x q.
 WX250S_SLIST = np.array(
     [

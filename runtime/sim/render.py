@@ -17,12 +17,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlm2vla_edge.runtime.actions import Vec3
-from vlm2vla_edge.runtime.robot.kinematics import fk, link_points
 from vlm2vla_edge.runtime.action_text import format_number, rounded_offset
+from vlm2vla_edge.runtime.actions import Vec3
 from vlm2vla_edge.runtime.robot.base import ArmState
+from vlm2vla_edge.runtime.robot.kinematics import fk, link_points
 from vlm2vla_edge.runtime.sim.scene import KeyPoints, ObjectKind, Scene, SceneObject
-
 
 TABLE_RGB = (176, 146, 108)
 SHADOW_RGB = (128, 104, 76)
@@ -183,7 +182,9 @@ class Renderer:
             iuv, _ = self._big.project(ring)
             draw.polygon([(float(u), float(v)) for u, v in iuv], fill=_shade(obj.kind.colour, 0.8))
 
-    def _segment(self, draw: ImageDraw.ImageDraw, a: np.ndarray, b: np.ndarray, width_m: float, rgb: tuple[int, int, int]) -> None:
+    def _segment(
+        self, draw: ImageDraw.ImageDraw, a: np.ndarray, b: np.ndarray, width_m: float, rgb: tuple[int, int, int]
+    ) -> None:
         uv, depth = self._big.project(np.stack([a, b]))
         if np.any(depth <= self._big.near_m):
             return
@@ -277,7 +278,9 @@ SCENE_DECIMALS = 2
 
 def _offset(point: tuple[float, float, float], gripper: tuple[float, float, float]) -> str:
     """The offset as the labeller states waypoint targets (`rounded_offset`), so the two match digit for digit."""
-    return "(" + ", ".join(format_number(v, SCENE_DECIMALS) for v in rounded_offset(gripper, point, SCENE_DECIMALS)) + ")"
+    return (
+        "(" + ", ".join(format_number(v, SCENE_DECIMALS) for v in rounded_offset(gripper, point, SCENE_DECIMALS)) + ")"
+    )
 
 
 def describe(scene: Scene, arm_state: ArmState, points: KeyPoints = KeyPoints()) -> str:

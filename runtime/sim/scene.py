@@ -209,7 +209,9 @@ class Scene:
                     math.hypot(x - o.position[0], y - o.position[1]) >= r + o.kind.radius_m + region.gap_m
                     for o in placed.values()
                 ):
-                    yaw = float(rng.uniform(-math.pi / 2, math.pi / 2)) if kind.semi_major_m > kind.semi_minor_m else 0.0
+                    yaw = (
+                        float(rng.uniform(-math.pi / 2, math.pi / 2)) if kind.semi_major_m > kind.semi_minor_m else 0.0
+                    )
                     placed[name] = SceneObject(kind=kind, position=(x, y, region.table_z), yaw=yaw)
                     break
             else:

@@ -120,7 +120,11 @@ ANSWER_SCHEMA: dict[str, Any] = {
     "type": "OBJECT",
     "properties": {
         "subtasks": {"type": "ARRAY", "items": {"type": "STRING"}, "description": "1-8 subtasks, in order"},
-        "segment_subtasks": {"type": "ARRAY", "items": {"type": "INTEGER"}, "description": "per segment: subtask index"},
+        "segment_subtasks": {
+            "type": "ARRAY",
+            "items": {"type": "INTEGER"},
+            "description": "per segment: subtask index",
+        },
         "motion_plans": {"type": "ARRAY", "items": {"type": "STRING"}, "description": "per window: one sentence"},
     },
     "required": ["subtasks", "segment_subtasks", "motion_plans"],
@@ -153,8 +157,10 @@ def build_prompt(labels: EpisodeLabels) -> str:
                      f"moved {_moved(seg.displacement)}; at its end {_event(seg.event)}")
     lines.append(f"Windows ({len(labels.windows)}):")
     for i, win in enumerate(labels.windows):
-        lines.append(f"  window {i} (segment {win.segment}, steps {traj.indices[win.start]}-{traj.indices[win.end - 1]}): "
-                     f"moved {_moved(win.displacement)}; at its end {_event(win.event)}")
+        lines.append(
+            f"  window {i} (segment {win.segment}, steps {traj.indices[win.start]}-{traj.indices[win.end - 1]}): "
+            f"moved {_moved(win.displacement)}; at its end {_event(win.event)}"
+        )
     lines.append(f"Answer with {len(labels.segments)} segment_subtasks and {len(labels.windows)} motion_plans.")
     return "\n".join(lines)
 
@@ -498,7 +504,9 @@ class GeminiAnnotator:
                     from google import genai
                     from google.genai import errors, types
                 except ImportError:
-                    raise UserError("the Gemini annotator needs google-genai (pip install 'vlm2vla-edge[gemini]')") from None
+                    raise UserError(
+                        "the Gemini annotator needs google-genai (pip install 'vlm2vla-edge[gemini]')"
+                    ) from None
                 assert self._key is not None
                 options = types.HttpOptions(timeout=max(1, round(self.config.timeout_s * 1000)),
                                             api_version=self.config.api_version, base_url=self.config.base_url)
@@ -513,7 +521,9 @@ class GeminiAnnotator:
             data, _ = _load_jpeg(frame, cfg.max_image_side, cfg.jpeg_quality)
             parts.append(types.Part.from_text(text=f"Camera image at step {step}:"))
             parts.append(types.Part.from_bytes(data=data, mime_type="image/jpeg"))
-        optional = {k: v for k, v in {"automatic_continuation": False}.items() if k in types.GenerateContentConfig.model_fields}
+        optional = {
+            k: v for k, v in {"automatic_continuation": False}.items() if k in types.GenerateContentConfig.model_fields
+        }
         generation = types.GenerateContentConfig(
             **optional, system_instruction=SYSTEM_PROMPT, temperature=cfg.temperature, candidate_count=1,
             response_mime_type="application/json", response_schema=ANSWER_SCHEMA,
@@ -534,7 +544,7 @@ class GeminiAnnotator:
             try:
                 response = client.models.generate_content(model=self.config.model, contents=contents, config=generation)
                 return parse_response(response)
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:  # classified below
                 code = getattr(exc, "code", None) if isinstance(exc, errors.APIError) else None
                 if code in (401, 403):
                     raise _AuthError(

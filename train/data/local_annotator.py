@@ -19,8 +19,8 @@ from vlm2vla_edge.runtime.action_text import format_subtasks
 from vlm2vla_edge.runtime.config import ActionLanguage, RobotConfig, load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader, list_episodes
 from vlm2vla_edge.runtime.errors import UserError
-from vlm2vla_edge.train.data.dataset import DatasetInfo, DatasetWriter, Sample, SourceEpisode, episode_content_hash
 from vlm2vla_edge.train.data.chunks import ChunkLimits, Window, settings_dict, waypoint_windows, windows
+from vlm2vla_edge.train.data.dataset import DatasetInfo, DatasetWriter, Sample, SourceEpisode, episode_content_hash
 from vlm2vla_edge.train.data.instruction import parse_instruction
 from vlm2vla_edge.train.data.segment import Segment, SegmentRules, segment
 from vlm2vla_edge.train.data.subtasks import name_subtasks

@@ -283,7 +283,10 @@ def evaluate_open_loop(
         action_scores.append(score)
         if n % 10 == 0 or n == len(action_samples):
             done = [s.error_cm for s in action_scores if s.error_cm is not None]
-            echo(f"  actions {n}/{len(action_samples)}  mean error so far {np.mean(done) if done else float('nan'):.1f} cm")
+            echo(
+                f"  actions {n}/{len(action_samples)}  mean error so far "
+                f"{np.mean(done) if done else float('nan'):.1f} cm"
+            )
 
     kinds: dict[str, list[ActionScore]] = defaultdict(list)
     distances: dict[str, list[ActionScore]] = defaultdict(list)
