@@ -36,10 +36,14 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from vlm2vla_edge.runtime.config import PolicyConfig, RobotConfig, StrictModel, describe_validation_error, load_robot_config
+from vlm2vla_edge.runtime.config import (
+    PolicyConfig,
+    RobotConfig,
+    StrictModel,
+    describe_validation_error,
+    load_robot_config,
+)
 from vlm2vla_edge.runtime.errors import ConfigError, UserError
-from vlm2vla_edge.runtime.files import atomic_write
-from vlm2vla_edge.runtime.local_run import INTERRUPTED, on_interrupt
 from vlm2vla_edge.runtime.events import (
     EpisodeSubscriber,
     LoopEventHandler,
@@ -48,6 +52,8 @@ from vlm2vla_edge.runtime.events import (
     SubtasksPlanned,
     SubtasksRejected,
 )
+from vlm2vla_edge.runtime.files import atomic_write
+from vlm2vla_edge.runtime.local_run import INTERRUPTED, on_interrupt
 from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
 from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, Language, PickTask, PlaceTask, Task, sample_episode
 from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig, make_verifier

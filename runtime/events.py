@@ -16,7 +16,7 @@ stream and the journal, `recording.EpisodeRecorder` for the episode on disk (run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Protocol, assert_never
+from typing import ClassVar, Literal, NoReturn, Protocol
 
 from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.errors import Vlm2VlaError
@@ -161,6 +161,12 @@ LoopEvent = (
     | StepVerified
     | EpisodeEnded
 )
+
+
+def assert_never(value: NoReturn) -> NoReturn:
+    """mypy's exhaustiveness check of a `match` over `LoopEvent` (`typing.assert_never` needs Python 3.11;
+    the robot's computer may run 3.10): a case left out makes `value` not `NoReturn` there, a type error."""
+    raise AssertionError(f"not a loop event: {value!r}")
 
 
 class EpisodeHalt(Vlm2VlaError):

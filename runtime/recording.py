@@ -202,7 +202,9 @@ class EpisodeRecorder(LoopEventHandler):
         try:
             self.writer.finish(result.outcome, result.detail, extra=meta_extra)
         except EpisodeWriteError as exc:  # meta.json keeps outcome null: the episode reads as interrupted
-            log.error("episode=%s event=finish_failed outcome=%s error=%r", self.writer.episode_id, result.outcome, str(exc))
+            log.error(
+                "episode=%s event=finish_failed outcome=%s error=%r", self.writer.episode_id, result.outcome, str(exc)
+            )
 
     # --- helpers -----------------------------------------------------------------------------------
 

@@ -42,11 +42,17 @@ from vlm2vla_edge.runtime.events import (
     SubtasksRejected,
 )
 from vlm2vla_edge.runtime.parser import ParseError
-from vlm2vla_edge.runtime.policy.interface import GenerationCancelled, Observation, Policy, PolicyOutputError, StepResult
+from vlm2vla_edge.runtime.policy.interface import (
+    GenerationCancelled,
+    Observation,
+    Policy,
+    PolicyOutputError,
+    StepResult,
+)
 from vlm2vla_edge.runtime.postprocess import postprocess_chunk
 from vlm2vla_edge.runtime.robot.base import Arm, ArmState, Camera, DeviceError, Frame, MoveResult
 from vlm2vla_edge.runtime.safety import ChunkVerdict, EStopEngaged, SafetyLimiter, SafetyViolation
-from vlm2vla_edge.runtime.verifier.base import VerificationRequest, Verdict, Verifier
+from vlm2vla_edge.runtime.verifier.base import Verdict, VerificationRequest, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,9 @@ log = logging.getLogger(__name__)
 class RunnerConfig(StrictModel):
     """Budgets of one episode."""
 
-    max_retries_per_subtask: int = Field(3, ge=0, le=20, description="Failed attempts allowed before the episode fails.")
+    max_retries_per_subtask: int = Field(
+        3, ge=0, le=20, description="Failed attempts allowed before the episode fails."
+    )
     max_steps: int = Field(40, ge=1, le=1000, description="Policy steps allowed in one episode, all subtasks together.")
     episode_timeout_s: float = Field(600.0, gt=0, description="Wall-clock budget of one episode.")
     camera_timeout_s: float = Field(2.0, gt=0, le=60, description="Longest wait for one camera frame.")
@@ -389,7 +397,7 @@ class EpisodeRunner:
                     log.error("subscriber %s failed on %s error=%r", type(subscriber).__name__, kind, str(exc))
                 else:
                     halt = halt or exc
-            except Exception:  # noqa: BLE001 - a broken printer must not stop a robot mid-episode
+            except Exception:  # logged, not raised: a broken printer must not stop a robot mid-episode
                 log.exception("subscriber %s failed on %s", type(subscriber).__name__, kind)
         if halt is not None:
             raise halt

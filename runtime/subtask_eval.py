@@ -63,7 +63,8 @@ class SubtaskReport(BaseModel):
         for kind, values in counts.items():
             lines.append(f"  {kind:<18}{sum(values):>4}/{len(values):<4} {100 * sum(values) / len(values):5.0f}%")
         if self.overall is not None:
-            lines.append(f"  {'all':<18}{sum(r.success for r in self.runs):>4}/{len(self.runs):<4} {100 * self.overall:5.0f}%")
+            successes = sum(r.success for r in self.runs)
+            lines.append(f"  {'all':<18}{successes:>4}/{len(self.runs):<4} {100 * self.overall:5.0f}%")
         return "\n".join(lines)
 
 
@@ -80,11 +81,13 @@ def _goals(task: Task) -> list[tuple[str, Callable[["SimWorld"], bool]]]:
             here = world.ee_position
             return math.hypot(here[0] - goal[0], here[1] - goal[1]) <= 0.03 and abs(here[2] - goal[2]) <= 0.03
 
-        goals += [
-            ("move to object", arrived),
-            ("grasp", lambda world, name=item: world.scene.held == name),
-            ("lift", lambda world, name=item: world.scene.lifted(name, LIFT_HEIGHT_M)),
-        ]
+        def grasped(world: "SimWorld", name: str = item) -> bool:
+            return world.scene.held == name
+
+        def lifted(world: "SimWorld", name: str = item) -> bool:
+            return world.scene.lifted(name, LIFT_HEIGHT_M)
+
+        goals += [("move to object", arrived), ("grasp", grasped), ("lift", lifted)]
         if isinstance(part, PlaceTask):
             target = part.target
 
@@ -92,8 +95,10 @@ def _goals(task: Task) -> list[tuple[str, Callable[["SimWorld"], bool]]]:
                 obj = world.scene[name]
                 return world.scene.held == name and world.scene[container].contains_xy(obj.position[0], obj.position[1])
 
-            goals += [("move to container", over),
-                      ("release", lambda world, name=item, container=target: world.scene.rests_in(name, container))]
+            def released(world: "SimWorld", name: str = item, container: str = target) -> bool:
+                return world.scene.rests_in(name, container)
+
+            goals += [("move to container", over), ("release", released)]
     return goals
 
 

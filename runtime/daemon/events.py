@@ -12,7 +12,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, assert_never
+from typing import Any
 
 from vlm2vla_edge.runtime.events import (
     CommandsExecuted,
@@ -26,6 +26,7 @@ from vlm2vla_edge.runtime.events import (
     StepVerified,
     SubtasksPlanned,
     SubtasksRejected,
+    assert_never,
 )
 from vlm2vla_edge.runtime.robot.base import ArmState
 
@@ -90,13 +91,13 @@ def event_json(event: LoopEvent) -> dict[str, Any]:
                 state=_state(event.state),
             )
         case SafetyChecked():
-            verdict = event.verdict
+            chunk = event.verdict
             out.update(
                 subtask_index=event.subtask_index,
-                rejected=bool(verdict.rejected),
-                reason=verdict.reason,
-                decisions=[x.to_dict() for x in verdict.decisions],  # holds every command's own decisions too
-                commands=[{"target": _vec(c.target), "gripper_open": c.gripper_open} for c in verdict.commands],
+                rejected=bool(chunk.rejected),
+                reason=chunk.reason,
+                decisions=[x.to_dict() for x in chunk.decisions],  # holds every command's own decisions too
+                commands=[{"target": _vec(c.target), "gripper_open": c.gripper_open} for c in chunk.commands],
             )
         case CommandsExecuted():
             out.update(

@@ -41,18 +41,22 @@ class DaemonMetrics(LoopEventHandler):
             ["rule", "verdict"], registry=r,
         )
         self.rejected_chunks = Counter(
-            "vlm2vla_safety_rejected_chunks_total", "Action chunks the limiter rejected (wholly or in part).", registry=r
+            "vlm2vla_safety_rejected_chunks_total", "Action chunks the limiter rejected (wholly or in part).",
+            registry=r,
         )
         self.verdicts = Counter(
             "vlm2vla_verifier_verdicts_total", "Verifier verdicts, by deciding verifier and result.",
             ["verifier", "success"], registry=r,
         )
         self.fallbacks = Counter(
-            "vlm2vla_verifier_fallbacks_total", "Verdicts decided by the fallback verifier, by the verifier that failed.",
+            "vlm2vla_verifier_fallbacks_total",
+            "Verdicts decided by the fallback verifier, by the verifier that failed.",
             ["from"], registry=r,
         )
         self.estops = Counter("vlm2vla_estops_total", "E-stop requests received.", registry=r)
-        self.requests = Counter("vlm2vla_http_requests_total", "API requests answered, by status code.", ["code"], registry=r)
+        self.requests = Counter(
+            "vlm2vla_http_requests_total", "API requests answered, by status code.", ["code"], registry=r
+        )
         self.estop_engaged = Gauge("vlm2vla_estop_engaged", "1 while the e-stop is latched.", registry=r)
         self.running = Gauge("vlm2vla_episode_running", "1 while an episode runs.", registry=r)
         self.adapter = Gauge(

@@ -30,12 +30,12 @@ from vlm2vla_edge.runtime.daemon.events import TaskEventLog, event_json, result_
 from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
 from vlm2vla_edge.runtime.episode import EpisodeWriteError, EpisodeWriter, mark_interrupted
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
-from vlm2vla_edge.runtime.station import Station, episode_meta
+from vlm2vla_edge.runtime.events import EpisodeHalt, EpisodeResult, EpisodeSubscriber, LoopEvent
 from vlm2vla_edge.runtime.policy.interface import Policy
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
-from vlm2vla_edge.runtime.events import EpisodeHalt, EpisodeResult, EpisodeSubscriber, LoopEvent
 from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
+from vlm2vla_edge.runtime.station import Station, episode_meta
 from vlm2vla_edge.runtime.verifier.base import Verifier
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 TaskState = Literal["running", "finished"]
 
 #: Bidirectional-text and other invisible format characters that can disguise an instruction.
-_DISGUISING = {"\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"}
+_DISGUISING = {
+    "\u200e", "\u200f", "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069",
+}
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 
@@ -94,9 +96,13 @@ def validate_adapter(name: object, known: tuple[str, ...]) -> str | None:
     if not isinstance(name, str):
         raise InvalidRequest("'adapter' must be a string (the name of one of the bundle's adapters)")
     if not known:
-        raise InvalidRequest(f"the loaded model bundle has no adapters (its model is merged), so no adapter '{_printable(name)}'")
+        raise InvalidRequest(
+            f"the loaded model bundle has no adapters (its model is merged), so no adapter '{_printable(name)}'"
+        )
     if name not in known:
-        raise InvalidRequest(f"the loaded model bundle has no adapter '{_printable(name)}'; its adapters: {', '.join(known)}")
+        raise InvalidRequest(
+            f"the loaded model bundle has no adapter '{_printable(name)}'; its adapters: {', '.join(known)}"
+        )
     return name
 
 
@@ -150,7 +156,7 @@ class _Fanout:
                 target.on_event(event)
             except EpisodeHalt as exc:  # passed on to the runner once every target has the event
                 halt = halt or exc
-            except Exception:  # noqa: BLE001 - one broken subscriber must not starve the others
+            except Exception:  # logged, not raised: one broken subscriber must not starve the others
                 log.exception("subscriber %s failed on %s", type(target).__name__, event.kind)
         if halt is not None:
             raise halt
@@ -258,7 +264,7 @@ class Daemon:
             if self.adapters:
                 wanted = adapter or getattr(self.policy, "default_adapter", None) or self.adapters[0]
                 if wanted != self.adapter:
-                    seconds = self.policy.use_adapter(wanted)  # type: ignore[union-attr]
+                    seconds = self.policy.use_adapter(wanted)  # type: ignore[attr-defined]
                     self._adapter_switches += 1
                     self._last_switch_s = seconds
                     self.metrics.adapter_applied(wanted, self.adapters, seconds)
@@ -266,13 +272,17 @@ class Daemon:
             try:
                 writer = EpisodeWriter.create(
                     self.episodes_dir,
-                    episode_meta(instruction, self.robot, self.station, self.policy, seed=seed if self.station.sim else None),
+                    episode_meta(
+                        instruction, self.robot, self.station, self.policy, seed=seed if self.station.sim else None
+                    ),
                 )
             except EpisodeWriteError as exc:
                 cause = exc.__cause__
                 reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror else None) or str(exc)
                 log.error("event=episode_create_failed error=%r", str(exc))
-                raise CannotRecord(f"cannot record a new episode ({reason}); free space in the episodes folder") from exc
+                raise CannotRecord(
+                    f"cannot record a new episode ({reason}); free space in the episodes folder"
+                ) from exc
             self._episodes += 1
             if self.station.set_table_for(instruction, seed):
                 log.info("event=sim_scene_reset seed=%d", seed)
@@ -284,7 +294,9 @@ class Daemon:
             self._forget_old_tasks()
             self._current = task
             self._fanout.targets = [EpisodeRecorder(writer, self.record_frames), task.events]
-            self._worker = threading.Thread(target=self._run, args=(task, writer), name=f"episode-{task.id}", daemon=True)
+            self._worker = threading.Thread(
+                target=self._run, args=(task, writer), name=f"episode-{task.id}", daemon=True
+            )
             self._worker.start()
         log.info(
             "task=%s event=submitted adapter=%s instruction=%s", task.id, task.adapter or "-",
@@ -297,7 +309,7 @@ class Daemon:
         assert self.runner is not None  # submit() refuses tasks without a model
         try:
             result = self.runner.run(task.instruction)
-        except Exception as exc:  # noqa: BLE001 - runner.run handles the loop's errors; this is a refusal
+        except Exception as exc:  # runner.run handles the loop's errors; this is a refusal
             log.exception("task=%s event=run_refused", task.id)
             result = EpisodeResult(outcome="error", detail=f"{type(exc).__name__}: {exc}")
             if not writer.finished:
@@ -347,7 +359,9 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - the latch holds whatever the arm says
                 log.error("event=estop_arm_stop_failed error=%r", str(exc))
         self.metrics.count_estop()
-        log.warning("event=estop task=%s reason=%s", self.current_task_id or "-", json.dumps(reason, ensure_ascii=False))
+        log.warning(
+            "event=estop task=%s reason=%s", self.current_task_id or "-", json.dumps(reason, ensure_ascii=False)
+        )
 
     def reset(self, wait_s: float = 5.0) -> None:
         """Release the e-stop latch once the stopped episode has ended (`DaemonBusy` if it does not)."""
