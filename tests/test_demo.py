@@ -78,6 +78,7 @@ def test_missing_convert_tools_is_a_one_line_error(tmp_path: Path, monkeypatch) 
         demo.find_or_build_bundle(tmp_path / "cache", _fake_adapter(tmp_path / "a"), echo=lambda line: None)
 
 
+@pytest.mark.slow  # the real Gemma-3-270M runs a whole episode
 def test_demo_command_runs_an_episode_and_writes_its_report(tmp_path: Path, gemma270m_bundle, capsys) -> None:
     """The command's own path with a given bundle (the untrained base: the episode may fail, the run must not)."""
     from vlm2vla_edge.runtime.cli import main
