@@ -247,10 +247,22 @@ def test_cli_refuses_when_the_disk_is_too_small(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no work folder left
 
 
+CONVERT_OPTIONS = ("--base", "--adapter", "--out", "--quant", "--dataset", "--overwrite", "--min-top1")
+
+
+@pytest.mark.slow  # a process that imports the converter (torch); the in-process twin below is quick
 def test_script_help_from_the_repo_root() -> None:
     result = subprocess.run(
         [sys.executable, "convert/merge_quantize.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    for option in ("--base", "--adapter", "--out", "--quant", "--dataset", "--overwrite", "--min-top1"):
+    for option in CONVERT_OPTIONS:
         assert option in result.stdout
+
+
+def test_help_lists_the_options(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run_app(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in CONVERT_OPTIONS:
+        assert option in out
