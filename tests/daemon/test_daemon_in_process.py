@@ -33,11 +33,12 @@ from vlm2vla_edge.testing.fake_daemon import UNTIL_CANCELLED, fake_daemon_in_pro
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path]]:
-    """One in-process fake daemon for the module (steps take 0.05 s) and its runtime config."""
+    """One in-process fake daemon for the module and its runtime config: the simulator not in real time
+    (episodes take milliseconds); "until cancelled" instructions keep it busy where a test needs that."""
     folder = tmp_path_factory.mktemp("daemon")
     limits = {"socket_mode": "0640", "max_request_bytes": 1024, "max_instruction_chars": 80}
-    config = write_config(folder, daemon=limits)
-    with fake_daemon_in_process(config, step_s=0.05) as daemon:
+    config = write_config(folder, daemon=limits, sim_realtime=False)
+    with fake_daemon_in_process(config) as daemon:
         yield daemon, config
 
 
@@ -178,7 +179,7 @@ def test_bad_requests_get_clear_json_errors(served, method, path, body, headers,
 
 def test_shutdown_mid_episode_parks_the_arm_and_records_the_episode(tmp_path: Path) -> None:
     """What SIGTERM makes `serve` do (tests/daemon/test_daemon_process.py sends the real signal)."""
-    settings = load_runtime_config(write_config(tmp_path))
+    settings = load_runtime_config(write_config(tmp_path, sim_realtime=False))
     with fake_station_daemon(settings) as (daemon, station):
         task = daemon.submit(f"lift the carrot {UNTIL_CANCELLED}")
         since, kinds, deadline = 0, [], time.monotonic() + 30
