@@ -80,7 +80,7 @@ def quantize_gguf(source: Path, dest: Path, quant: str, *, n_threads: int = 0) -
 
         # The runtime decoder's backend set-up routes llama.cpp's log (a line per tensor here) into
         # `logging` instead of stderr.
-        from vlm2vla_edge.runtime.policy.decoder import ensure_backend
+        from vlm2vla_edge.runtime.policy.llama_handles import ensure_backend
 
         ensure_backend()
         params = llama_cpp.llama_model_quantize_default_params()

@@ -15,8 +15,9 @@ from vlm2vla_edge.grammars import GrammarError, load_gbnf
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan
-from vlm2vla_edge.runtime.policy.decoder import DecoderError, LlamaDecoder, ModelLoadError
+from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled
+from vlm2vla_edge.runtime.policy.llama_handles import DecoderError, ModelLoadError, SamplerChain
 
 # A few-shot prompt so that a base model writes short chunks (keeps the tests fast).
 ACTION_PROMPT = (
@@ -279,10 +280,11 @@ def test_cancel_stops_within_one_step(decoder: LlamaDecoder, action_grammar) -> 
 @pytest.mark.slow
 def test_cancel_from_another_thread(decoder: LlamaDecoder) -> None:
     event = threading.Event()
+    long_free = Sampling(temperature=1.0, max_tokens=4000, seed=1)
     timer = threading.Timer(0.2, event.set)
     timer.start()
     try:
-        gen = decoder.generate("Once upon a time", None, Sampling(temperature=1.0, max_tokens=4000, seed=1), cancel=event)
+        gen = decoder.generate("Once upon a time", None, long_free, cancel=event)
     finally:
         timer.cancel()
     assert gen.stop_reason in ("cancelled", "eos")
@@ -335,3 +337,90 @@ def test_cancel_interrupts_a_long_prompt_evaluation(gemma270m_gguf: Path) -> Non
         assert stopped_s < full_s * 0.75, (stopped_s, full_s)
         # the decoder is usable again afterwards
         long_decoder.eval_prefix("Short prompt.")
+
+
+# --- ownership of the llama.cpp objects -----------------------------------------------------------------
+
+_FREE_CALLS = (
+    ("llama_cpp", "llama_model_free"), ("llama_cpp", "llama_free"), ("llama_cpp", "llama_batch_free"),
+    ("llama_cpp", "llama_adapter_lora_free"), ("llama_cpp", "llama_sampler_free"), ("llama_cpp.mtmd_cpp", "mtmd_free"),
+)
+
+
+@pytest.fixture
+def frees(monkeypatch) -> list[str]:
+    """The llama.cpp free calls made during a test, in order (each still frees for real)."""
+    import importlib
+
+    calls: list[str] = []
+    for module_name, name in _FREE_CALLS:
+        module = importlib.import_module(module_name)
+        real = getattr(module, name)
+
+        def counting(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_a_handle_frees_its_c_object_exactly_once(frees: list[str]) -> None:
+    import llama_cpp
+
+    with SamplerChain() as chain:
+        chain.add(llama_cpp.llama_sampler_init_greedy())
+    chain.close()  # a second close frees nothing
+    assert frees == ["llama_sampler_free"]
+    with pytest.raises(DecoderError, match="freed"):
+        _ = chain.ptr
+    with pytest.raises(DecoderError, match="could not create a sampler"), SamplerChain() as failing:
+        failing.add(None)  # a NULL sampler: the chain is still freed on the way out
+    assert frees == ["llama_sampler_free", "llama_sampler_free"]
+
+
+def test_the_backend_is_initialised_once() -> None:
+    from vlm2vla_edge.runtime.policy.llama_handles import ensure_backend
+
+    assert ensure_backend() is ensure_backend()
+
+
+@pytest.mark.slow
+def test_closing_twice_frees_each_handle_once_in_reverse_order(gemma270m_gguf: Path, frees: list[str]) -> None:
+    decoder = LlamaDecoder(gemma270m_gguf, _config())
+    decoder.close()
+    decoder.close()
+    with decoder:  # leaving a `with` closes a third time
+        pass
+    assert frees == ["llama_batch_free", "llama_free", "llama_model_free"]
+    with pytest.raises(DecoderError, match="closed"):
+        decoder.tokenize("too late")
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_half_way_frees_what_it_had_created(gemma270m_gguf: Path, frees: list[str]) -> None:
+    # A text model is no vision projector: llama.cpp refuses it after the model, context and batch exist.
+    with pytest.raises(ModelLoadError, match="vision projector"):
+        LlamaDecoder(gemma270m_gguf, _config(), mmproj_path=gemma270m_gguf)
+    assert frees == ["llama_batch_free", "llama_free", "llama_model_free"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_load_frees_only_what_exists(gemma270m_gguf: Path, frees: list[str], monkeypatch) -> None:
+    import llama_cpp
+
+    def no_memory(*args):
+        raise MemoryError("no room for the batch")
+
+    monkeypatch.setattr(llama_cpp, "llama_batch_init", no_memory)
+    with pytest.raises(MemoryError):
+        LlamaDecoder(gemma270m_gguf, _config())
+    assert frees == ["llama_free", "llama_model_free"]  # no batch was made, so none is freed
+
+
+@pytest.mark.slow
+def test_a_bad_adapter_is_refused_and_the_decoder_stays_usable(decoder: LlamaDecoder, gemma270m_gguf: Path) -> None:
+    with pytest.raises(ModelLoadError, match="could not load the LoRA adapter"):
+        decoder.load_adapter("not-an-adapter", gemma270m_gguf)  # a model, not a LoRA GGUF
+    assert decoder.adapter_names == ()
+    assert decoder.generate("Hello", None, Sampling(temperature=0.0, max_tokens=3)).tokens

@@ -20,6 +20,7 @@ from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, load_policy_config
 from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
+from vlm2vla_edge.runtime.policy.speculation import SEP, Draft, Speculation, plan_forced
 
 V1 = ActionLanguage(max_abs_value_m=0.999)
 V1_TASKS = (
@@ -57,7 +58,7 @@ def decoder(gemma270m_gguf: Path):
         yield dec
 
 
-def _both(decoder: LlamaDecoder, run):  # noqa: ANN001, ANN202
+def _both(decoder: LlamaDecoder, run):
     """run() with speculation off, then on (same decoder, so the same model and threads)."""
     saved = decoder.config
     try:
@@ -73,12 +74,12 @@ def _both(decoder: LlamaDecoder, run):  # noqa: ANN001, ANN202
 @pytest.fixture(scope="module")
 def demo_cases() -> list[tuple[str, str, str]]:
     """(step prefix, action suffix, label chunk) of simulator steps labelled as the demo's training data is."""
+    import tempfile
+
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.episode import EpisodeReader
     from vlm2vla_edge.runtime.sim.expert import record_demonstrations
     from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples
-
-    import tempfile
 
     robot = load_robot_config("widowx250s")
     language = load_policy_config("policy_waypoints").action_language
@@ -117,7 +118,7 @@ def test_greedy_output_is_plain_decodings_on_demo_prompts(decoder: LlamaDecoder,
     batches = {False: 0, True: 0}
     accepted = 0
     for prefix_text, action_suffix, _label in demo_cases:
-        def step():  # noqa: ANN202
+        def step():
             prefix = decoder.eval_prefix(prefix_text)
             m = decoder.generate(DEFAULT_PROMPTS.render_motion_suffix(), motion, greedy, prefix=prefix)
             a = decoder.generate(action_suffix, action, greedy, prefix=prefix)
@@ -176,7 +177,8 @@ def test_max_tokens_and_kv_cache_are_exact_after_speculation(decoder: LlamaDecod
     first = decoder.generate(tail, grammar, Sampling(temperature=1.0, max_tokens=120, seed=5), prefix=prefix)
     assert first.timings.drafted_tokens > first.timings.accepted_tokens  # some drafts were rejected
     reused = decoder.generate(tail, grammar, Sampling(temperature=0.0, max_tokens=120), prefix=prefix)
-    fresh = decoder.generate(tail, grammar, Sampling(temperature=0.0, max_tokens=120), prefix=decoder.eval_prefix(head + "\n"))
+    fresh_prefix = decoder.eval_prefix(head + "\n")
+    fresh = decoder.generate(tail, grammar, Sampling(temperature=0.0, max_tokens=120), prefix=fresh_prefix)
     assert reused.tokens == fresh.tokens
 
 
@@ -227,14 +229,14 @@ def test_cancel_during_a_verification_stops_after_that_batch(decoder: LlamaDecod
         event = threading.Event()
         state = {"verifications": 0, "batches": 0, "batches_at_press": None}
 
-        def pressing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def pressing(*args, **kwargs):
             state["verifications"] += 1
             if state["verifications"] == press_at:
                 event.set()
                 state["batches_at_press"] = state["batches"]
             return verify(*args, **kwargs)
 
-        def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def counting(*args, **kwargs):
             state["batches"] += 1
             return decode(*args, **kwargs)
 
@@ -305,8 +307,8 @@ def test_sampled_distribution_is_plain_samplings(decoder: LlamaDecoder) -> None:
             counts[speculative] = {key: 0 for key in exact}
             for seed in range(n):
                 prefix = decoder.eval_prefix(head) if seed == 0 else prefix
-                gen = decoder.generate(tail, grammar, Sampling(temperature=temperature, top_p=1.0, max_tokens=8, seed=seed),
-                                       prefix=prefix)
+                sampling = Sampling(temperature=temperature, top_p=1.0, max_tokens=8, seed=seed)
+                gen = decoder.generate(tail, grammar, sampling, prefix=prefix)
                 counts[speculative][gen.text] += 1
                 if speculative:
                     drafted += gen.timings.drafted_tokens
@@ -338,7 +340,7 @@ def test_image_prefix_greedy_is_plain_decodings(tiny_vision_gguf) -> None:
         for seed in range(3):
             image = (np.random.default_rng(seed).random((48, 64, 3)) * 255).astype(np.uint8)
 
-            def run():  # noqa: ANN202
+            def run():
                 prefix = dec.eval_prefix(prefix_text, image)
                 return dec.generate(suffix, grammar, Sampling(temperature=0.0, max_tokens=80), prefix=prefix)
 
@@ -346,7 +348,7 @@ def test_image_prefix_greedy_is_plain_decodings(tiny_vision_gguf) -> None:
             assert spec.tokens == plain.tokens
 
 
-def _both_on(dec: LlamaDecoder, config: PolicyConfig, run):  # noqa: ANN001, ANN202
+def _both_on(dec: LlamaDecoder, config: PolicyConfig, run):
     dec.config = config.model_copy(update={"speculative": False})
     plain = run()
     dec.config = config.model_copy(update={"speculative": True})
@@ -356,10 +358,8 @@ def _both_on(dec: LlamaDecoder, config: PolicyConfig, run):  # noqa: ANN001, ANN
 # --- the lookup and the forced-run plan, without a model -------------------------------------------------
 
 
-def _spec(context, memory=(), key_of=None):  # noqa: ANN001, ANN202
-    from vlm2vla_edge.runtime.policy.decoder import _Speculation
-
-    return _Speculation(key_of or (lambda t: t), context, memory)
+def _spec(context, memory=(), key_of=None):
+    return Speculation(key_of or (lambda t: t), context, memory)
 
 
 def test_lookup_prefers_the_longest_match_then_the_most_recent() -> None:
@@ -375,9 +375,7 @@ def test_lookup_prefers_the_longest_match_then_the_most_recent() -> None:
 
 
 def test_lookup_stops_at_a_seam_and_reads_loose_keys() -> None:
-    from vlm2vla_edge.runtime.policy.decoder import _SEP
-
-    spec = _spec([1, 2, _SEP, 2, 3, 2])
+    spec = _spec([1, 2, SEP, 2, 3, 2])
     # the end "2" occurs at 1 (then the seam) and at 3 (then 3); a match never extends across the seam
     assert spec.context_starts(limit=4) == [4, 2]
     assert spec._match(spec.keys, 3) == 1
@@ -415,12 +413,12 @@ class _FakeMatcher:
 
 
 def test_forced_runs_in_a_draft_are_marked_and_a_different_spelling_is_cut() -> None:
-    plan = LlamaDecoder._plan_forced
     matcher = _FakeMatcher()
-    assert plan(matcher, [1, 2, 3, 7, 1, 2]) == ([1, 2, 3, 7, 1, 2], [False, True, True, False, False, True])
+    expected = Draft([1, 2, 3, 7, 1, 2], [False, True, True, False, False, True])
+    assert plan_forced(matcher, [1, 2, 3, 7, 1, 2]) == expected
     assert matcher.consumed == []  # rolled back
-    assert plan(matcher, [1, 2, 9, 7]) == ([1, 2], [False, True])  # plain decoding would force 3, not 9
-    assert plan(matcher, [5, 6]) == ([5, 6], [False, False])
+    assert plan_forced(matcher, [1, 2, 9, 7]) == Draft([1, 2], [False, True])  # plain decoding would force 3, not 9
+    assert plan_forced(matcher, [5, 6]) == Draft([5, 6], [False, False])
 
 
 def test_among_equal_matches_the_same_neighbourhood_wins() -> None:

@@ -1,4 +1,4 @@
-"""The only module that talks to llama.cpp: model, context, KV cache, batches, samplers, mtmd, grammar.
+"""The module that drives llama.cpp: model, context, KV cache, batches, samplers, mtmd, grammar.
 
 Why it exists: llama-cpp-python's high-level API puts the grammar sampler inside the sampler chain,
 so every token checks Gemma's whole 262,144-token vocabulary against the grammar (2.4-3.8x slower
@@ -16,13 +16,15 @@ llama.cpp's native sampler chain through the low-level API and constrain it with
   follows the prefix from the KV cache and appends its own suffix (`swa_full` makes that possible
   for Gemma 3's sliding-window layers).
 
-Every NULL pointer and error code from llama.cpp becomes an exception here; nothing else in the
-project touches ctypes. A decoder is not thread-safe: one generation at a time (the cancel event
-is the only thing another thread may touch).
+Every NULL pointer and error code from llama.cpp becomes an exception here or in llama_handles.py,
+which owns llama.cpp's C objects (one class each, freed once); speculation.py proposes the drafts that
+speculative decoding verifies here. Nothing outside runtime/policy/ touches ctypes. A decoder is not
+thread-safe: one generation at a time (the cancel event is the only thing another thread may touch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -36,106 +38,42 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from vlm2vla_edge.runtime.config import PolicyConfig, Sampling
 from vlm2vla_edge.grammars import validate_gbnf
-from vlm2vla_edge.runtime.errors import GrammarError, UserError, Vlm2VlaError
+from vlm2vla_edge.runtime.config import PolicyConfig, Sampling
+from vlm2vla_edge.runtime.errors import GrammarError, UserError
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled
+from vlm2vla_edge.runtime.policy.llama_handles import (
+    DecoderError,
+    LlamaBatch,
+    LlamaContext,
+    LlamaModel,
+    LoraAdapter,
+    ModelLoadError,
+    MtmdBitmap,
+    MtmdContext,
+    MtmdInputChunks,
+    SamplerChain,
+    check_gguf,
+    ensure_backend,
+)
+from vlm2vla_edge.runtime.policy.speculation import SEP, SPARSE_MAX_WORDS, Draft, Drafter, Speculation, StageKey
 
 log = logging.getLogger(__name__)
 
 StopReason = Literal["grammar_end", "eos", "max_tokens", "cancelled"]
 
-_GGUF_MAGIC = b"GGUF"
-# Up to this many 32-token bitmask words with an allowed token, sample from a candidate array of the
-# allowed tokens only (at most 32 x 256 = 8192 candidates); above it, mask the full logits.
-_SPARSE_MAX_WORDS = 256
 _ARANGE32 = np.arange(32, dtype=np.int64)
 _CANDIDATE_DTYPE = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
-_SEP = -1  # in a draft lookup history: "no token here" (an image, the seam between two histories)
 
 
 class _Aborted(Exception):
     """Internal: llama_decode returned 2 because the abort callback saw the cancel event."""
 
 
-class DecoderError(Vlm2VlaError):
-    """llama.cpp or llguidance failed at run time (decode error, KV cache full, matcher error)."""
-
-
-class ModelLoadError(UserError):
-    """A model or projector file is missing, not a GGUF, truncated, or incompatible."""
-
-
-# A grammar that does not compile raises `vlm2vla_edge.grammars.GrammarError` when it is loaded
-# (`compile_grammar`), never at generation time.
-__all__ = [
-    "DecoderError", "Generation", "Grammar", "GrammarError", "LlamaDecoder", "ModelLoadError", "Prefix",
-    "StopReason", "Timings",
-]
-
-
-# --- llama.cpp logging ------------------------------------------------------------------------------
-# llama.cpp prints everything to stderr unless given a callback. We route it into `logging` and keep
-# the last error lines, so that a failed load can say *why* in its exception.
-
-# ggml_log_level: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation. llama.cpp's "info" is a
-# page of model facts per load: debug for us. Its warnings are about model files and cache settings
-# we chose on purpose (full-size SWA cache): info for us; they are still kept for error messages.
-_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
-_llama_log = logging.getLogger("vlm2vla_edge.llama_cpp")
-_recent_errors: list[str] = []
-_last_level = [logging.DEBUG]
-
-
-def _on_llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    message = text.decode("utf-8", errors="replace").rstrip()
-    py_level = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
-    _last_level[0] = py_level
-    if py_level >= logging.INFO and message:  # llama.cpp warnings and errors: kept for error messages
-        _recent_errors.append(message)
-        del _recent_errors[:-8]
-    if message and _llama_log.isEnabledFor(py_level):
-        _llama_log.log(py_level, message)
-
-
-_callbacks: dict[str, object] = {}  # keeps the ctypes callbacks alive for the life of the process
-
-
-def _install_log_callbacks() -> None:
-    if "llama" in _callbacks:
-        return
-    import llama_cpp
-    from llama_cpp import mtmd_cpp
-
-    llama_cb = llama_cpp.llama_log_callback(_on_llama_log)
-    llama_cpp.llama_log_set(llama_cb, ctypes.c_void_p(0))
-    _callbacks["llama"] = llama_cb
-    try:
-        mtmd_cb = llama_cpp.llama_log_callback(_on_llama_log)
-        mtmd_cpp.mtmd_helper_log_set(mtmd_cb, ctypes.c_void_p(0))
-        _callbacks["mtmd"] = mtmd_cb
-    except (AttributeError, OSError):  # a build without mtmd: text models still work
-        pass
-
-
-def _take_recent_errors() -> str:
-    text = " | ".join(line for line in _recent_errors if line)
-    _recent_errors.clear()
-    return text
-
-
-_backend_lock = threading.Lock()
-_backend_ready = [False]
-
-
-def ensure_backend() -> None:
-    with _backend_lock:
-        if not _backend_ready[0]:
-            import llama_cpp
-
-            _install_log_callbacks()
-            llama_cpp.llama_backend_init()
-            _backend_ready[0] = True
+# Errors: a grammar that does not compile raises `runtime.errors.GrammarError` when it is loaded
+# (`compile_grammar`), never at generation time; llama.cpp failures raise `DecoderError` and files it
+# refuses `ModelLoadError`, both defined in llama_handles.py with the handles that raise them first.
+__all__ = ["Generation", "Grammar", "LlamaDecoder", "Prefix", "StopReason", "Timings"]
 
 
 # --- public value types -----------------------------------------------------------------------------
@@ -210,24 +148,38 @@ class Prefix:
 # --- the decoder ------------------------------------------------------------------------------------
 
 
-def _check_gguf(path: Path, what: str) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"{what} file {path} does not exist")
-    if not path.is_file():
-        raise ModelLoadError(f"{what} path {path} is not a file")
-    try:
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {what} file {path}: {exc.strerror or exc}") from exc
-    if magic != _GGUF_MAGIC:
-        raise ModelLoadError(f"{what} file {path} is not a GGUF file (wrong magic bytes)")
+@dataclass(frozen=True, slots=True)
+class _LoopResult:
+    """What a decode loop hands back to `generate`: the output tokens, why it stopped, and its counts."""
+
+    tokens: list[int]
+    stop: StopReason
+    sampled: int
+    forced: int
+    resamples: int
+    batches: int
+    evaluated: int
 
 
 class LlamaDecoder:
-    """A loaded GGUF model (plus optional vision projector) with one context and one sequence."""
+    """A loaded GGUF model (plus optional vision projector) with one context and one sequence.
 
-    def __init__(self, model_path: str | Path, config: PolicyConfig | None = None, mmproj_path: str | Path | None = None):
+    It owns its llama.cpp objects (llama_handles.py) through one `ExitStack`: `close()` frees them in
+    reverse order of creation (projector, batch, context, LoRA adapters, model), each exactly once, and
+    a constructor that fails half-way frees what it had created before raising.
+    """
+
+    def __init__(
+        self, model_path: str | Path, config: PolicyConfig | None = None, mmproj_path: str | Path | None = None
+    ) -> None:
+        self._handles = contextlib.ExitStack()  # first: close() (and __del__) work whatever fails below
+        # Raw pointers for the hot paths (one attribute read per llama.cpp call); close() clears them
+        # before the handles free what they point to.
+        self._model: Any = None
+        self._ctx: Any = None
+        self._mtmd: Any = None
+        self._batch: Any = None
+        self._adapters: dict[str, LoraAdapter] = {}
         import llama_cpp  # the `llm` extra: imported here so the module imports without it
         from llguidance.llamacpp import lltokenizer_from_vocab
         from llguidance.numpy import fill_next_token_bitmask
@@ -237,43 +189,30 @@ class LlamaDecoder:
         self._ll = llama_cpp
         self.config = config or PolicyConfig()
         self.model_path = Path(model_path).expanduser()
-        self._model = None
-        self._ctx = None
-        self._mtmd = None
-        self._adapters: dict[str, object] = {}  # name -> llama_adapter_lora pointer
         self._active_adapter: str | None = None
         self._adapter_scale = 1.0
-        self._batch = None
         self._epoch = 0
         self._prefix: Prefix | None = None
         self._n_pos = 0  # KV length of sequence 0
         self._tail: list[int] = []  # tokens in the cache after the current prefix, in order
         self._prefix_tokens: list[int] = []  # the current prefix's text tokens (-1 where an image was): draft lookup
-        # the last outputs of each stage (grammar, adapter), most recent last: drafts copy phrases that recur
-        # across steps and episodes ("..., then close the gripper.")
-        self._draft_memory: dict[tuple[str | None, str | None], list[tuple[int, ...]]] = {}
-        self._draft_keys: dict[int, int] = {_SEP: _SEP}  # token -> its loose class for draft lookup
-        self._draft_classes: dict[bytes, int] = {}
-        _check_gguf(self.model_path, "model")
+        check_gguf(self.model_path, "model")
         if mmproj_path is not None:
             mmproj_path = Path(mmproj_path).expanduser()
-            _check_gguf(mmproj_path, "vision projector")
-        ensure_backend()
+            check_gguf(mmproj_path, "vision projector")
+        self._llama_log = ensure_backend()
         cfg = self.config
         n_threads = cfg.n_threads or max(1, os.cpu_count() or 1)
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers >= 0 else 2**31 - 1
-        _take_recent_errors()
-        model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), mparams)
-        if not model:
-            reason = _take_recent_errors()
-            raise ModelLoadError(
-                f"llama.cpp could not load {self.model_path} (truncated, corrupt or unsupported GGUF)"
-                + (f": {reason}" if reason else "")
-            )
-        self._model = model
         try:
+            model = self._handles.enter_context(LlamaModel(self.model_path, mparams, self._llama_log))
+            self._model = model.ptr
+            self._model_handle = model
+            # Adapters are freed after the context that applied them and before their model: their
+            # callback goes on the stack between the two.
+            self._handles.callback(self._free_adapters)
             cparams = llama_cpp.llama_context_default_params()
             cparams.n_ctx = cfg.n_ctx
             cparams.n_batch = cfg.n_batch
@@ -283,28 +222,24 @@ class LlamaDecoder:
             cparams.n_threads_batch = n_threads
             cparams.swa_full = True  # prefix reuse needs the full cache on sliding-window layers
             cparams.no_perf = True
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
-            if not ctx:
-                raise ModelLoadError(
-                    f"llama.cpp could not create a context for {self.model_path} (n_ctx={cfg.n_ctx}: out of memory?)"
-                    + (f": {_take_recent_errors()}" if _recent_errors else "")
-                )
-            self._ctx = ctx
-            mem = llama_cpp.llama_get_memory(ctx)
+            self._ctx = self._handles.enter_context(
+                LlamaContext(model, cparams, self.model_path, self._llama_log)
+            ).ptr
+            mem = llama_cpp.llama_get_memory(self._ctx)
             if not mem:
                 raise DecoderError("llama.cpp context has no KV memory")
             self._mem = mem
-            vocab = llama_cpp.llama_model_get_vocab(model)
+            vocab = llama_cpp.llama_model_get_vocab(self._model)
             if not vocab:
                 raise ModelLoadError(f"{self.model_path} has no vocabulary")
             self._vocab = vocab
             self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
-            self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-            self.n_batch = int(llama_cpp.llama_n_batch(ctx))
+            self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+            self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
             eog = [int(llama_cpp.llama_vocab_eos(vocab)), int(llama_cpp.llama_vocab_eot(vocab))]
             self.eog_tokens: tuple[int, ...] = tuple(dict.fromkeys(t for t in eog if t >= 0))
             self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-            self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+            self._batch = self._handles.enter_context(LlamaBatch(self.n_batch)).ptr
             # Prompt evaluation runs in batches of up to n_batch tokens (hundreds of ms on a CPU); the abort
             # callback lets a cancel stop one mid-call. It is installed only while prefilling: llama.cpp calls
             # it after every graph node, which would cost ~1 ms per generated token if left on.
@@ -316,6 +251,7 @@ class LlamaDecoder:
             self._neg_inf = np.float32(-np.inf)
             self._lltok_factory = lltokenizer_from_vocab
             self._lltok_cache = None  # built on the first grammar (1.2 s on Gemma's vocabulary)
+            self._drafter = Drafter(self.token_bytes, self.eog_tokens, self._fill_bitmask, self._bitmask)
             self._warm_up()
             if mmproj_path is not None:
                 self._init_mtmd(Path(mmproj_path), n_threads)
@@ -361,14 +297,7 @@ class LlamaDecoder:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
-        _take_recent_errors()
-        mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self._model, params)
-        if not mctx:
-            reason = _take_recent_errors()
-            raise ModelLoadError(
-                f"llama.cpp could not load the vision projector {mmproj_path} (corrupt, or made for another model)"
-                + (f": {reason}" if reason else "")
-            )
+        mctx = self._handles.enter_context(MtmdContext(mmproj_path, self._model_handle, params, self._llama_log)).ptr
         self._mtmd = mctx
         if not mtmd_cpp.mtmd_support_vision(mctx):
             raise ModelLoadError(f"{mmproj_path} is not a vision projector")
@@ -378,24 +307,15 @@ class LlamaDecoder:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free every llama.cpp handle; safe to call twice."""
-        ll = self._ll
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._mtmd is not None:
-            self._mtmd_api.mtmd_free(self._mtmd)
-            self._mtmd = None
-        if self._ctx is not None:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        for handle in self._adapters.values():  # after the context that used them, before their model
-            ll.llama_adapter_lora_free(handle)
-        self._adapters = {}
+        """Free every llama.cpp handle, each once, in reverse order of creation; safe to call twice."""
+        self._model = self._ctx = self._mtmd = self._batch = None  # the hot paths' copies first
         self._active_adapter = None
-        if self._model is not None:
-            ll.llama_model_free(self._model)
-            self._model = None
+        self._handles.close()
+
+    def _free_adapters(self) -> None:
+        adapters, self._adapters = self._adapters, {}
+        for adapter in adapters.values():
+            adapter.close()
 
     def __enter__(self) -> "LlamaDecoder":
         return self
@@ -404,10 +324,8 @@ class LlamaDecoder:
         self.close()
 
     def __del__(self) -> None:  # a forgotten decoder must not leak hundreds of MB
-        try:
+        with contextlib.suppress(Exception):  # at interpreter exit llama_cpp may be half torn down
             self.close()
-        except Exception:
-            pass
 
     def _require_open(self) -> None:
         if self._ctx is None:
@@ -442,16 +360,9 @@ class LlamaDecoder:
         if name in self._adapters:
             raise ValueError(f"an adapter named '{name}' is already loaded")
         path = Path(path).expanduser()
-        _check_gguf(path, "LoRA adapter")
-        _take_recent_errors()
-        handle = self._ll.llama_adapter_lora_init(self._model, str(path).encode())
-        if not handle:
-            reason = _take_recent_errors()
-            raise ModelLoadError(
-                f"llama.cpp could not load the LoRA adapter {path} for {self.model_path.name} (made for another "
-                "model, or not a LoRA GGUF)" + (f": {reason}" if reason else "")
-            )
-        self._adapters[name] = handle
+        check_gguf(path, "LoRA adapter")
+        # freed by close() through `_free_adapters`, after the context that may have applied it
+        self._adapters[name] = LoraAdapter(self._model_handle, path, self.model_path.name, self._llama_log)
         log.info("event=adapter_loaded name=%s path=%s", name, path)
 
     @property
@@ -479,7 +390,7 @@ class LlamaDecoder:
         if name is None:
             rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
-            handles = (ll.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            handles = (ll.llama_adapter_lora_p_ctypes * 1)(self._adapters[name].ptr)
             scales = (ctypes.c_float * 1)(scale)
             rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
         if rc != 0:
@@ -498,12 +409,13 @@ class LlamaDecoder:
         self._require_open()
         data = text.encode("utf-8")
         capacity = len(data) + 8
+        bos = add_bos and self.add_bos
         buf = (self._ll.llama_token * capacity)()
-        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos and self.add_bos, parse_special)
+        n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, bos, parse_special)
         if n < 0:
             capacity = -n
             buf = (self._ll.llama_token * capacity)()
-            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_bos and self.add_bos, parse_special)
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), buf, capacity, bos, parse_special)
         if n < 0:
             raise DecoderError(f"llama.cpp failed to tokenize {len(data)} bytes of text")
         return list(buf[:n])
@@ -668,7 +580,9 @@ class LlamaDecoder:
 
     # --- prefix (text or text + image) --------------------------------------------------------------
 
-    def eval_prefix(self, text: str, image: np.ndarray | None = None, *, cancel: threading.Event | None = None) -> Prefix:
+    def eval_prefix(
+        self, text: str, image: np.ndarray | None = None, *, cancel: threading.Event | None = None
+    ) -> Prefix:
         """Clear the cache and evaluate a shared prefix once; stages then append their suffixes.
 
         With an image, `text` must contain `media_marker` where the image goes; the image is
@@ -682,7 +596,9 @@ class LlamaDecoder:
             if not self._prefill(tokens, cancel):
                 raise GenerationCancelled("cancelled while evaluating the prompt prefix")
             timings = Timings(prefill_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
-            prefix = Prefix(n_pos=self._n_pos, text_tokens=len(tokens), image_tokens=0, timings=timings, epoch=self._epoch)
+            prefix = Prefix(
+                n_pos=self._n_pos, text_tokens=len(tokens), image_tokens=0, timings=timings, epoch=self._epoch
+            )
             self._prefix_tokens = list(tokens)
         else:
             prefix = self._eval_image_prefix(text, image, cancel)
@@ -701,20 +617,17 @@ class LlamaDecoder:
         api = self._mtmd_api
         height, width = image.shape[:2]
         data = image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        bitmap = api.mtmd_bitmap_init(width, height, data)
-        if not bitmap:
-            raise DecoderError("mtmd could not create an image bitmap")
-        chunks = api.mtmd_input_chunks_init()
-        if not chunks:
-            api.mtmd_bitmap_free(bitmap)
-            raise DecoderError("mtmd could not allocate input chunks")
-        try:
+        with MtmdBitmap(width, height, data) as bitmap_handle, MtmdInputChunks() as chunks_handle:
+            bitmap, chunks = bitmap_handle.ptr, chunks_handle.ptr
             encoded = text.encode("utf-8")
             text_in = api.mtmd_input_text(encoded, len(encoded), self.add_bos, True)
             bitmaps = (api.mtmd_bitmap_p_ctypes * 1)(bitmap)
             rc = api.mtmd_tokenize(self._mtmd, chunks, ctypes.byref(text_in), bitmaps, 1)
             if rc != 0:
-                what = {1: "the number of media markers does not match the number of images", 2: "image preprocessing failed"}
+                what = {
+                    1: "the number of media markers does not match the number of images",
+                    2: "image preprocessing failed",
+                }
                 raise DecoderError(f"mtmd_tokenize failed with code {rc}: {what.get(rc, 'unknown error')}")
             text_tokens = image_tokens = 0
             prefill_s = encode_s = 0.0
@@ -761,12 +674,9 @@ class LlamaDecoder:
                     encode_s += t1 - t0
                     prefill_s += t2 - t1
                     image_tokens += n_img
-                    lookup_tokens.append(_SEP)
+                    lookup_tokens.append(SEP)
                 else:
                     raise DecoderError(f"unsupported mtmd chunk type {kind} (audio?)")
-        finally:
-            api.mtmd_input_chunks_free(chunks)
-            api.mtmd_bitmap_free(bitmap)
         timings = Timings(prefill_tokens=text_tokens + image_tokens, prefill_s=prefill_s, image_encode_s=encode_s)
         self._prefix_tokens = lookup_tokens
         return Prefix(
@@ -775,37 +685,28 @@ class LlamaDecoder:
 
     # --- sampling -----------------------------------------------------------------------------------
 
-    def _make_chain(self, sampling: Sampling, *, draw: bool = True):
-        """llama.cpp's native chain. Temperature before top-k/top-p, as in Hugging Face's generate
-        (the paper's settings), then a seeded draw; temperature 0 is greedy. Without `draw` the chain
-        only shapes the distribution (speculative verification reads the probabilities it leaves)."""
+    def _make_chain(self, sampling: Sampling, *, draw: bool = True) -> SamplerChain:
+        """llama.cpp's native chain (the caller closes it). Temperature before top-k/top-p, as in Hugging
+        Face's generate (the paper's settings), then a seeded draw; temperature 0 is greedy. Without `draw`
+        the chain only shapes the distribution (speculative verification reads the probabilities it leaves)."""
         ll = self._ll
-        params = ll.llama_sampler_chain_default_params()
-        params.no_perf = True
-        chain = ll.llama_sampler_chain_init(params)
-        if not chain:
-            raise DecoderError("llama.cpp could not create a sampler chain")
-
-        def add(sampler) -> None:
-            if not sampler:
-                ll.llama_sampler_free(chain)
-                raise DecoderError("llama.cpp could not create a sampler")
-            ll.llama_sampler_chain_add(chain, sampler)
-
-        if sampling.temperature == 0.0:
-            add(ll.llama_sampler_init_greedy())
-        else:
-            add(ll.llama_sampler_init_temp(sampling.temperature))
-            if sampling.top_k > 0:
-                add(ll.llama_sampler_init_top_k(sampling.top_k))
-            if sampling.top_p < 1.0:
-                add(ll.llama_sampler_init_top_p(sampling.top_p, 1))
-            if draw:
-                seed = sampling.seed if sampling.seed is not None else secrets.randbits(32) % 0xFFFFFFFF
-                add(ll.llama_sampler_init_dist(seed))
+        with contextlib.ExitStack() as on_error:  # a sampler that cannot be made frees the chain
+            chain = on_error.enter_context(SamplerChain())
+            if sampling.temperature == 0.0:
+                chain.add(ll.llama_sampler_init_greedy())
+            else:
+                chain.add(ll.llama_sampler_init_temp(sampling.temperature))
+                if sampling.top_k > 0:
+                    chain.add(ll.llama_sampler_init_top_k(sampling.top_k))
+                if sampling.top_p < 1.0:
+                    chain.add(ll.llama_sampler_init_top_p(sampling.top_p, 1))
+                if draw:
+                    seed = sampling.seed if sampling.seed is not None else secrets.randbits(32) % 0xFFFFFFFF
+                    chain.add(ll.llama_sampler_init_dist(seed))
+            on_error.pop_all()
         return chain
 
-    def _sample_allowed(self, chain, matcher, row: int = -1) -> int:
+    def _sample_allowed(self, chain: Any, matcher: Any, row: int = -1) -> int:
         """Sample from the chain restricted to the tokens the grammar allows.
 
         The usual case is a handful of allowed tokens (a digit, a separator): then the chain runs on
@@ -821,7 +722,7 @@ class LlamaDecoder:
         nonzero = np.flatnonzero(words)
         if len(nonzero) == 0:
             raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
-        if len(nonzero) > _SPARSE_MAX_WORDS:
+        if len(nonzero) > SPARSE_MAX_WORDS:
             allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
             self._logits(row)[allowed == 0] = self._neg_inf
             return int(ll.llama_sampler_sample(chain, self._ctx, row))
@@ -897,42 +798,37 @@ class LlamaDecoder:
             )
         t1 = time.perf_counter()
 
-        chain = self._make_chain(sampling)
         spec = None
-        try:
+        with self._make_chain(sampling) as chain:
             if self.config.speculative and (matcher is None or self.config.constraint != "check"):
                 context = (self._prefix_tokens + suffix) if prefix is not None else list(tokens_in)
-                spec = self._speculation_for(grammar, context)
-                out, stop, counts = self._speculative_loop(chain, matcher, sampling, spec, cancel)
-                if stop != "cancelled":
-                    outputs = self._draft_memory.setdefault(
-                        (grammar.compiled if grammar is not None else None, self._active_adapter), []
-                    )
-                    outputs.append(tuple(out))
-                    del outputs[:-_MEMORY_OUTPUTS]
+                stage: StageKey = (grammar.compiled if grammar is not None else None, self._active_adapter)
+                spec = self._drafter.start(stage, context)
+                result = self._speculative_loop(chain.ptr, matcher, sampling, spec, cancel)
+                if result.stop != "cancelled":
+                    self._drafter.remember(stage, result.tokens)
             else:
-                out, stop, counts = self._decode_loop(chain, matcher, sampling.max_tokens, cancel)
-        finally:
-            self._ll.llama_sampler_free(chain)
+                result = self._decode_loop(chain.ptr, matcher, sampling.max_tokens, cancel)
         t2 = time.perf_counter()
-        sampled, forced, resamples, batches, evaluated = counts
+        out, stop = result.tokens, result.stop
         timings = Timings(
             prefill_tokens=len(tokens_in),
             reused_tokens=reused,
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
-            sampled_tokens=sampled,
-            forced_tokens=forced,
-            masked_resamples=resamples,
-            decode_batches=batches,
-            evaluated_tokens=evaluated,
+            sampled_tokens=result.sampled,
+            forced_tokens=result.forced,
+            masked_resamples=result.resamples,
+            decode_batches=result.batches,
+            evaluated_tokens=result.evaluated,
             drafted_tokens=spec.drafted if spec is not None else 0,
             accepted_tokens=spec.accepted if spec is not None else 0,
         )
         text = self.detokenize(out)
         log.debug(
             "event=generation stop=%s tokens=%d forced=%d resamples=%d drafted=%d accepted=%d batches=%d decode_s=%.4f",
-            stop, len(out), forced, resamples, timings.drafted_tokens, timings.accepted_tokens, batches, t2 - t1,
+            stop, len(out), result.forced, result.resamples, timings.drafted_tokens, timings.accepted_tokens,
+            result.batches, t2 - t1,
         )
         return Generation(text=text, tokens=tuple(out), stop_reason=stop, timings=timings)
 
@@ -951,7 +847,9 @@ class LlamaDecoder:
             raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
         return ff
 
-    def _decode_loop(self, chain, matcher, max_tokens: int, cancel: threading.Event | None):
+    def _decode_loop(self, chain: Any, matcher: Any, max_tokens: int, cancel: threading.Event | None) -> _LoopResult:
+        """Plain decoding: sample (within the grammar), append the forced tokens that follow, evaluate
+        them as one batch; the cancel event is checked once per step."""
         ll = self._ll
         ctx = self._ctx
         eog = set(self.eog_tokens)
@@ -988,39 +886,22 @@ class LlamaDecoder:
             self._decode(new)
             batches += 1
             evaluated += len(new)
-        return out, stop, (sampled, forced, resamples, batches, evaluated)
+        return _LoopResult(out, stop, sampled, forced, resamples, batches, evaluated)
 
     # --- speculative decoding: drafts from the text itself, verified in one batch ----------------------
     #
-    # Why: on a CPU every llama_decode call reads the whole model, so a batch of 8 tokens costs about
-    # twice one token (DESIGN.md §5), and the text a policy writes copies its prompt: a waypoint plan
-    # copies the scene's numbers, the action chunk copies the plan's, and a v1 chunk repeats its first
-    # action. So after each chosen token we *draft* a continuation by looking it up in the prompt and
-    # the output so far (prompt-lookup decoding, as llama.cpp's lookup examples), cut it where the
-    # grammar would refuse it (llguidance `validate_tokens`), evaluate [token + forced + draft] as ONE
-    # batch with logits for every drafted row, and keep the drafted tokens the model itself would have
-    # chosen. The first disagreement is replaced by the model's own choice from that row, and the
-    # rejected rows are removed from the KV cache. Greedy: the same argmax over the same allowed tokens
-    # as plain decoding, so the same text. Sampling: the speculative-sampling rule for a deterministic
-    # draft (accept draft token t with probability p(t), else draw from p without t, renormalised),
-    # with p the chain's distribution after the grammar mask, so the output distribution is unchanged.
+    # Why: a batch of 8 tokens costs about twice one token on a CPU, and the text a policy writes copies
+    # its prompt (speculation.py proposes the drafts). We evaluate [token + forced + draft] as ONE batch
+    # with logits for every drafted row, and keep the drafted tokens the model itself would have chosen.
+    # The first disagreement is replaced by the model's own choice from that row, and the rejected rows
+    # are removed from the KV cache. Greedy: the same argmax over the same allowed tokens as plain
+    # decoding, so the same text. Sampling: the speculative-sampling rule for a deterministic draft
+    # (accept draft token t with probability p(t), else draw from p without t, renormalised), with p the
+    # chain's distribution after the grammar mask, so the output distribution is unchanged.
 
-    def _draft_key(self, token: int) -> int:
-        """The token's loose class for lookup: its text without leading spaces, with ( ) read as [ ].
-
-        Lookup only decides where a draft is copied from; the grammar and the model decide what is kept.
-        Loose classes let the opener of a chunk's next action (` [-`) find the first action (`[-`), and
-        an action (`[-0.24, ...`) find the plan or scene point it copies (` (-0.24, ...`).
-        """
-        key = self._draft_keys.get(token)
-        if key is None:
-            text = self.token_bytes(token)
-            loose = (text.lstrip() or text).translate(_LOOSE_BRACKETS)
-            key = self._draft_classes.setdefault(loose, len(self._draft_classes))
-            self._draft_keys[token] = key
-        return key
-
-    def _speculative_loop(self, chain, matcher, sampling: Sampling, spec: "_Speculation", cancel: threading.Event | None):
+    def _speculative_loop(
+        self, chain: Any, matcher: Any, sampling: Sampling, spec: Speculation, cancel: threading.Event | None
+    ) -> _LoopResult:
         """The decode loop with drafts; returns what `_decode_loop` returns. The cancel event is checked
         once per batch, as in the plain loop (a batch is one forward pass: tens of ms on a CPU).
 
@@ -1033,7 +914,6 @@ class LlamaDecoder:
         eog = set(self.eog_tokens)
         fast_forward = self.config.fast_forward and matcher is not None
         max_tokens = sampling.max_tokens
-        probs_chain = None if sampling.temperature == 0.0 else self._make_chain(sampling, draw=False)
         rng = np.random.default_rng(sampling.seed)
         out: list[int] = []
         sampled = forced = batches = evaluated = 0
@@ -1042,7 +922,10 @@ class LlamaDecoder:
         token: int | None = None  # the next token when verification has already chosen it
         pending: list[int] = []  # forced tokens that follow the last accepted draft token (not consumed yet)
         budget = self.config.draft_max_tokens  # halved after a draft fails at once, doubled after a full accept
-        try:
+        with contextlib.ExitStack() as owned:  # frees the probability chain (sampling only)
+            probs_chain = None
+            if sampling.temperature != 0.0:
+                probs_chain = owned.enter_context(self._make_chain(sampling, draw=False)).ptr
             while True:
                 if cancel is not None and cancel.is_set():
                     stop = "cancelled"
@@ -1075,7 +958,8 @@ class LlamaDecoder:
                 if len(out) >= max_tokens:
                     break
                 room = min(budget, max_tokens - len(out), self.n_batch - len(new))
-                draft, is_forced = self._draft(spec, matcher, room, fast_forward) if room > 0 else ([], [])
+                planned = self._drafter.draft(spec, matcher, room, fast_forward) if room > 0 else Draft()
+                draft, is_forced = planned.tokens, planned.forced
                 rows = [len(new) - 1 + i for i, f in enumerate(is_forced) if not f]
                 self._decode(new + draft, outputs=rows)
                 batches += 1
@@ -1121,107 +1005,11 @@ class LlamaDecoder:
                         budget = max(1, budget // 2)
                     elif token is None:
                         budget = min(self.config.draft_max_tokens, budget * 2)
-        finally:
-            if probs_chain is not None:
-                ll.llama_sampler_free(probs_chain)
-        return out, stop, (sampled, forced, 0, batches, evaluated)
+        return _LoopResult(out, stop, sampled, forced, 0, batches, evaluated)
 
-    def _draft(self, spec: "_Speculation", matcher, room: int, fast_forward: bool) -> tuple[list[int], list[bool]]:
-        """The draft to verify after the tokens just chosen (at most `room` tokens, all admitted by the
-        grammar), and for each of its tokens whether plain decoding would force it (no logits needed).
-
-        Sources, best first: (1) the history (prompt + output) after the longest earlier match of its
-        own end; (2) with a grammar that admits few tokens here, the most recent place in the history
-        that starts the longest continuation the grammar admits (a number the plan copies from the
-        scene, an action the chunk copies from the plan), when it is at least 3 tokens; (3) the last
-        outputs of the same stage (the episode's previous chunk, recurring phrases); (4) whatever (2) found.
-        """
-        eog = self.eog_tokens
-
-        def admitted(tokens: list[int]) -> int:
-            for j, t in enumerate(tokens):
-                if t < 0 or t in eog:
-                    tokens = tokens[:j]
-                    break
-            if not tokens:
-                return 0
-            return int(matcher.validate_tokens(tokens)) if matcher is not None else len(tokens)
-
-        draft: list[int] = []
-        for start, match in spec.context_matches(limit=4):
-            cont = spec.raw[start : start + min(room, _match_cap(match))]
-            n = admitted(cont)
-            if n:
-                draft = cont[:n]
-                break
-        if not draft:
-            anchor = self._anchor_draft(spec, matcher, room, admitted) if matcher is not None else []
-            if len(anchor) >= 3:
-                draft = anchor
-            else:
-                for start, match in spec.memory_matches(limit=4):
-                    cont = list(spec.memory[start : start + min(room, _match_cap(match))])
-                    n = admitted(cont)
-                    if n:
-                        draft = cont[:n]
-                        break
-                else:
-                    draft = anchor
-        if matcher is None or not fast_forward or not draft:
-            return draft, [False] * len(draft)
-        return self._plan_forced(matcher, draft)
-
-    @staticmethod
-    def _plan_forced(matcher, draft: list[int]) -> tuple[list[int], list[bool]]:
-        """Walk the draft through the grammar as plain decoding would: after each chosen token the
-        grammar's forced tokens (`compute_ff_tokens`) follow unseen. Drafted tokens inside such a run
-        are marked forced; a draft that spells a forced run differently is cut there (plain decoding
-        would write the forced spelling). The matcher is rolled back to where it was."""
-        flags: list[bool] = []
-        queue: list[int] = []
-        for token in draft:
-            if queue:
-                if token != queue[0]:
-                    break
-                queue.pop(0)
-                flags.append(True)
-            else:
-                flags.append(False)
-            if not matcher.consume_token(token):
-                flags.pop()
-                break
-            if not flags[-1]:
-                queue = matcher.compute_ff_tokens()
-            if matcher.is_stopped():
-                break
-        if flags and not matcher.rollback(len(flags)):
-            raise DecoderError(f"grammar matcher could not roll back a draft: {matcher.get_error()}")
-        return draft[: len(flags)], flags
-
-    def _anchor_draft(self, spec: "_Speculation", matcher, room: int, admitted) -> list[int]:
-        """Source (2) of `_draft`: among the most recent history positions holding a token the grammar
-        admits next, the one whose continuation the grammar admits longest (the most recent on ties)."""
-        self._fill_bitmask(matcher, self._bitmask)
-        words = self._bitmask[0]
-        if np.count_nonzero(words) > _SPARSE_MAX_WORDS:  # free text: a copy from anywhere is a blind guess
-            return []
-        window = np.asarray(spec.raw[-_ANCHOR_WINDOW:], dtype=np.int64)
-        offset = len(spec.raw) - len(window)
-        valid = window >= 0
-        safe = np.where(valid, window, 0)
-        allowed = valid & (((words[safe >> 5] >> (safe & 31)) & 1) != 0)
-        best: list[int] = []
-        for pos in np.flatnonzero(allowed)[::-1][:_ANCHOR_CANDIDATES]:
-            start = offset + int(pos)
-            cont = spec.raw[start : start + room]
-            n = admitted(cont)
-            if n > len(best):
-                best = cont[:n]
-                if n == room:
-                    break
-        return best
-
-    def _verify(self, chain, probs_chain, rng: np.random.Generator, matcher, row: int, drafted: int) -> int:
+    def _verify(
+        self, chain: Any, probs_chain: Any, rng: np.random.Generator, matcher: Any, row: int, drafted: int
+    ) -> int:
         """The token at batch row `row` given that the draft proposes `drafted` there: `drafted` itself
         when accepted, else the replacement drawn from the residual distribution."""
         if probs_chain is None:  # greedy: exactly the choice plain decoding makes from these logits
@@ -1238,7 +1026,7 @@ class LlamaDecoder:
             p[hit[0]] = 0.0
         return int(ids[rng.choice(len(ids), p=p / p.sum())])
 
-    def _target_probs(self, probs_chain, matcher, row: int) -> tuple[np.ndarray, np.ndarray]:
+    def _target_probs(self, probs_chain: Any, matcher: Any, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, probabilities) that plain decoding samples from at batch row `row`: the grammar's
         allowed tokens (all without a grammar) through the chain's temperature, top-k and top-p."""
         ll = self._ll
@@ -1262,121 +1050,10 @@ class LlamaDecoder:
         if n <= 0:
             raise DecoderError("the sampler chain kept no token")
         address = ctypes.cast(array.data, ctypes.c_void_p).value  # the chain may have re-pointed `data`
-        kept = np.frombuffer((ctypes.c_char * (n * _CANDIDATE_DTYPE.itemsize)).from_address(address), dtype=_CANDIDATE_DTYPE)
+        if not address:
+            raise DecoderError("the sampler chain left no candidate array")
+        raw = (ctypes.c_char * (n * _CANDIDATE_DTYPE.itemsize)).from_address(address)
+        kept = np.frombuffer(raw, dtype=_CANDIDATE_DTYPE)  # type: ignore[call-overload]  # a ctypes array is a buffer
         logits = kept["logit"].astype(np.float64)
         p = np.exp(logits - logits.max())
         return kept["id"].astype(np.int64), p / p.sum()
-
-    def _speculation_for(self, grammar: Grammar | None, context: list[int]) -> "_Speculation":
-        memory_key = (grammar.compiled if grammar is not None else None, self._active_adapter)
-        memory: list[int] = []
-        for output in self._draft_memory.get(memory_key, ()):
-            memory.extend(output)
-            memory.append(_SEP)
-        return _Speculation(self._draft_key, context, memory)
-
-
-# Tuning of the lookup (speed only: what is kept is decided by the grammar and the model).
-_LOOSE_BRACKETS = bytes.maketrans(b"()", b"[]")
-_MAX_MATCH = 12  # a match of the history's end is measured up to this many tokens back
-_SCAN = 64  # most recent earlier occurrences of the last token ranked by match length
-_ANCHOR_WINDOW = 1024  # history tokens searched by the grammar-anchored source
-_ANCHOR_CANDIDATES = 48  # most recent admitted positions tried there
-_MEMORY_OUTPUTS = 8  # outputs kept per stage for source (3)
-_TOPIC_WINDOW = 10  # tokens compared before a match and before the history's end (ties of equal matches)
-
-
-def _match_cap(match: int) -> int:
-    """Longest draft copied after a lookup match of this many tokens: a one-token match is weak evidence
-    (every verified row costs ~30% of a forward pass, mostly the 262k-row output layer), a long one strong."""
-    return 4 * match
-
-
-class _Speculation:
-    """One generation's draft state: the token history drafts are copied from, and the counts.
-
-    `raw` is the history (prompt tokens, `_SEP` where an image was, then the output as it grows);
-    `keys` the loose class of each token, `where` the positions of each class. `memory` holds the
-    last outputs of the same stage (same grammar, same adapter), `_SEP` after each: the episode's
-    previous chunk, and phrases that recur from step to step.
-    """
-
-    def __init__(self, key_of, context: Sequence[int], memory: Sequence[int]) -> None:
-        self._key_of = key_of
-        self.raw: list[int] = []
-        self.keys: list[int] = []
-        self.where: dict[int, list[int]] = {}
-        self.extend(context)
-        self.memory = tuple(memory)
-        self.memory_keys = [key_of(t) for t in self.memory]
-        self.drafted = 0
-        self.accepted = 0
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        for token in tokens:
-            key = self._key_of(token)
-            self.where.setdefault(key, []).append(len(self.raw))
-            self.raw.append(token)
-            self.keys.append(key)
-
-    def _match(self, keys: Sequence[int], i: int) -> int:
-        """How many tokens up to keys[i] equal the history's last ones (at most _MAX_MATCH)."""
-        own, n = self.keys, len(self.keys)
-        m = 1
-        while m < _MAX_MATCH and i - m >= 0 and n - 1 - m >= 0 and keys[i - m] == own[n - 1 - m] != _SEP:
-            m += 1
-        return m
-
-    def _overlap(self, i: int, m: int) -> int:
-        """How many distinct tokens the _TOPIC_WINDOW tokens before a match at i share with those before the
-        history's own matched end: among equal matches, the one in the same neighbourhood (the scene line
-        of the object the output just named) beats a merely more recent one."""
-        n = len(self.keys)
-        before = set(self.keys[max(0, i - m - _TOPIC_WINDOW + 1) : max(0, i - m + 1)])
-        recent = set(self.keys[max(0, n - m - _TOPIC_WINDOW) : n - m])
-        before.discard(_SEP)
-        return len(before & recent)
-
-    def context_starts(self, limit: int) -> list[int]:
-        return [start for start, _ in self.context_matches(limit)]
-
-    def memory_starts(self, limit: int) -> list[int]:
-        return [start for start, _ in self.memory_matches(limit)]
-
-    def context_matches(self, limit: int) -> list[tuple[int, int]]:
-        """(start, match length) where drafts may start in the history: after earlier occurrences of its
-        last token, the longest match of its end first; among equals the one sharing most of its
-        neighbourhood with the history's end, then the most recent."""
-        n = len(self.keys)
-        last = self.keys[-1] if n else _SEP
-        if last == _SEP:
-            return []
-        scored: list[tuple[int, int]] = []
-        positions = self.where.get(last, ())
-        for idx in range(len(positions) - 1, -1, -1):
-            i = positions[idx]
-            if i >= n - 1:
-                continue
-            scored.append((self._match(self.keys, i), i))
-            if len(scored) >= _SCAN:
-                break
-        if not scored:
-            return []
-        best = max(m for m, _ in scored)
-        ranked = sorted(
-            ((m, self._overlap(i, m) if m == best else 0, i) for m, i in scored), key=lambda item: (-item[0], -item[1], -item[2])
-        )
-        return [(i + 1, m) for m, _, i in ranked[:limit]]
-
-    def memory_matches(self, limit: int) -> list[tuple[int, int]]:
-        """The same in the last outputs of this stage (a few hundred tokens: scanned whole)."""
-        if not self.keys or not self.memory_keys:
-            return []
-        last = self.keys[-1]
-        scored = [
-            (self._match(self.memory_keys, i), i)
-            for i in range(len(self.memory_keys) - 2, -1, -1)
-            if self.memory_keys[i] == last
-        ]
-        scored.sort(key=lambda item: (-item[0], -item[1]))
-        return [(i + 1, m) for m, i in scored[:limit]]

@@ -13,6 +13,7 @@ budget) raises `PolicyOutputError` with the raw text, for the episode runner to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -169,8 +170,8 @@ class LlamaPolicy:
         def sampling_for(recommended: StageSampling | None) -> StageSampling:
             return effective_sampling(recommended, config.sampling)
 
-        decoder = LlamaDecoder(bundle.text_model, config, mmproj_path=bundle.mmproj)
-        try:
+        with contextlib.ExitStack() as on_error:  # the decoder is closed if anything below fails
+            decoder = on_error.enter_context(LlamaDecoder(bundle.text_model, config, mmproj_path=bundle.mmproj))
             digest = bundle.manifest.files[bundle.text_model.name].sha256[:12]
             base_id = f"{bundle.manifest.name}@{digest}"
             policy = cls(
@@ -186,10 +187,8 @@ class LlamaPolicy:
             if bundle.adapters:
                 policy.default_adapter = bundle.default_adapter
                 policy.use_adapter(adapter or bundle.default_adapter)
-            return policy
-        except BaseException:
-            decoder.close()
-            raise
+            on_error.pop_all()
+        return policy
 
     # --- adapters (skills) ---------------------------------------------------------------------------
 
@@ -318,7 +317,9 @@ class LlamaPolicy:
             motion=motion,
             chunk=chunk,
             motion_output=_stage_output("motion", prefix_text + motion_suffix, motion_gen, prefix.timings, t_motion),
-            action_output=_stage_output("action", prefix_text + action_suffix, action_gen, None, timings.wall_s - t_motion),
+            action_output=_stage_output(
+                "action", prefix_text + action_suffix, action_gen, None, timings.wall_s - t_motion
+            ),
             retry=retry,
             timings=timings,
         )
@@ -331,7 +332,8 @@ class LlamaPolicy:
         plan to measure the action stage apart from the motion stage). Returns the chunk and its text."""
         image, scene = self._split(observation)
         prefix = self._prefix(self.prompts.render_step_prefix(instruction, subtask, scene), image, cancel)
-        gen = self._generate(self.prompts.render_action_suffix(plan), "action_chunk", self.sampling.action, prefix, cancel)
+        suffix = self.prompts.render_action_suffix(plan)
+        gen = self._generate(suffix, "action_chunk", self.sampling.action, prefix, cancel)
         timings = StageTimings(prefix=prefix.timings, action=gen.timings, wall_s=0.0)
         text = self._finished(gen, "action", timings)
         try:
@@ -377,6 +379,7 @@ class LlamaPolicy:
         """The text of a generation that ended on its own; a cut-off one is refused with its reason."""
         if gen.stop_reason == "max_tokens":
             raise PolicyOutputError(
-                stage, gen.text, f"the output reached the {len(gen.tokens)}-token budget before it was complete", timings
+                stage, gen.text, f"the output reached the {len(gen.tokens)}-token budget before it was complete",
+                timings,
             )
         return gen.text
