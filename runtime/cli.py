@@ -3,7 +3,7 @@ own modules (cli_check, cli_config, cli_run, cli_daemon, cli_episode) and are re
 `--help` lists them in one place; `sim` and `eval` are mounted from their subsystems, and the
 training and conversion tools (`demo`, `data`, `train`, `convert`) only when they are installed.
 
-Exit codes (DESIGN.md §6): 0 success, 1 the task or check failed, 2 usage or input error. A user
+Exit codes (README.md, "Exit codes"): 0 success, 1 the task or check failed, 2 usage or input error. A user
 mistake ends in one sentence on stderr, never a traceback.
 """
 

@@ -1,7 +1,7 @@
 """Running a typer app as a command: our exceptions become one line on stderr and an exit code.
 
 Shared by `vlm2vla-edge` and the tools that also run on their own (`python convert/merge_quantize.py`,
-`python -m vlm2vla_edge.train.lora`), so all of them follow DESIGN.md's exit codes: 0 success, 1 the
+`python -m vlm2vla_edge.train.lora`), so all of them follow the exit codes of README.md: 0 success, 1 the
 task or check failed, 2 usage or input error; never a traceback for a user mistake.
 
 `optional_tool` is how the runtime's command line reaches the training and conversion tools (the

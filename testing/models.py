@@ -44,7 +44,8 @@ CACHE_ENV = "VLM2VLA_TEST_MODELS"
 # because the prompt tests compare our rendered prompts with what `apply_chat_template` makes of it.
 GEMMA3_CHAT_TEMPLATE = hf_folder.GEMMA3_CHAT_TEMPLATE
 
-# The tiny vision model. Sizes from DESIGN.md §5; the sliding window is deliberately short so that
+# The tiny vision model (2-layer text model, hidden 64; 2-layer SigLIP, 64 px images, patch 8, 4 tokens per
+# image: 17 M parameters, the 262k vocabulary dominates); the sliding window is deliberately short so that
 # ordinary test prompts cross it and exercise llama.cpp's sliding-window cache paths. The layer types
 # are the layout llama.cpp assumes for Gemma 3 (every sixth layer global): with any other layout the
 # GGUF computes a different model than transformers (convert/hf_folder.py refuses it).
