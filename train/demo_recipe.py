@@ -49,7 +49,7 @@ def composite_seeds(start: int, count: int, first_index: int) -> list[int]:
     """The first `count` seeds from `start` whose suite episode is a composite task, for episodes recorded
     at list positions `first_index`, `first_index + 1`, ... (the position sets the instruction's language,
     and the language is part of what the seed draws). Composites are 15% of the suite but the only
-    episodes where a grasp follows a release, which the first shipped adapter failed most (DESIGN.md §5b)."""
+    episodes where a grasp follows a release, which the first waypoint adapter failed most: its gripper closed on arrival after a release."""
     from vlm2vla_edge.runtime.sim.tasks import CompositeTask, sample_episode
 
     seeds: list[int] = []

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from vlm2vla_edge.runtime.actions import Action, ActionChunk
+from vlm2vla_edge.runtime.actions import Action, ActionChunk, Vec3
 from vlm2vla_edge.runtime.config import RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeWriter, ExecutedCommand, SafetyRecord, StepRecord
 from vlm2vla_edge.runtime.robot.base import ArmState, MoveResult
@@ -35,8 +35,6 @@ from vlm2vla_edge.runtime.sim.tasks import (
     sample_episode,
 )
 from vlm2vla_edge.runtime.sim.world import SimArm, SimWorld
-
-Vec3 = tuple[float, float, float]
 
 #: Fraction of the per-action limit the expert uses, so float rounding never triggers a clamp.
 _STEP_MARGIN = 0.98
