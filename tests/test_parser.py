@@ -210,13 +210,23 @@ def test_canonical_chunks_round_trip(chunk: ActionChunk, decimals: int, inverted
 @settings(max_examples=200, deadline=None)
 @given(
     subtasks=st.lists(
-        st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters='"\\'), min_size=1, max_size=96),
+        # Without what v1 excludes (grammars/subtasks.gbnf): quote, backslash, controls, zero-width and
+        # bidirectional-override characters, line/paragraph separators, the byte-order mark.
+        st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters='"\\' + "".join(
+            chr(c) for c in [*range(0x200B, 0x2010), *range(0x2028, 0x202F), *range(0x2060, 0x206A), 0xFEFF])),
+            min_size=1, max_size=96),
         min_size=1,
         max_size=8,
     )
 )
 def test_subtasks_round_trip(subtasks: list[str]) -> None:
     assert parse_subtasks(format_subtasks(subtasks)).subtasks == tuple(subtasks)
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u200b", "\u202e", "\u2066", "\ufeff"])
+def test_subtasks_with_invisible_or_line_breaking_characters_are_refused(char: str) -> None:
+    with pytest.raises(ParseError):
+        parse_subtasks(format_subtasks([f"Move to the{char} carrot"]))
 
 
 @settings(max_examples=200, deadline=None)
