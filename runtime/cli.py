@@ -9,6 +9,7 @@ mistake ends in one sentence on stderr, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Annotated, Optional
 
@@ -48,11 +49,13 @@ episode_app.command("report")(episode_report)
 episode_app.command("view")(episode_view)
 
 
+@functools.cache
 def _mount_optional_subapps() -> None:
     """Sub-apps that live with their subsystem; mounted here so `--help` lists them. The training and
     conversion tools are looked up by name (`optional_tool`): the runtime never imports them, a partial
     install (no training tools) still runs, and their heavy dependencies (torch, ...) load only when
-    they run."""
+    they run. Once per process (cached): mounting again on every `main()` call piled up copies of every
+    sub-app, so each later call built a bigger command tree (the quick tests' CLI calls slowed down 3x)."""
     from vlm2vla_edge.runtime.cli_support import optional_tool
     from vlm2vla_edge.runtime.eval_cli import eval_command
     from vlm2vla_edge.runtime.sim.cli import app as sim_app
