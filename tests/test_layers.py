@@ -1,6 +1,6 @@
 """The package's layers, enforced: which of our modules may import which, and no import cycles.
 
-Every module of the installed package (runtime/, train/, convert/, grammars/, testing/, mapped to
+Every module of the installed package (runtime/, train/, convert/, grammars/, tests/support/, mapped to
 `vlm2vla_edge.*` as pyproject.toml maps them) is parsed with `ast`, never imported. An import counts
 wherever it is written: at module level, inside a function or method (a lazy import still runs, and
 still ties the two modules together), and inside `if TYPE_CHECKING:` blocks (the type checker follows
@@ -34,7 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vlm2vla_edge"
 # Folder -> package, as [tool.setuptools] package-dir maps them (configs holds no Python).
-FOLDERS = {"runtime": "runtime", "train": "train", "convert": "convert", "grammars": "grammars", "testing": "testing"}
+FOLDERS = {"runtime": "runtime", "train": "train", "convert": "convert", "grammars": "grammars", "tests/support": "testing"}
 
 RUNTIME = f"{PACKAGE}.runtime"
 TRAIN_OR_CONVERT = (f"{PACKAGE}.train", f"{PACKAGE}.convert")
@@ -232,8 +232,8 @@ def imports() -> list[Import]:
 def test_the_parser_sees_every_kind_of_import(tmp_path: Path) -> None:
     """The checker itself: module, function and TYPE_CHECKING imports, relative ones, and `from pkg import mod`."""
     (tmp_path / "runtime" / "robot").mkdir(parents=True)
-    for folder in ("train", "convert", "grammars", "testing"):
-        (tmp_path / folder).mkdir()
+    for folder in ("train", "convert", "grammars", "tests/support"):
+        (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / "runtime" / "__init__.py").write_text("")
     (tmp_path / "runtime" / "robot" / "__init__.py").write_text("")
