@@ -2,8 +2,8 @@
 
 The demo model (Gemma-3-270M + train/demo_model/) two ways: the untouched PyPI Q4_K_M base with the
 adapter as a LoRA GGUF applied at run time, and the adapter merged and converted to Q8_0 (what the
-demo shipped before: merged Q4_K_M erases the adapter, every greedy chunk `[[0, 0, 0, 0]]`). Figures, all measured in this
-one run:
+demo shipped before: merged Q4_K_M erases the adapter, every greedy chunk `[[0, 0, 0, 0]]`). Figures, all measured in
+this one run:
 
 - decode: time per generated token, 2 threads, the same held-out action prompt and the same answer
   tokens fed one llama_decode each (teacher-forced, so both models do exactly the same work);

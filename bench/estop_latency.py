@@ -163,9 +163,9 @@ def _gemma_policy(threads: int, n_batch: int):  # noqa: ANN202
 def _serve_main(args: argparse.Namespace) -> int:
     """The daemon process: the product's `Daemon` + `serve()` on the real-time simulator, stamping the probe."""
     from vlm2vla_edge.runtime.config import load_robot_config
-    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve
     from vlm2vla_edge.runtime.daemon.service import Daemon
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.station import open_station
     from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
 

@@ -73,7 +73,7 @@ class Phases:
         return measured / ideal, ideal / len(self.rows)
 
 
-def run(policy: LlamaPolicy, observation, rounds: int, label: str) -> Phases:
+def run(policy: LlamaPolicy, observation: str | np.ndarray, rounds: int, label: str) -> Phases:
     phases = Phases()
     decoder = policy.decoder
     prompts: PromptTemplates = policy.prompts
@@ -95,8 +95,9 @@ def run(policy: LlamaPolicy, observation, rounds: int, label: str) -> Phases:
             phases.add(exc.timings)
         # free decoding on the same prefix, same threads: the speed the ideal step decodes at
         prefix = decoder.eval_prefix(prefix_text, image)
-        gen = decoder.generate(prompts.render_motion_suffix(), None, Sampling(temperature=0.5, max_tokens=48, seed=round_),
-                               prefix=prefix)
+        gen = decoder.generate(
+            prompts.render_motion_suffix(), None, Sampling(temperature=0.5, max_tokens=48, seed=round_), prefix=prefix
+        )
         phases.free_ms_per_token.append(1000 * gen.timings.decode_s / max(1, len(gen.tokens)))
     print(f"\n{label}: {rounds} steps, {phases.failures} with unusable output (timed all the same)")
     print(f"{'phase':<24}{'median ms':>11}{'mean ms':>10}")
@@ -113,8 +114,7 @@ def run(policy: LlamaPolicy, observation, rounds: int, label: str) -> Phases:
 
 def demo_steps(args: argparse.Namespace) -> None:
     """Step p50 of the demo policy with speculative decoding off and on (same steps, interleaved)."""
-    from action_decode import HELD_OUT_SEED, find_demo_bundle  # noqa: PLC0415 - sibling bench script
-
+    from action_decode import HELD_OUT_SEED, find_demo_bundle  # sibling bench script
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
     from vlm2vla_edge.runtime.episode import EpisodeReader
     from vlm2vla_edge.runtime.policy.bundle import load_bundle
@@ -155,7 +155,10 @@ def demo_steps(args: argparse.Namespace) -> None:
                 policy.decoder.config = policy.decoder.config.model_copy(update={"speculative": speculative})
                 try:
                     result = policy.step(sample.scene, sample.instruction, sample.subtask)
-                    timings, text = result.timings, result.motion_output.raw_text + " | " + result.action_output.raw_text
+                    timings, text = (
+                        result.timings,
+                        result.motion_output.raw_text + " | " + result.action_output.raw_text,
+                    )
                 except PolicyOutputError as exc:  # the time was spent all the same
                     timings, text = exc.timings, exc.text
                     failures += 1
@@ -168,7 +171,10 @@ def demo_steps(args: argparse.Namespace) -> None:
           f"{failures} unusable outputs (timed all the same)")
     print(f"{'speculative':<13}{'p50 ms':>9}{'mean ms':>9}{'forwards':>10}")
     for key in (False, True):
-        print(f"{'on' if key else 'off':<13}{p50[key] * 1000:>9.0f}{statistics.mean(walls[key]) * 1000:>9.0f}{batches[key]:>10d}")
+        print(
+            f"{'on' if key else 'off':<13}{p50[key] * 1000:>9.0f}"
+            f"{statistics.mean(walls[key]) * 1000:>9.0f}{batches[key]:>10d}"
+        )
     print(f"identical outputs: {same}/{len(steps)}")
     print(f"demo step p50: {p50[True]:.3f} s with speculative decoding ({p50[False]:.3f} s without)")
 

@@ -15,8 +15,9 @@ GGUF (convert/lora_gguf.py, no torch), checked cheaply on held-out in-distributi
 the adapter the model must fit the labelled answers far better than the bare base does), and written
 next to the untouched base into a cache keyed by the adapter's hash, so a new adapter never reuses a
 stale bundle. Why not merge: merging and re-quantising to Q4_K_M erases what the LoRA learned on this
-small model (every greedy chunk came out `[[0, 0, 0, 0]]`), and merged Q8_0 took ~85 s to build; the full comparison against the
-merged F16 model is `vlm2vla-edge convert --mode adapter`, run by the slow tests and bench/adapters.py.
+small model (every greedy chunk came out `[[0, 0, 0, 0]]`), and merged Q8_0 took ~85 s to build; the full
+comparison against the merged F16 model is `vlm2vla-edge convert --mode adapter`, run by the slow tests and
+bench/adapters.py.
 
 The episode itself (convert/demo_cli.py) runs in the simulator with the local (heuristic) verifier.
 """
@@ -96,7 +97,10 @@ class DemoBundle:
 
 
 def find_or_build_bundle(
-    cache: Path | None = None, adapter: Path | None = None, echo: Callable[[str], None] = print, threads: int | None = None
+    cache: Path | None = None,
+    adapter: Path | None = None,
+    echo: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> DemoBundle:
     """The cached demo bundle for the shipped adapter, built (checked, atomically written) if absent."""
     from vlm2vla_edge.runtime.policy.bundle import BundleError, load_bundle

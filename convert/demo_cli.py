@@ -32,15 +32,22 @@ def demo_command(
         Optional[Path], typer.Option(help="Run this model bundle instead of the built-in demo model.")
     ] = None,
     episodes_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the episode and its report go (default: ~/vlm2vla-edge-demo/episodes).")
+        Optional[Path],
+        typer.Option(help="Where the episode and its report go (default: ~/vlm2vla-edge-demo/episodes)."),
     ] = None,
     cache_dir: Annotated[
-        Optional[Path], typer.Option(help="Where the demo bundle is built and kept (default: ~/.cache/vlm2vla-edge/demo).")
+        Optional[Path],
+        typer.Option(help="Where the demo bundle is built and kept (default: ~/.cache/vlm2vla-edge/demo)."),
     ] = None,
-    max_retries: Annotated[int, typer.Option(min=0, max=20, help="Failed attempts allowed per subtask (a long reach takes several chunks).")] = 4,
+    max_retries: Annotated[
+        int,
+        typer.Option(min=0, max=20, help="Failed attempts allowed per subtask (a long reach takes several chunks)."),
+    ] = 4,
     timeout: Annotated[float, typer.Option(min=1, help="Episode time budget, seconds.")] = 300.0,
     realtime: Annotated[bool, typer.Option(help="Move the simulated arm at the real arm's speed.")] = False,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads for llama.cpp (default: all cores).")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(min=1, help="CPU threads for llama.cpp (default: all cores).")
+    ] = None,
 ) -> None:
     """The offline field demo: the demo policy (Gemma-3-270M + LoRA) runs one episode in the simulator.
 

@@ -122,8 +122,10 @@ def _digits_after(prefix: str, max_units: int, width: int) -> str:
                 groups.setdefault(_digits_after(candidate, max_units, width), []).append(digit)
     options = []
     for continuation, digits in groups.items():
-        cls = f"[{digits[0]}-{digits[-1]}]" if len(digits) > 1 and int(digits[-1]) - int(digits[0]) == len(digits) - 1 else (
-            f'"{digits[0]}"' if len(digits) == 1 else "[" + "".join(digits) + "]"
+        cls = (
+            f"[{digits[0]}-{digits[-1]}]"
+            if len(digits) > 1 and int(digits[-1]) - int(digits[0]) == len(digits) - 1
+            else (f'"{digits[0]}"' if len(digits) == 1 else "[" + "".join(digits) + "]")
         )
         options.append(f"{cls} {continuation}".strip())
     if not options:

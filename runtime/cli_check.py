@@ -32,7 +32,7 @@ def _parse_start(text: str) -> tuple[float, float, float]:
         values = ()
     if len(values) != 3:
         raise UserError(f"--start must be three comma-separated numbers in metres (x,y,z), not '{text}'")
-    return values  # type: ignore[return-value]
+    return values
 
 
 
@@ -67,7 +67,9 @@ def check(
             return
         chunk = parse_action_chunk(text, policy_config.action_language)
     except ParseError as exc:
-        _emit({"stage": stage.value, "ok": False, "rejected_by": "parser", "code": exc.code, "reason": str(exc)}, as_json)
+        _emit(
+            {"stage": stage.value, "ok": False, "rejected_by": "parser", "code": exc.code, "reason": str(exc)}, as_json
+        )
         raise typer.Exit(1) from exc
 
     from vlm2vla_edge.runtime.postprocess import postprocess_chunk

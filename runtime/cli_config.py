@@ -9,9 +9,12 @@ import yaml
 
 from vlm2vla_edge.runtime.config_kind import ConfigKind, config_model
 
+
 def config_check(
     path: Annotated[str, typer.Argument(help="A YAML file, or a preset name such as 'widowx250s'.")],
-    kind: Annotated[ConfigKind, typer.Option(help="What the file configures; auto guesses from its fields.")] = ConfigKind.auto,
+    kind: Annotated[
+        ConfigKind, typer.Option(help="What the file configures; auto guesses from its fields.")
+    ] = ConfigKind.auto,
 ) -> None:
     """Validate a config file; exit 0 if valid, 2 with the file, field and allowed range if not."""
     from vlm2vla_edge.runtime.config import load_config, resolve_config_path
@@ -23,7 +26,9 @@ def config_check(
 
 def config_show(
     path: Annotated[str, typer.Argument(help="A YAML file, or a preset name such as 'widowx250s'.")] = "widowx250s",
-    kind: Annotated[ConfigKind, typer.Option(help="What the file configures; auto guesses from its fields.")] = ConfigKind.auto,
+    kind: Annotated[
+        ConfigKind, typer.Option(help="What the file configures; auto guesses from its fields.")
+    ] = ConfigKind.auto,
 ) -> None:
     """Print a config with every default filled in, as the runtime sees it."""
     from vlm2vla_edge.runtime.config import load_config

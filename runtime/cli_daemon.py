@@ -22,8 +22,8 @@ _NO_DAEMON_HINT = "start it with 'vlm2vla-edge serve' (or its systemd unit), or 
 
 
 def _client(runtime_config: str, socket_path: Optional[Path], timeout_s: float = 5.0) -> "DaemonClient":
-    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.client import DaemonClient
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
 
     settings = load_runtime_config(runtime_config)
     return DaemonClient.locate(settings.daemon, socket_path, timeout_s=timeout_s)
@@ -44,7 +44,9 @@ def _call(action: Callable[[], object]) -> object:
 
 
 
-def do_via_daemon(instruction: str, runtime_config: str, socket_path: Optional[Path], adapter: Optional[str] = None) -> int:
+def do_via_daemon(
+    instruction: str, runtime_config: str, socket_path: Optional[Path], adapter: Optional[str] = None
+) -> int:
     """Submit the task to the running daemon and follow its events to the end (see `daemon.follow`)."""
     from vlm2vla_edge.runtime.daemon.follow import follow_task
 
@@ -59,18 +61,24 @@ def do_via_daemon(instruction: str, runtime_config: str, socket_path: Optional[P
 
 def serve(
     runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
-    sim: Annotated[Optional[bool], typer.Option("--sim/--no-sim", help="Simulator instead of devices; default: the config's.")] = None,
+    sim: Annotated[
+        Optional[bool], typer.Option("--sim/--no-sim", help="Simulator instead of devices; default: the config's.")
+    ] = None,
     bundle: Annotated[Optional[Path], typer.Option(help="Model bundle folder; default: the runtime config's.")] = None,
-    devices: Annotated[Optional[Path], typer.Option(help="Real robot: YAML with 'arm:' and 'camera:' sections.")] = None,
-    episodes_dir: Annotated[Optional[Path], typer.Option(help="Where episodes are recorded; default: the config's.")] = None,
+    devices: Annotated[
+        Optional[Path], typer.Option(help="Real robot: YAML with 'arm:' and 'camera:' sections.")
+    ] = None,
+    episodes_dir: Annotated[
+        Optional[Path], typer.Option(help="Where episodes are recorded; default: the config's.")
+    ] = None,
 ) -> None:
     """Run the daemon: load the model, connect the robot, serve the local API until SIGTERM.
 
     Under systemd (Type=notify) it reports READY=1 once serving and pings the watchdog; on SIGTERM it
     stops the episode, parks the arm in its sleep pose and exits 0.
     """
-    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve_from_config
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
 
     settings = load_runtime_config(runtime_config)
     update: dict[str, object] = {}
@@ -113,7 +121,9 @@ def status(
 
 
 def stop(
-    reason: Annotated[str, typer.Option(help="Why (recorded with the episode and in the log).")] = "e-stop from the command line",
+    reason: Annotated[
+        str, typer.Option(help="Why (recorded with the episode and in the log).")
+    ] = "e-stop from the command line",
     runtime_config: Annotated[str, typer.Option("--config", help="Runtime config (preset or YAML).")] = "runtime",
     socket_path: Annotated[Optional[Path], typer.Option("--socket", help="The daemon's socket.")] = None,
 ) -> None:
@@ -134,14 +144,19 @@ def reset(
 
 
 def install_service(
-    output: Annotated[
-        Path, typer.Option(help="Where to write the unit ('-' prints it).")
-    ] = Path("/etc/systemd/system/vlm2vla-edge.service"),
+    output: Annotated[Path, typer.Option(help="Where to write the unit ('-' prints it).")] = Path(
+        "/etc/systemd/system/vlm2vla-edge.service"
+    ),
     user: Annotated[str, typer.Option(help="Account the daemon runs as.")] = "vlm2vla",
-    group: Annotated[Optional[str], typer.Option(help="Group of the socket (who may drive the robot); default: --user.")] = None,
-    runtime_config: Annotated[Path, typer.Option("--config", help="Runtime config the service reads.")] = Path("/etc/vlm2vla-edge/runtime.yaml"),
+    group: Annotated[
+        Optional[str], typer.Option(help="Group of the socket (who may drive the robot); default: --user.")
+    ] = None,
+    runtime_config: Annotated[Path, typer.Option("--config", help="Runtime config the service reads.")] = Path(
+        "/etc/vlm2vla-edge/runtime.yaml"
+    ),
     gemini_key: Annotated[
-        Optional[Path], typer.Option(help="Gemini API key file passed as a systemd credential; default: the usual one if it exists.")
+        Optional[Path],
+        typer.Option(help="Gemini API key file passed as a systemd credential; default: the usual one if it exists."),
     ] = None,
     sim: Annotated[bool, typer.Option("--sim", help="Serve the simulator (a demo machine without a robot).")] = False,
 ) -> None:

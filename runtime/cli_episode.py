@@ -10,6 +10,7 @@ import typer
 
 from vlm2vla_edge.runtime.errors import UserError
 
+
 def episode_show(
     path: Annotated[Path, typer.Argument(help="An episode folder (with meta.json and steps.jsonl).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -64,5 +65,9 @@ def episode_view(
     if output is not None and (spawn or connect):
         raise UserError("give --out, --spawn or --connect, not several")
     result = view_episode(path, out=output, spawn=spawn, connect=connect)
-    where = f"saved to {result.destination} (open it with: rerun {result.destination})" if result.saved else f"sent to {result.destination}"
+    where = (
+        f"saved to {result.destination} (open it with: rerun {result.destination})"
+        if result.saved
+        else f"sent to {result.destination}"
+    )
     typer.echo(f"{result.records} records, {result.frames} frames {where}")

@@ -32,7 +32,9 @@ def do(
     seed: Annotated[int, typer.Option(min=0, help="Simulator scene seed.")] = 0,
     adapter: Annotated[
         Optional[str],
-        typer.Option(help="Which LoRA adapter (skill) of a base + adapters bundle runs the task; default: the bundle's default."),
+        typer.Option(
+            help="Which LoRA adapter (skill) of a base + adapters bundle runs the task; default: the bundle's default."
+        ),
     ] = None,
     devices: Annotated[
         Optional[Path], typer.Option(help="Real robot: YAML with 'arm:' and 'camera:' device sections.")
@@ -50,7 +52,8 @@ def do(
     timeout: Annotated[float, typer.Option(min=1, help="Episode time budget, seconds.")] = 600.0,
     realtime: Annotated[bool, typer.Option(help="Simulator: move at the arm's real speed.")] = False,
     socket_path: Annotated[
-        Optional[Path], typer.Option("--socket", help="The daemon's socket; default: the runtime config's, else the usual places.")
+        Optional[Path],
+        typer.Option("--socket", help="The daemon's socket; default: the runtime config's, else the usual places."),
     ] = None,
 ) -> None:
     """Carry out one instruction: plan subtasks, then motion plan -> actions -> safety -> arm -> verify.
@@ -61,9 +64,9 @@ def do(
     stopped or hit a fault, 2 when no daemon answers or the input is wrong.
     """
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
-    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.local_run import LocalRunOptions, run_local
     from vlm2vla_edge.runtime.runner import RunnerConfig
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
 
     if not local:

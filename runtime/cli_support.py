@@ -22,7 +22,7 @@ from vlm2vla_edge.grammars import GrammarError as LanguageGrammarError
 from vlm2vla_edge.runtime.errors import UserError, Vlm2VlaError
 
 
-def optional_tool(module: str, attr: str) -> object | None:
+def optional_tool(module: str, attr: str) -> Any:
     """`module.attr` of a tool that may not be installed (a partial install: no training tools), else None."""
     try:
         return getattr(importlib.import_module(module), attr)

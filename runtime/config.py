@@ -24,7 +24,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from vlm2vla_edge.runtime.errors import ConfigError
 
-
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -94,7 +93,8 @@ class SafetyRules(StrictModel):
     )
     chunk_translation: RuleMode = Field(
         RuleMode.clamp,
-        description="A chunk's path is longer than max_translation_per_chunk_m (clamp: the moves past the budget are shortened).",
+        description="A chunk's path is longer than max_translation_per_chunk_m "
+        "(clamp: the moves past the budget are shortened).",
     )
     chunk_length: RuleMode = Field(
         RuleMode.reject, description="A chunk has more than max_chunk_length actions (clamp: truncate)."
@@ -224,7 +224,9 @@ class RobotConfig(StrictModel):
         if names != expected:
             missing = sorted(expected - names)
             unknown = sorted(names - expected)
-            raise ValueError(f"joint_limits must name exactly {list(hard.joint_names)} (missing {missing}, unknown {unknown})")
+            raise ValueError(
+                f"joint_limits must name exactly {list(hard.joint_names)} (missing {missing}, unknown {unknown})"
+            )
         for pose_name in ("home_joints", "sleep_joints"):
             pose = getattr(self, pose_name)
             if len(pose) != len(hard.joint_names):
@@ -287,7 +289,9 @@ class ActionLanguage(StrictModel):
         "re-plans from the new observation). Either way every command passes the safety limiter.",
     )
     max_abs_value_m: float = Field(0.2, gt=0, lt=1.0, description="Parser rejects any |dx|, |dy|, |dz| above this.")
-    max_steps: int = Field(16, ge=1, le=16, description="Parser rejects chunks with more actions than this (v1 grammar: at most 16).")
+    max_steps: int = Field(
+        16, ge=1, le=16, description="Parser rejects chunks with more actions than this (v1 grammar: at most 16)."
+    )
     gripper: GripperValues = Field(default_factory=GripperValues)
     postprocess: PostProcess = Field(default_factory=PostProcess)
 

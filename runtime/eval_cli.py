@@ -49,7 +49,9 @@ def apply_policy_settings(base: PolicyConfig, settings: list[str], constraint: s
     for item in settings:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--policy-set takes KEY=VALUE (e.g. n_threads=2 or sampling.action.temperature=0), not '{item}'")
+            raise UserError(
+                f"--policy-set takes KEY=VALUE (e.g. n_threads=2 or sampling.action.temperature=0), not '{item}'"
+            )
         target = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -72,7 +74,9 @@ def apply_policy_settings(base: PolicyConfig, settings: list[str], constraint: s
 def eval_command(
     bundle: Annotated[Optional[Path], typer.Option(help="Model bundle folder (with manifest.json).")] = None,
     episodes: Annotated[int, typer.Option(min=1, max=10_000, help="Episodes per task kind.")] = 10,
-    tasks: Annotated[str, typer.Option(help="Task kinds, comma-separated: pick, place, composite.")] = "pick,place,composite",
+    tasks: Annotated[
+        str, typer.Option(help="Task kinds, comma-separated: pick, place, composite.")
+    ] = "pick,place,composite",
     seed_start: Annotated[
         int, typer.Option(min=0, help="First seed scanned; 1000000 starts the held-out range (training used fewer).")
     ] = 1_000_000,
@@ -98,11 +102,16 @@ def eval_command(
         Optional[Path], typer.Option(help="Folder for results.json and episodes.csv; default: eval-results/<time>.")
     ] = None,
     record: Annotated[bool, typer.Option("--record", help="Also record every episode under OUT/episodes.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Print every loop event, not only one line per episode.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Print every loop event, not only one line per episode.")
+    ] = False,
     per_subtask: Annotated[
         bool,
-        typer.Option("--per-subtask", help="Score each subtask apart: start it where the scripted expert leaves the "
-                     "scene, let the policy do that subtask alone, check the simulator's ground truth."),
+        typer.Option(
+            "--per-subtask",
+            help="Score each subtask apart: start it where the scripted expert leaves the "
+            "scene, let the policy do that subtask alone, check the simulator's ground truth.",
+        ),
     ] = False,
 ) -> None:
     """Evaluate a model bundle on the simulated task suite: N seeded episodes per task kind.
@@ -167,7 +176,11 @@ def _per_subtask(config: "EvalConfig", out_dir: Path) -> None:
     from vlm2vla_edge.runtime.verifier.fallback import make_verifier
 
     assert config.bundle is not None
-    seeds = [seed for kind in config.tasks for seed in select_seeds(kind, config.episodes, config.seed_start, config.language)]
+    seeds = [
+        seed
+        for kind in config.tasks
+        for seed in select_seeds(kind, config.episodes, config.seed_start, config.language)
+    ]
     with contextlib.closing(load_policy(config.bundle, config.policy, typer.echo)) as policy:
         report = run_subtask_eval(
             policy, load_robot_config(config.robot), seeds, config.language,

@@ -55,7 +55,9 @@ def run_local(options: LocalRunOptions, echo: Callable[[str], None] = print) -> 
         ) as station:
             writer = EpisodeWriter.create(
                 options.episodes_dir,
-                episode_meta(options.instruction, options.robot, station, policy, seed=options.seed if options.sim else None),
+                episode_meta(
+                    options.instruction, options.robot, station, policy, seed=options.seed if options.sim else None
+                ),
             )
             runner = EpisodeRunner(
                 policy, station.arm, station.camera, make_verifier(options.verifier), station.limiter,

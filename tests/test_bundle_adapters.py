@@ -23,7 +23,11 @@ from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 F32 = 0
 # A "base" with two adaptable weights, in ggml order [in, out]: q [8, 4], down [4, 8].
-BASE_TENSORS = [("blk.0.attn_q.weight", (8, 4), F32, 4), ("blk.0.ffn_down.weight", (4, 8), F32, 4), ("token_embd.weight", (8, 16), F32, 4)]
+BASE_TENSORS = [
+    ("blk.0.attn_q.weight", (8, 4), F32, 4),
+    ("blk.0.ffn_down.weight", (4, 8), F32, 4),
+    ("token_embd.weight", (8, 16), F32, 4),
+]
 LORA_META = {"general.architecture": "gemma3", "general.type": "adapter", "adapter.type": "lora"}
 
 

@@ -183,7 +183,9 @@ def test_do_local_sim_without_a_bundle_runs_the_demo_model(
 
 
 @pytest.mark.slow
-def test_do_local_sim_runs_and_records_an_episode(gemma270m_bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_do_local_sim_runs_and_records_an_episode(
+    gemma270m_bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The whole loop with the real Gemma-3-270M (a base model: its plans are nonsense, but every
     output is in-grammar, every command passes the limiter, and the episode is recorded)."""
     from vlm2vla_edge.runtime.episode import EpisodeReader, list_episodes
@@ -203,7 +205,9 @@ def test_do_local_sim_runs_and_records_an_episode(gemma270m_bundle, tmp_path: Pa
     assert reader.meta.bundle_id.startswith("gemma-3-270m")
 
 
-def test_episode_report_writes_html_and_refuses_a_non_episode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_episode_report_writes_html_and_refuses_a_non_episode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.sim.expert import run_expert_episode
     from vlm2vla_edge.runtime.sim.tasks import sample_episode

@@ -86,7 +86,15 @@ def test_bad_robot_config_names_file_and_field(tmp_path: Path, change, expected:
 
 
 def test_safety_rules_cannot_be_switched_off(tmp_path: Path) -> None:
-    for rule in ("workspace", "table_floor", "action_translation", "chunk_translation", "chunk_length", "gripper", "rate"):
+    for rule in (
+        "workspace",
+        "table_floor",
+        "action_translation",
+        "chunk_translation",
+        "chunk_length",
+        "gripper",
+        "rate",
+    ):
         data = _robot_dict()
         data["rules"][rule] = "off"
         with pytest.raises(ConfigError, match=f"rules.{rule}"):

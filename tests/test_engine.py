@@ -146,7 +146,9 @@ def test_constraint_none_decodes_without_grammar_and_still_parses(gemma270m_bund
         outcomes = []
         for _ in range(1):
             try:
-                result = policy.step("A carrot lies left of a plate.", "put the carrot on the plate", "move to the carrot")
+                result = policy.step(
+                    "A carrot lies left of a plate.", "put the carrot on the plate", "move to the carrot"
+                )
                 outcomes.append(("ok", len(result.chunk)))
             except PolicyOutputError as exc:
                 assert exc.stage in ("motion", "action") and isinstance(exc.text, str)

@@ -122,7 +122,10 @@ def test_round_trip_meta_steps_frames(tmp_path: Path) -> None:
     first = steps[0]
     assert first.image == "frames/000000.jpg" and first.images == {"after": "frames/000000_after.jpg"}
     assert first.parsed_actions == [[0.0, 0.0, -0.01, 1.0]]
-    assert [(d.rule, d.verdict, d.index) for d in first.safety] == [("workspace", "clamp", 0), ("chunk_length", "pass", None)]
+    assert [(d.rule, d.verdict, d.index) for d in first.safety] == [
+        ("workspace", "clamp", 0),
+        ("chunk_length", "pass", None),
+    ]
     assert first.executed[0].reached == (0.3, 0.0, 0.19) and first.executed[0].completed is True
     assert first.verifier.success is True and first.verifier.model_extra == {"pixel_diff": 0.12}
     assert first.timings == {"prefill_s": pytest.approx(0.25), "decode_s": 1.5}
@@ -164,7 +167,9 @@ def test_steps_accept_dataclasses_and_numpy(tmp_path: Path) -> None:
 def test_nan_and_inf_are_written_as_null(tmp_path: Path) -> None:
     with EpisodeWriter.create(tmp_path, make_meta()) as writer:
         writer.append_step(
-            make_step(0, ee_position=(np.nan, 0.0, 0.1), action=[np.inf, 0.0, 0.0, 1.0], timings={"decode_s": float("nan")})
+            make_step(
+                0, ee_position=(np.nan, 0.0, 0.1), action=[np.inf, 0.0, 0.0, 1.0], timings={"decode_s": float("nan")}
+            )
         )
         writer.finish("failed")
     line = (writer.path / "steps.jsonl").read_text(encoding="utf-8")
@@ -251,7 +256,9 @@ def test_invalid_field_in_complete_last_line_is_an_error(tmp_path: Path) -> None
     """A line ending in a newline was written completely: bad content there is corruption, not a crash."""
     writer = EpisodeWriter.create(tmp_path, make_meta())
     writer.close()
-    write_lines(writer.path / "steps.jsonl", [make_step(0).to_line(), json.dumps({"index": -1, "t": 0, "wall_time": 0})])
+    write_lines(
+        writer.path / "steps.jsonl", [make_step(0).to_line(), json.dumps({"index": -1, "t": 0, "wall_time": 0})]
+    )
     with pytest.raises(EpisodeFormatError, match=r"line 2 .*index"):
         EpisodeReader(writer.path).steps()
 

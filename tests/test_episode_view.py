@@ -11,7 +11,6 @@ import pytest
 rr = pytest.importorskip("rerun")
 
 from test_report import expert_episode, runner_episode  # noqa: E402  (tests/ is on the path)
-
 from vlm2vla_edge.runtime import episode_view  # noqa: E402
 from vlm2vla_edge.runtime.cli import main  # noqa: E402
 from vlm2vla_edge.runtime.episode import EpisodeReader  # noqa: E402

@@ -130,7 +130,9 @@ class OraclePolicy(ScriptedPolicy):
             name = "oracle"
 
             def verify(self, request, cancel=None) -> Verdict:
-                return Verdict(success=oracle._peek() is None, reason="expert finished", verifier=self.name, latency_s=0.0)
+                return Verdict(
+                    success=oracle._peek() is None, reason="expert finished", verifier=self.name, latency_s=0.0
+                )
 
         return Done()
 
@@ -232,7 +234,11 @@ def test_plan_hit_rates_per_task_kind() -> None:
 
     first = run_eval(NamingPolicy(only_first=True), config(), quiet()).by_kind
     assert (first["pick"].plan_hit_rate, first["pick"].object_hit_rate) == (1.0, 1.0)
-    assert (first["place"].plan_hit_rate, first["place"].object_hit_rate, first["place"].destination_hit_rate) == (0.0, 1.0, 0.0)
+    assert (first["place"].plan_hit_rate, first["place"].object_hit_rate, first["place"].destination_hit_rate) == (
+        0.0,
+        1.0,
+        0.0,
+    )
     # a composite moves two items: naming only the first misses the second
     assert (first["composite"].plan_hit_rate, first["composite"].object_hit_rate) == (0.0, 0.0)
 
@@ -325,7 +331,10 @@ def run_cli(argv: list[str]) -> int:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--tasks", "pick,stack"], "error: --tasks takes a comma-separated list of pick, place, composite; 'stack' is not one"),
+        (
+            ["--tasks", "pick,stack"],
+            "error: --tasks takes a comma-separated list of pick, place, composite; 'stack' is not one",
+        ),
         (["--language", "it"], "error: --language must be one of en, es, fr, de, hi, zh, not 'it'"),
         (["--seed-start", "5"], "error: --seed-start 5 is in the training range"),
         ([], "error: no model bundle"),

@@ -14,10 +14,9 @@ import pytest
 from lark import Lark
 from lark.exceptions import LarkError
 
+from grammar_tools import GbnfReader, LlgAcceptor, derive_gbnf, derive_lark, mutate
 from vlm2vla_edge import grammars
 from vlm2vla_edge.grammars import GBNF_NAMES, LARK_START_RULES, GrammarError, load_gbnf, load_lark, validate_gbnf
-
-from grammar_tools import GbnfReader, LlgAcceptor, derive_gbnf, derive_lark, mutate
 
 pytest.importorskip("llguidance")
 

@@ -177,8 +177,17 @@ def test_read_state_reports_the_measured_pose(arm: InterbotixArm, hw: FakeWidowX
 @given(
     st.floats(-3.1, 3.1), st.floats(-1.5, 1.5), st.floats(-3.1, 3.1), st.floats(-0.2, 0.2), st.floats(-0.2, 0.2)
 )
-def test_rpy_and_yaw_frame_invert_the_vendor_conventions(roll: float, pitch: float, yaw: float, dx: float, dy: float) -> None:
-    cr, sr, cp, sp, cy, sy = math.cos(roll), math.sin(roll), math.cos(pitch), math.sin(pitch), math.cos(yaw), math.sin(yaw)
+def test_rpy_and_yaw_frame_invert_the_vendor_conventions(
+    roll: float, pitch: float, yaw: float, dx: float, dy: float
+) -> None:
+    cr, sr, cp, sp, cy, sy = (
+        math.cos(roll),
+        math.sin(roll),
+        math.cos(pitch),
+        math.sin(pitch),
+        math.cos(yaw),
+        math.sin(yaw),
+    )
     rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1]])
     ry = np.array([[cp, 0, sp], [0, 1, 0], [-sp, 0, cp]])
     rx = np.array([[1, 0, 0], [0, cr, -sr], [0, sr, cr]])

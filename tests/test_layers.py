@@ -34,7 +34,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vlm2vla_edge"
 # Folder -> package, as [tool.setuptools] package-dir maps them (configs holds no Python).
-FOLDERS = {"runtime": "runtime", "train": "train", "convert": "convert", "grammars": "grammars", "tests/support": "testing"}
+FOLDERS = {
+    "runtime": "runtime",
+    "train": "train",
+    "convert": "convert",
+    "grammars": "grammars",
+    "tests/support": "testing",
+}
 
 RUNTIME = f"{PACKAGE}.runtime"
 TRAIN_OR_CONVERT = (f"{PACKAGE}.train", f"{PACKAGE}.convert")
@@ -110,7 +116,9 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Import]:
                 origin = ".".join(base + ([node.module] if node.module else []))
             else:
                 origin = node.module or ""
-            targets = [origin] + [f"{origin}.{alias.name}" for alias in node.names if f"{origin}.{alias.name}" in modules]
+            targets = [origin] + [
+                f"{origin}.{alias.name}" for alias in node.names if f"{origin}.{alias.name}" in modules
+            ]
         for target in targets:
             if target in modules and target != name:
                 found.append(Import(name, target, node.lineno, where))  # type: ignore[attr-defined]
@@ -178,7 +186,9 @@ def sys_path_edits(root: Path = ROOT) -> list[str]:
         for path in sorted((root / folder).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             for node in ast.walk(tree):
-                target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+                target = (
+                    node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+                )
                 if isinstance(node, (ast.Assign, ast.AugAssign)):
                     targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                     target = next((t for t in targets if ast.unparse(t) == "sys.path"), None)
@@ -263,7 +273,11 @@ def test_the_parser_sees_every_kind_of_import(tmp_path: Path) -> None:
 
 def test_the_graph_covers_the_package(imports: list[Import]) -> None:
     sources = {imp.source for imp in imports}
-    for expected in ("vlm2vla_edge.runtime.cli", "vlm2vla_edge.runtime.runner", "vlm2vla_edge.train.data.local_annotator"):
+    for expected in (
+        "vlm2vla_edge.runtime.cli",
+        "vlm2vla_edge.runtime.runner",
+        "vlm2vla_edge.train.data.local_annotator",
+    ):
         assert expected in sources
     assert len(imports) > 300  # a parser that found nothing would pass every contract
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import system_daemon_guard
 
+import system_daemon_guard
 from vlm2vla_edge.runtime.daemon.client import DaemonClient
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig, client_socket_candidates
 
@@ -41,10 +41,15 @@ def test_the_cli_without_a_socket_reaches_no_daemon(capsys: pytest.CaptureFixtur
     assert system_daemon_guard.touches() == []
 
 
-def test_a_connect_to_the_system_socket_is_refused_and_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_connect_to_the_system_socket_is_refused_and_recorded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     log = tmp_path / "guard.log"  # this deliberate touch must not fail the session
     monkeypatch.setenv(system_daemon_guard.LOG_ENV, str(log))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, pytest.raises(system_daemon_guard.SystemDaemonTouched):
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock,
+        pytest.raises(system_daemon_guard.SystemDaemonTouched),
+    ):
         sock.connect(SYSTEM_SOCKET)
     with pytest.raises(system_daemon_guard.SystemDaemonTouched):
         DaemonClient(SYSTEM_SOCKET).status()  # not turned into "no daemon answers": the test fails loudly

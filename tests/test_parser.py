@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from lark import Lark
 from lark.exceptions import LarkError
 
+from grammar_tools import MUTATION_CHARS, mutate
 from vlm2vla_edge.grammars import LARK_START_RULES, load_lark
 from vlm2vla_edge.runtime.action_text import (
     format_action_chunk,
@@ -33,8 +34,6 @@ from vlm2vla_edge.runtime.parser import (
     parse_motion_plan,
     parse_subtasks,
 )
-
-from grammar_tools import MUTATION_CHARS, mutate
 
 CORPUS_PATH = Path(__file__).parent / "data" / "hostile_parser.yaml"
 PARSERS = {"action_chunk": parse_action_chunk, "subtasks": parse_subtasks, "motion_plan": parse_motion_plan}
@@ -239,7 +238,9 @@ HOSTILE_ALPHABET = st.sampled_from(MUTATION_CHARS + list("1nNaIfEx{}:_*"))
 any_text = st.one_of(
     st.text(max_size=80),
     st.text(HOSTILE_ALPHABET, max_size=80),
-    st.builds(lambda n: mutate(f"[[0.0{n % 10}, -0.1, 0, 1], [0, 0, 0.05, 0]]", random.Random(n)), st.integers(0, 10**6)),
+    st.builds(
+        lambda n: mutate(f"[[0.0{n % 10}, -0.1, 0, 1], [0, 0, 0.05, 0]]", random.Random(n)), st.integers(0, 10**6)
+    ),
     st.builds(lambda n: mutate('["Move to the carrot", "Grasp it"]', random.Random(n)), st.integers(0, 10**6)),
 )
 

@@ -167,8 +167,10 @@ def test_a_gripper_only_action_is_one_command_and_a_second_waypoint_follows_the_
 
 
 @settings(max_examples=300)
-@given(st.lists(st.tuples(*(st.floats(-0.5, 0.5) for _ in range(3)), st.sampled_from([0.0, 1.0])), min_size=1, max_size=4),
-       st.sampled_from([0.0, 1.0]))
+@given(
+    st.lists(st.tuples(*(st.floats(-0.5, 0.5) for _ in range(3)), st.sampled_from([0.0, 1.0])), min_size=1, max_size=4),
+    st.sampled_from([0.0, 1.0]),
+)
 def test_interpolation_never_exceeds_the_limits_nor_lengthens_the_path(raw, gripper) -> None:
     original = ActionChunk(tuple(Action(*r) for r in raw))
     out = interpolate_waypoints(original, 0.05, 0.20, gripper=gripper)

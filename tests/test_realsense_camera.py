@@ -140,7 +140,10 @@ def test_unplug_then_reconnect(camera: RealSenseCamera, bus: FakeRealSense) -> N
 def test_unplugged_for_good_gives_up_after_bounded_attempts(camera: RealSenseCamera, bus: FakeRealSense) -> None:
     bus.device().unplug()
     began = time.monotonic()
-    with pytest.raises(DeviceError, match=r"lost and did not come back after 5 attempts .*\(last error: no RealSense camera is connected"):
+    with pytest.raises(
+        DeviceError,
+        match=r"lost and did not come back after 5 attempts .*\(last error: no RealSense camera is connected",
+    ):
         camera.read(0.05)
     assert time.monotonic() - began < 1.0  # 0.05 s timeout + 0.01+0.02+0.04+0.08+0.16 s of waits
     assert not camera.is_connected
@@ -168,7 +171,9 @@ class _BrokenImport(importlib.abc.MetaPathFinder):
         ),
     ],
 )
-def test_import_failures_say_what_to_install(monkeypatch: pytest.MonkeyPatch, message: str | None, expected: str) -> None:
+def test_import_failures_say_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, message: str | None, expected: str
+) -> None:
     monkeypatch.delitem(sys.modules, "pyrealsense2", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_BrokenImport(message), *sys.meta_path])
     cam = RealSenseCamera(camera_config())

@@ -46,7 +46,9 @@ class Collect:
         self.events.append(event)
 
 
-def make(policy, verifier=None, tmp_path: Path | None = None, realtime: bool = False, config: RunnerConfig | None = None):
+def make(
+    policy, verifier=None, tmp_path: Path | None = None, realtime: bool = False, config: RunnerConfig | None = None
+):
     world = SimWorld(ROBOT, Scene.random(7, required=("carrot",), n_distractors=1), realtime=realtime)
     arm, camera = SimArm(world), SimCamera(world)
     arm.connect()
@@ -93,7 +95,9 @@ def test_success_is_recorded_step_by_step(tmp_path: Path) -> None:
 
 def test_retries_then_fails_with_subtask_and_reason(tmp_path: Path) -> None:
     policy = ScriptedPolicy()
-    runner, *_ , writer = make(policy, ScriptedVerifier([False] * 10), tmp_path, config=RunnerConfig(max_retries_per_subtask=2))
+    runner, *_, writer = make(
+        policy, ScriptedVerifier([False] * 10), tmp_path, config=RunnerConfig(max_retries_per_subtask=2)
+    )
     result = runner.run("pick up the carrot")
     assert result.outcome == "failed"
     assert "subtask 1 'Move to the carrot' failed 3 times" in result.detail
@@ -229,7 +233,11 @@ def test_text_only_policy_gets_the_scene_description() -> None:
 
 def test_heuristic_verifier_in_the_loop() -> None:
     # The first subtask moves and the heuristic sees the motion; the run ends either way, recorded.
-    runner, *_ = make(ScriptedPolicy(subtasks=("Move to the carrot",)), HeuristicVerifier(), config=RunnerConfig(max_retries_per_subtask=1))
+    runner, *_ = make(
+        ScriptedPolicy(subtasks=("Move to the carrot",)),
+        HeuristicVerifier(),
+        config=RunnerConfig(max_retries_per_subtask=1),
+    )
     result = runner.run("pick up the carrot")
     assert result.outcome in ("success", "failed")
     assert result.stage_latency_s["verify"]
@@ -331,7 +339,9 @@ def test_real_bundles_run_whole_episodes_inside_the_limits(bundle_fixture: str, 
         positions.append(session.world.ee_position)
 
     session.world.set_joints = spy  # type: ignore[method-assign]
-    writer = EpisodeWriter.create(tmp_path, EpisodeMeta(instruction="pick up the carrot", bundle_id=bundle.manifest.name))
+    writer = EpisodeWriter.create(
+        tmp_path, EpisodeMeta(instruction="pick up the carrot", bundle_id=bundle.manifest.name)
+    )
     config = PolicyConfig(n_threads=2, n_ctx=2048, n_batch=256, n_ubatch=256)
     with LlamaPolicy.from_bundle(bundle, config) as policy:
         runner = EpisodeRunner(

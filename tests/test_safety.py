@@ -91,7 +91,8 @@ def test_plain_action_passes_unchanged() -> None:
 
 
 @pytest.mark.parametrize(
-    "action", [Action(math.nan, 0, 0, 1), Action(0, math.inf, 0, 1), Action(0, 0, -math.inf, 0), Action(0, 0, 0, math.nan)]
+    "action",
+    [Action(math.nan, 0, 0, 1), Action(0, math.inf, 0, 1), Action(0, 0, -math.inf, 0), Action(0, 0, 0, math.nan)],
 )
 @pytest.mark.parametrize("mode", ["clamp", "reject"])
 def test_non_finite_actions_are_always_rejected(action: Action, mode: str) -> None:
@@ -185,7 +186,9 @@ def test_table_floor_reject() -> None:
 
 def test_reachability_is_always_rejected() -> None:
     reach = lambda p: p[0] < 0.4  # noqa: E731 - a stand-in for inverse kinematics
-    every_clamp = {r: "clamp" for r in ("workspace", "table_floor", "action_translation", "chunk_translation", "gripper")}
+    every_clamp = {
+        r: "clamp" for r in ("workspace", "table_floor", "action_translation", "chunk_translation", "gripper")
+    }
     safe = limiter(robot_with(rules=every_clamp), reachable=reach)
     command, decisions = safe.check_action(Action(0.05, 0, 0, 1), (0.38, 0, 0.2))
     assert command is None and rules_of(decisions) == {"reachability": "reject"}
@@ -461,13 +464,21 @@ def test_config_file_beyond_hard_limits_is_a_config_error(tmp_path: Path) -> Non
 
 def test_limiter_revalidates_configs_that_skipped_validation() -> None:
     """`model_copy(update=...)` does not validate; the limiter must not trust such a config."""
-    loose = load_robot_config().model_copy(update={"limits": StepLimits.model_construct(max_translation_per_action_m=3.0)})
+    loose = load_robot_config().model_copy(
+        update={"limits": StepLimits.model_construct(max_translation_per_action_m=3.0)}
+    )
     with pytest.raises(ConfigError, match="max_translation_per_action_m"):
         SafetyLimiter(loose)
 
 
 def test_no_parameter_can_loosen_a_limit() -> None:
-    assert list(inspect.signature(SafetyLimiter.__init__).parameters) == ["self", "robot", "reachable", "clock", "logger"]
+    assert list(inspect.signature(SafetyLimiter.__init__).parameters) == [
+        "self",
+        "robot",
+        "reachable",
+        "clock",
+        "logger",
+    ]
     assert list(inspect.signature(SafetyLimiter.check_chunk).parameters) == ["self", "chunk", "start"]
 
 

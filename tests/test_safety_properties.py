@@ -105,7 +105,9 @@ def test_no_emitted_chunk_breaks_a_limit(robot: RobotConfig, chunk: ActionChunk,
     assert_chunk_safe(robot, verdict, start, reachable)
 
 
-clean_actions = st.builds(Action, st.floats(-0.02, 0.02), st.floats(-0.02, 0.02), st.floats(-0.02, 0.02), st.sampled_from([0.0, 1.0]))
+clean_actions = st.builds(
+    Action, st.floats(-0.02, 0.02), st.floats(-0.02, 0.02), st.floats(-0.02, 0.02), st.sampled_from([0.0, 1.0])
+)
 clean_chunks = st.lists(clean_actions, min_size=1, max_size=10).map(lambda a: ActionChunk(tuple(a)))
 
 

@@ -16,9 +16,9 @@ from PIL import Image
 
 pytest.importorskip("google.genai")
 
-from vlm2vla_edge.runtime.errors import ConfigError  # noqa: E402
-from vlm2vla_edge.runtime.robot.base import ArmState  # noqa: E402
-from vlm2vla_edge.runtime.verifier import (  # noqa: E402
+from vlm2vla_edge.runtime.errors import ConfigError
+from vlm2vla_edge.runtime.robot.base import ArmState
+from vlm2vla_edge.runtime.verifier import (
     ApiKey,
     CircuitBreaker,
     FallbackVerifier,
@@ -30,7 +30,7 @@ from vlm2vla_edge.runtime.verifier import (  # noqa: E402
     load_api_key,
     make_verifier,
 )
-from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply  # noqa: E402
+from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply
 
 KEY = "AIzaFAKE-test-key-0123456789abcdef"
 MODEL = "gemini-test"
@@ -302,7 +302,11 @@ def test_the_key_never_leaks(server: FakeGeminiServer, caplog: pytest.LogCapture
     formatter = logging.Formatter("%(name)s %(message)s")
     for record in caplog.records:
         assert KEY not in formatter.format(record), record.name
-    assert KEY not in repr(v) and KEY not in repr(v.primary) and KEY not in str(load_api_key(environ={"GEMINI_API_KEY": KEY}))
+    assert (
+        KEY not in repr(v)
+        and KEY not in repr(v.primary)
+        and KEY not in str(load_api_key(environ={"GEMINI_API_KEY": KEY}))
+    )
 
     # An exception about a bad key file names the file, never its content.
     with pytest.raises(ConfigError) as info:
@@ -348,7 +352,9 @@ def test_factory_defaults_work_offline() -> None:
     v = auto.verify(make_request())
     assert v.verifier == "heuristic" and v.fallback_from == "gemini" and "no Gemini API key" in v.error
     assert v.success and v.attempts == 1
-    assert isinstance(make_verifier(VerifierConfig(kind="heuristic"), environ={"GEMINI_API_KEY": KEY}), HeuristicVerifier)
+    assert isinstance(
+        make_verifier(VerifierConfig(kind="heuristic"), environ={"GEMINI_API_KEY": KEY}), HeuristicVerifier
+    )
     with pytest.raises(ConfigError, match="no Gemini API key"):
         make_verifier(VerifierConfig(kind="gemini"), environ={})
     strict = make_verifier(VerifierConfig(kind="gemini", fallback_on_error=False), environ={"GEMINI_API_KEY": KEY})

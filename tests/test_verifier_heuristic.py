@@ -146,9 +146,14 @@ def _scene(carrot_dx: int, carrot_dy: int) -> str:
 def test_move_to_an_object_needs_the_gripper_over_it_when_the_scene_text_says_where(dx, dy, done) -> None:
     """A followed move is not yet an arrival: with scene text the object's offset decides, so a long
     reach takes several chunks instead of being declared done after the first."""
-    v = VERIFIER.verify(request(
-        "Move to the carrot", post_state=state((0.34, 0.0, 0.10)), commanded=(0.05, 0.0, 0.0), scene_after=_scene(dx, dy)
-    ))
+    v = VERIFIER.verify(
+        request(
+            "Move to the carrot",
+            post_state=state((0.34, 0.0, 0.10)),
+            commanded=(0.05, 0.0, 0.0),
+            scene_after=_scene(dx, dy),
+        )
+    )
     assert v.success is done, v.reason
     assert ("over the carrot" if done else "from the carrot") in v.reason
     moved_not_followed = VERIFIER.verify(request(
@@ -279,7 +284,9 @@ def test_push_needs_motion_and_a_scene_change() -> None:
     pre_img = with_block(blank(), 0.4, 0.5, half=20)
     post_img = with_block(blank(), 0.55, 0.5, half=20)
     moved = state((0.35, 0.0, 0.10))
-    ok = VERIFIER.verify(request("push the pan to the right", state(), moved, pre_img, post_img, commanded=(0.05, 0, 0)))
+    ok = VERIFIER.verify(
+        request("push the pan to the right", state(), moved, pre_img, post_img, commanded=(0.05, 0, 0))
+    )
     assert ok.success, ok.reason
     no_change = VERIFIER.verify(request("push the pan", state(), moved, pre_img, pre_img, commanded=(0.05, 0, 0)))
     assert not no_change.success and "nothing was pushed" in no_change.reason
@@ -303,8 +310,12 @@ def test_unknown_subtask_needs_the_command_followed_and_a_scene_change() -> None
     moved = state((0.35, 0.0, 0.10))
     ok = VERIFIER.verify(request("wipe the table", state(), moved, pre_img, post_img, commanded=(0.05, 0, 0)))
     assert ok.success and ok.reason.startswith("unknown:")
-    assert not VERIFIER.verify(request("wipe the table", state(), moved, pre_img, pre_img, commanded=(0.05, 0, 0))).success
-    assert not VERIFIER.verify(request("wipe the table", state(), state(), pre_img, post_img, commanded=(0.05, 0, 0))).success
+    assert not VERIFIER.verify(
+        request("wipe the table", state(), moved, pre_img, pre_img, commanded=(0.05, 0, 0))
+    ).success
+    assert not VERIFIER.verify(
+        request("wipe the table", state(), state(), pre_img, post_img, commanded=(0.05, 0, 0))
+    ).success
 
 
 # -- image measure, validation, speed, determinism -------------------------------------------------

@@ -39,7 +39,13 @@ def test_waypoint_labels_copy_the_scene_offsets_exactly(tmp_path: Path) -> None:
             offset = re.search(r"\(([^)]*)\)", sample.motion_plan).group(1)
             assert sample.target.startswith(f"[[{offset}, ")  # the chunk copies the plan
             assert sample.motion_plan.startswith(sample.subtask + ": ")  # the plan names the subtask's object
-            key = "above" if sample.subtask.startswith("Move to") else "grasp" if sample.subtask.startswith("Grasp") else None
+            key = (
+                "above"
+                if sample.subtask.startswith("Move to")
+                else "grasp"
+                if sample.subtask.startswith("Grasp")
+                else None
+            )
             if key:
                 assert f"{key} ({offset})" in sample.scene  # ... and copies the scene
                 checked += 1
@@ -73,7 +79,7 @@ def test_runner_works_through_a_given_subtask_list_without_asking_for_one() -> N
         session.close()
 
 
-def _session(robot, seed, language):  # noqa: ANN001, ANN202
+def _session(robot, seed, language):
     return make_sim_session(robot, seed, language=language)
 
 
@@ -99,7 +105,9 @@ def test_open_loop_evaluation_tells_a_copying_policy_from_a_constant_one(tmp_pat
     from vlm2vla_edge.train.data.local_annotator import relabel
     from vlm2vla_edge.train.data.open_loop import evaluate_open_loop
 
-    record_demonstrations(tmp_path / "eps", range(HELD_OUT_SEED, HELD_OUT_SEED + 4), ROBOT, languages=("en",), frames=False)
+    record_demonstrations(
+        tmp_path / "eps", range(HELD_OUT_SEED, HELD_OUT_SEED + 4), ROBOT, languages=("en",), frames=False
+    )
     relabel(tmp_path / "eps", tmp_path / "ds", LocalAnnotator(WAYPOINTS, ROBOT), aux=False)
     dataset = read_dataset(tmp_path / "ds")
     lists = {s.instruction: s.subtasks for s in dataset.samples if s.stage == "subtasks"}

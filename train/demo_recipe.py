@@ -49,7 +49,8 @@ def composite_seeds(start: int, count: int, first_index: int) -> list[int]:
     """The first `count` seeds from `start` whose suite episode is a composite task, for episodes recorded
     at list positions `first_index`, `first_index + 1`, ... (the position sets the instruction's language,
     and the language is part of what the seed draws). Composites are 15% of the suite but the only
-    episodes where a grasp follows a release, which the first waypoint adapter failed most: its gripper closed on arrival after a release."""
+    episodes where a grasp follows a release, which the first waypoint adapter failed most: its gripper closed on
+    arrival after a release."""
     from vlm2vla_edge.runtime.sim.tasks import CompositeTask, sample_episode
 
     seeds: list[int] = []
@@ -105,7 +106,9 @@ def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    save_file({k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(staging / "adapter_model.safetensors"))
+    save_file(
+        {k: v.to(torch.float16).contiguous() for k, v in weights.items()}, str(staging / "adapter_model.safetensors")
+    )
     shutil.copy2(adapter_dir / "adapter_config.json", staging / "adapter_config.json")
     # The card also carries the sampling the demo policy runs with (its policy preset's: greedy), so that
     # the bundle the converter or the demo writes from it recommends that sampling to the runtime.
@@ -122,8 +125,12 @@ def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "demo_model", help="where the adapter goes")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "demo_model", help="where the adapter goes"
+    )
     parser.add_argument("--work", type=Path, default=Path("~/.cache/vlm2vla-edge/demo-recipe").expanduser(),
                         help="folder for episodes, dataset and checkpoints (kept: a rerun resumes)")
     parser.add_argument("--fresh", action="store_true", help="delete --work first instead of resuming")
@@ -131,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--composite-episodes", type=int, default=120,
                         help="extra composite-task demonstrations on top of --episodes (the suite has 15%%)")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe config's)")
-    parser.add_argument("--config", type=Path, default=None, help="training YAML (default: configs/train/demo_270m.yaml)")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="training YAML (default: configs/train/demo_270m.yaml)"
+    )
     args = parser.parse_args(argv)
 
     from vlm2vla_edge.runtime.config import packaged_configs_dir
@@ -158,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         args.work.mkdir(parents=True, exist_ok=True)
         # Resumable: each phase keeps its finished output under --work (episodes with a done marker, a
         # finished dataset, training checkpoints); a rerun with the same options picks up where it stopped.
-        stamp = {"episodes": args.episodes, "composites": args.composite_episodes, "policy": POLICY_PRESET, "config": config.model_dump(mode="json")}
+        stamp = {
+            "episodes": args.episodes,
+            "composites": args.composite_episodes,
+            "policy": POLICY_PRESET,
+            "config": config.model_dump(mode="json"),
+        }
         stamp_file = args.work / "recipe-options.json"
         if stamp_file.exists() and json.loads(stamp_file.read_text()) != stamp:
             raise UserError(f"{args.work} holds a run with other options; pass --fresh to start over")

@@ -53,7 +53,11 @@ def check_socket_access() -> Tally:
     groups = _own_groups()
     with tempfile.TemporaryDirectory(prefix="reliability-sock-") as tmp:
         folder = Path(tmp)
-        for mode, group in ((0o600, None), (0o660, groups[-1] if groups else None), (0o640, groups[0] if groups else None)):
+        for mode, group in (
+            (0o600, None),
+            (0o660, groups[-1] if groups else None),
+            (0o640, groups[0] if groups else None),
+        ):
             config = DaemonConfig(socket_path=folder / f"m{mode:o}.sock", socket_mode=mode, socket_group=group)
             with daemon_in_process(folder / f"d{mode:o}", config) as (_, path):
                 info = os.stat(path)

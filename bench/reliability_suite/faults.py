@@ -26,7 +26,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import struct
 import tempfile
 import threading
@@ -43,7 +42,6 @@ from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, Dae
 from vlm2vla_edge.runtime.daemon.server import ApiServer
 from vlm2vla_edge.runtime.daemon.service import Daemon
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeReader
-from vlm2vla_edge.runtime.station import Station
 from vlm2vla_edge.runtime.robot.base import (
     Arm,
     ArmState,
@@ -57,6 +55,7 @@ from vlm2vla_edge.runtime.robot.base import (
 from vlm2vla_edge.runtime.runner import RunnerConfig
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 from vlm2vla_edge.runtime.sim.session import make_sim_session
+from vlm2vla_edge.runtime.station import Station
 from vlm2vla_edge.runtime.verifier.base import Verifier
 from vlm2vla_edge.runtime.verifier.credentials import ApiKey
 from vlm2vla_edge.runtime.verifier.fallback import FallbackVerifier
@@ -123,7 +122,9 @@ class FaultyCamera(Camera):
 class WatchedArm(Arm):
     """Wraps an arm: records every stop and move, and can refuse a command or lose its link at the n-th move."""
 
-    def __init__(self, inner: Arm, fail_at_move: int | None = None, mode: Literal["refuse", "disconnect"] = "refuse") -> None:
+    def __init__(
+        self, inner: Arm, fail_at_move: int | None = None, mode: Literal["refuse", "disconnect"] = "refuse"
+    ) -> None:
         self.inner, self.fail_at_move, self.mode = inner, fail_at_move, mode
         self.moves = 0
         self.moving = False
@@ -339,7 +340,9 @@ def _check_serving(checks: Checks, client: DaemonClient, healthy: bool | None = 
         checks.that(False, f"/v1/status failed: {exc}")
 
 
-def _check_error(checks: Checks, task: dict[str, Any], words: tuple[str, ...], outcomes=("error", "failed")) -> None:
+def _check_error(
+    checks: Checks, task: dict[str, Any], words: tuple[str, ...], outcomes: tuple[str, ...] = ("error", "failed")
+) -> None:
     result = task.get("result") or {}
     detail = str(result.get("detail", ""))
     checks.that(result.get("outcome") in outcomes, f"outcome {result.get('outcome')!r}, expected one of {outcomes}")
@@ -375,7 +378,9 @@ def _check_next_task_runs(checks: Checks, h: Harness) -> None:
         checks.that(False, f"the next task could not run: {exc}")
         return
     outcome = (task.get("result") or {}).get("outcome")
-    checks.that(outcome in ("success", "failed"), f"the next task ended {outcome!r}: {(task.get('result') or {}).get('detail')}")
+    checks.that(
+        outcome in ("success", "failed"), f"the next task ended {outcome!r}: {(task.get('result') or {}).get('detail')}"
+    )
 
 
 def _check_refused(checks: Checks, client: DaemonClient, status: int, words: tuple[str, ...]) -> None:
@@ -384,7 +389,9 @@ def _check_refused(checks: Checks, client: DaemonClient, status: int, words: tup
         task = client.submit(INSTRUCTION)
     except DaemonApiError as exc:
         checks.that(exc.status == status, f"a new task was refused with {exc.status}, expected {status}: {exc.message}")
-        checks.that(any(w.lower() in exc.message.lower() for w in words), f"the refusal {exc.message!r} names none of {words}")
+        checks.that(
+            any(w.lower() in exc.message.lower() for w in words), f"the refusal {exc.message!r} names none of {words}"
+        )
         return
     checks.that(False, f"a new task was accepted ({task['id']}) although the fault is still there")
 
@@ -440,7 +447,10 @@ def _arm_fault(name: str, mode: Literal["refuse", "disconnect"], workdir: Path |
                 _check_serving(checks, h.client, healthy=False)
                 _check_refused(checks, h.client, 503, ("arm",))
                 status = h.client.status()
-                checks.that("error" in (status.get("arm") or {}), f"status does not say the arm is unreadable: {status.get('arm')}")
+                checks.that(
+                    "error" in (status.get("arm") or {}),
+                    f"status does not say the arm is unreadable: {status.get('arm')}",
+                )
             h.arm.reconnect()
             _check_serving(checks, h.client, healthy=True)
             _check_next_task_runs(checks, h)
@@ -461,7 +471,9 @@ def arm_disconnect(workdir: Path | None = None) -> Tally:
 # ---------------------------------------------------------------------------------------------- scenarios: verifier
 
 
-def _verifier_fault(name: str, reply: Reply, words: tuple[str, ...], workdir: Path | None, timeout_s: float = 10.0) -> Tally:
+def _verifier_fault(
+    name: str, reply: Reply, words: tuple[str, ...], workdir: Path | None, timeout_s: float = 10.0
+) -> Tally:
     """The Gemini verifier fails on every call. With the fallback (the runtime's default) the heuristic
     verifier decides and every verdict records why Gemini was skipped; without it, the episode fails
     with Gemini's error in the task's detail."""
@@ -501,7 +513,9 @@ def _verifier_fault(name: str, reply: Reply, words: tuple[str, ...], workdir: Pa
                             f"the task's events do not say why gemini failed ({words})",
                         )
                         outcome = (task.get("result") or {}).get("outcome")
-                        checks.that(outcome in ("success", "failed"), f"with the fallback the episode ended {outcome!r}")
+                        checks.that(
+                            outcome in ("success", "failed"), f"with the fallback the episode ended {outcome!r}"
+                        )
                     else:
                         _check_error(checks, task, words, outcomes=("failed",))
             checks.record(tally, label)
@@ -520,7 +534,9 @@ def verifier_http_500(workdir: Path | None = None) -> Tally:
 
 def verifier_garbage(workdir: Path | None = None) -> Tally:
     """Gemini answers 200 with text that is not the JSON verdict asked for."""
-    return _verifier_fault("verifier_garbage", Reply.text("Sure! The robot did great {{{"), ("invalid answer",), workdir)
+    return _verifier_fault(
+        "verifier_garbage", Reply.text("Sure! The robot did great {{{"), ("invalid answer",), workdir
+    )
 
 
 # ---------------------------------------------------------------------------------------------- scenario: disk full
@@ -565,7 +581,9 @@ def _gguf(path: Path, n_floats: int = 4096) -> Path:
         raw = text.encode()
         return struct.pack("<Q", len(raw)) + raw
 
-    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + string("general.architecture") + struct.pack("<I", 8) + string("test")
+    head = (
+        b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + string("general.architecture") + struct.pack("<I", 8) + string("test")
+    )
     head += string("w") + struct.pack("<I", 1) + struct.pack("<Q", n_floats) + struct.pack("<IQ", 0, 0)
     head += b"\0" * (-len(head) % 32)
     path.write_bytes(head + bytes(range(256)) * (n_floats * 4 // 256))
@@ -677,7 +695,10 @@ def sigkill_restart(workdir: Path | None = None) -> Tally:
         try:
             second.wait_for("READY=1", timeout_s=START_TIMEOUT_S)
             meta = json.loads((folder / "episodes" / task["id"] / "meta.json").read_text())
-            checks.that(meta.get("outcome") == "interrupted", f"after the restart meta.json says outcome {meta.get('outcome')!r}")
+            checks.that(
+                meta.get("outcome") == "interrupted",
+                f"after the restart meta.json says outcome {meta.get('outcome')!r}",
+            )
             checks.that(bool(meta.get("outcome_detail")), "the interrupted episode has no detail")
             client = DaemonClient(sock, timeout_s=30)
             _check_serving(checks, client, healthy=True)

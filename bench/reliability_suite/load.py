@@ -324,9 +324,9 @@ class DaemonSubprocess:
 
 def _serve_main(args: argparse.Namespace) -> int:
     """The subprocess: the product's daemon on the real-time simulator with `LoopPolicy`."""
-    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.daemon.server import serve
     from vlm2vla_edge.runtime.logs import configure_logging
+    from vlm2vla_edge.runtime.runtime_config import load_runtime_config
     from vlm2vla_edge.runtime.verifier.fallback import make_verifier
 
     configure_logging("DEBUG" if args.verifier == "config" else "INFO")

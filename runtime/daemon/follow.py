@@ -15,7 +15,9 @@ from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient, Dae
 Echo = Callable[[str], None]
 
 
-def follow_task(client: DaemonClient, task_id: str, echo: Echo, echo_err: Echo, call: Callable[[Callable[[], object]], object]) -> int:
+def follow_task(
+    client: DaemonClient, task_id: str, echo: Echo, echo_err: Echo, call: Callable[[Callable[[], object]], object]
+) -> int:
     """Print the task's events as they come; exit code 0 when it succeeded, 1 otherwise (or unknown).
 
     `call` runs a client request the way the command line does (no daemon -> message and exit 2)."""

@@ -34,9 +34,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # llguidance is imported when the decoder is built (the `llm` extra)
+    from llguidance import LLTokenizer
 
 from vlm2vla_edge.grammars import validate_gbnf
 from vlm2vla_edge.runtime.config import PolicyConfig, Sampling
@@ -250,7 +253,7 @@ class LlamaDecoder:
             self._bitmask = np.zeros((1, (self.n_vocab + 31) // 32), dtype=np.int32)
             self._neg_inf = np.float32(-np.inf)
             self._lltok_factory = lltokenizer_from_vocab
-            self._lltok_cache = None  # built on the first grammar (1.2 s on Gemma's vocabulary)
+            self._lltok_cache: LLTokenizer | None = None  # built on the first grammar (1.2 s on Gemma's vocabulary)
             self._drafter = Drafter(self.token_bytes, self.eog_tokens, self._fill_bitmask, self._bitmask)
             self._warm_up()
             if mmproj_path is not None:
@@ -265,7 +268,7 @@ class LlamaDecoder:
         )
 
     @property
-    def _lltok(self):  # noqa: ANN202 - llguidance.LLTokenizer
+    def _lltok(self) -> LLTokenizer:
         """llguidance's view of the vocabulary, built once, when the first grammar needs it: a decoder that
         never constrains (teacher-forced validation) does not pay its 1.2 s."""
         if self._lltok_cache is None:

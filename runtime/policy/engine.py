@@ -184,7 +184,7 @@ class LlamaPolicy:
                     adapter=name, prompts=entry.prompts, language=entry.action_language, scale=entry.info.scale,
                     bundle_id=f"{base_id}+{name}@{entry.sha256[:12]}", sampling=sampling_for(entry.info.sampling),
                 ))
-            if bundle.adapters:
+            if bundle.default_adapter is not None:  # set exactly when the bundle has adapters (manifest check)
                 policy.default_adapter = bundle.default_adapter
                 policy.use_adapter(adapter or bundle.default_adapter)
             on_error.pop_all()

@@ -101,7 +101,7 @@ class ScriptedExpert:
         grasp = self.points.grasp(item, table)
         lifted = (grasp[0], grasp[1], grasp[2] + h.lift_m)
         pick = [Waypoint(above, True), Waypoint(grasp, False), Waypoint(lifted, False)]
-        if isinstance(task, PickTask):
+        if not isinstance(task, PlaceTask):  # a PickTask (any other task raised above)
             return pick
         target = scene[task.target]
         drop = self.points.above(target, table)

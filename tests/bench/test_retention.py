@@ -119,7 +119,14 @@ def test_accuracy_counts_changed_fixed_and_broken():
         ret.QuestionResult(q, (bad, good), (bad, good)),  # wrong, stays wrong
     ]
     acc = ret.accuracy(results, normalise=False)
-    assert (acc.questions, acc.base_correct, acc.tuned_correct, acc.changed, acc.fixed, acc.broken) == (4, 2, 2, 2, 1, 1)
+    assert (acc.questions, acc.base_correct, acc.tuned_correct, acc.changed, acc.fixed, acc.broken) == (
+        4,
+        2,
+        2,
+        2,
+        1,
+        1,
+    )
     assert ret.mean_correct_logprob(results) == (-3.0, -3.0)
 
 

@@ -13,7 +13,9 @@ from typing import Any
 LORA_TARGETS = r".*(?:language_model\.|model\.)layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
 
 
-def make_adapter(config: Any, model_class: Any, out: Path, *, seed: int = 0, b_std: float = 0.02, rank: int = 4) -> Path:
+def make_adapter(
+    config: Any, model_class: Any, out: Path, *, seed: int = 0, b_std: float = 0.02, rank: int = 4
+) -> Path:
     """Save a peft LoRA adapter (r=`rank`) for `model_class(config)` with random A and B matrices."""
     import torch
     from peft import LoraConfig, get_peft_model

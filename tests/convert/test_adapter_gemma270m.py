@@ -69,11 +69,11 @@ def test_adapter_mode_keeps_the_base_and_records_its_validation(bundles: dict[st
 def test_policy_follows_merged_f16_and_switches_adapters_without_reloading(
     bundles: dict[str, Path], tmp_path: Path, gemma270m_gguf: Path
 ) -> None:
-    from convert_helpers import make_adapter
-    from vlm2vla_edge.convert.lora_gguf import write_lora_gguf
-
-    from test_convert_gemma270m import _text_config
     from transformers import Gemma3ForCausalLM
+
+    from convert_helpers import make_adapter
+    from test_convert_gemma270m import _text_config
+    from vlm2vla_edge.convert.lora_gguf import write_lora_gguf
 
     # A second skill beside the demo adapter, on the same base (what `convert --mode adapter --add` writes).
     bundle = load_bundle(bundles["adapters"])
@@ -88,9 +88,12 @@ def test_policy_follows_merged_f16_and_switches_adapters_without_reloading(
                        quant_type="Q4_K_M", adapters=specs, link=True)
 
     stages = PolicyConfig().sampling
-    greedy = stages.model_copy(update={
-        name: getattr(stages, name).model_copy(update={"temperature": 0.0}) for name in ("subtasks", "motion", "action", "retry")
-    })
+    greedy = stages.model_copy(
+        update={
+            name: getattr(stages, name).model_copy(update={"temperature": 0.0})
+            for name in ("subtasks", "motion", "action", "retry")
+        }
+    )
     config = PolicyConfig(n_threads=2, n_ctx=2048, sampling=greedy)
     cases = dataset_cases(bundles["dataset"], vision=False, limit=2)
     with LlamaPolicy.from_bundle(load_bundle(bundles["merged"]), config) as merged, \

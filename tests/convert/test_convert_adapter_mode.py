@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from test_bundle import make_gguf
-
 from vlm2vla_edge.convert.cli import run_app
 from vlm2vla_edge.convert.merge_quantize import default_adapter_name
 from vlm2vla_edge.runtime.policy.bundle import write_bundle
@@ -37,7 +36,9 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 def test_a_quantised_base_is_kept_as_it_is(tmp_path: Path, base_q4: Path, adapter: Path, capsys) -> None:
     code, err = run(["--base", str(base_q4), "--adapter", str(adapter), "--out", str(tmp_path / "b"),
                      "--mode", "adapter", "--quant", "Q8_0"], capsys)
-    assert code == 2 and "already Q4_K_M; --mode adapter keeps a quantised base as it is" in err and err.count("\n") == 1
+    assert (
+        code == 2 and "already Q4_K_M; --mode adapter keeps a quantised base as it is" in err and err.count("\n") == 1
+    )
 
 
 def test_add_needs_an_adapter_bundle_at_out(tmp_path: Path, base_q4: Path, adapter: Path, capsys) -> None:

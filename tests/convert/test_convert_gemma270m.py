@@ -48,8 +48,14 @@ def test_gemma270m_adapter_to_q4_k_m_bundle(tmp_path: Path, gemma270m_gguf: Path
     adapter = make_adapter(_text_config(gemma270m_gguf), Gemma3ForCausalLM, tmp_path / "adapter", seed=7, b_std=0.005)
     lines: list[str] = []
     options = ConvertOptions(
-        base=gemma270m_gguf, adapter=adapter, out=tmp_path / "bundle", quant="Q4_K_M", max_prompts=1, n_threads=2,
-        base_model_id="google/gemma-3-270m", # The base was never taught the action language, so whether its greedy chunk stops after one action or
+        base=gemma270m_gguf,
+        adapter=adapter,
+        out=tmp_path / "bundle",
+        quant="Q4_K_M",
+        max_prompts=1,
+        n_threads=2,
+        base_model_id="google/gemma-3-270m",
+        # The base was never taught the action language, so whether its greedy chunk stops after one action or
         # goes on is a near-tie that quantisation may flip: the chunk figures are recorded, not held.
         thresholds=Thresholds(min_top1_agreement=0.95, min_chunk_agreement=0.0, max_mean_abs_diff_cm=100.0),
     )
@@ -69,6 +75,8 @@ def test_gemma270m_adapter_to_q4_k_m_bundle(tmp_path: Path, gemma270m_gguf: Path
 
     with LlamaPolicy.from_bundle(bundle, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
         step = policy.step(
-            Observation(scene="a carrot lies left of a white plate"), "put the carrot on the plate", "pick up the carrot"
+            Observation(scene="a carrot lies left of a white plate"),
+            "put the carrot on the plate",
+            "pick up the carrot",
         )
     assert 1 <= len(step.chunk) <= bundle.action_language.max_steps

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from convert_helpers import make_adapter
-from vlm2vla_edge.convert.merge_quantize import ConvertOptions, ValidationFailed, convert
 from vlm2vla_edge.convert.merge import AdapterError
+from vlm2vla_edge.convert.merge_quantize import ConvertOptions, ValidationFailed, convert
 from vlm2vla_edge.convert.validate import Thresholds
 from vlm2vla_edge.runtime.config import PolicyConfig
 from vlm2vla_edge.runtime.policy.bundle import load_bundle
@@ -115,7 +115,9 @@ def test_adapter_mode_on_a_vision_base_then_a_second_adapter_added(
     options = _options(tiny_vision_gguf, tiny_adapter, out, quant="F16", mode="adapter", adapter_name="pick")
     lines: list[str] = []
     result = convert(options, progress=lines.append)
-    assert any(line.startswith("[4/7] base:") for line in lines) and any(line.startswith("[7/7] write: done") for line in lines)
+    assert any(line.startswith("[4/7] base:") for line in lines) and any(
+        line.startswith("[7/7] write: done") for line in lines
+    )
     assert result.report.adapter_logits is not None and result.report.adapter_logits.top1_agreement >= 0.99
     first = load_bundle(out)
     assert first.manifest.format_version == 2 and first.mmproj is not None and set(first.adapters) == {"pick"}

@@ -30,10 +30,16 @@ REPO = Path(__file__).resolve().parents[2]
     ("name", "expected"),
     [
         ("vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"),
-        ("model.vision_tower.embeddings.patch_embedding.weight", "vision_tower.vision_model.embeddings.patch_embedding.weight"),
+        (
+            "model.vision_tower.embeddings.patch_embedding.weight",
+            "vision_tower.vision_model.embeddings.patch_embedding.weight",
+        ),
         ("vision_tower.vision_model.post_layernorm.bias", "vision_tower.vision_model.post_layernorm.bias"),
         ("model.multi_modal_projector.mm_input_projection_weight", "multi_modal_projector.mm_input_projection_weight"),
-        ("language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.0.self_attn.q_proj.weight"),
+        (
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+        ),
     ],
 )
 def test_converter_tensor_names(name: str, expected: str) -> None:
@@ -46,8 +52,13 @@ def test_rename_vision_tensors_rewrites_file_and_index(tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    save_file({"vision_tower.a.weight": torch.ones(2), "language_model.model.b": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"vision_tower.a.weight": "model.safetensors"}}))
+    save_file(
+        {"vision_tower.a.weight": torch.ones(2), "language_model.model.b": torch.zeros(2)},
+        str(tmp_path / "model.safetensors"),
+    )
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"vision_tower.a.weight": "model.safetensors"}})
+    )
     assert hf_folder.rename_vision_tensors(tmp_path) == 1
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
         assert sorted(handle.keys()) == ["language_model.model.b", "vision_tower.vision_model.a.weight"]
@@ -61,12 +72,17 @@ def test_layer_pattern_matches_llama_cpp() -> None:
     hf_folder.check_layer_pattern({"model_type": "gemma3_text", "layer_types": hf_folder.llama_cpp_layer_types(18)})
     with pytest.raises(hf_folder.HfFolderError, match="layout llama.cpp assumes"):
         hf_folder.check_layer_pattern(
-            {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "layer_types": ["sliding_attention", "full_attention"]}}
+            {
+                "model_type": "gemma3",
+                "text_config": {"model_type": "gemma3_text", "layer_types": ["sliding_attention", "full_attention"]},
+            }
         )
 
 
 def test_make_converter_ready_needs_a_vocabulary(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "layer_types": ["sliding_attention"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gemma3_text", "layer_types": ["sliding_attention"]})
+    )
     with pytest.raises(hf_folder.HfFolderError, match="tokenizer.model"):
         hf_folder.make_converter_ready(tmp_path)
     # everything else it could fix without a vocabulary was written, with the Gemma-3 chat template
@@ -221,7 +237,9 @@ def test_cli_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_cli_wrong_gguf_module_exits_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def wrong() -> Path:
-        raise converter.ConverterSetupError(f"the importable 'gguf' module is not the copy ...; run: {converter.FIX_COMMAND}")
+        raise converter.ConverterSetupError(
+            f"the importable 'gguf' module is not the copy ...; run: {converter.FIX_COMMAND}"
+        )
 
     monkeypatch.setattr(converter, "check_gguf_module", wrong)
     code = run_app(["--base", "b", "--adapter", "a", "--out", "o"])

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from test_bundle import make_gguf
-
 from vlm2vla_edge.convert.lora_gguf import LoraConversionError, write_lora_gguf
 
 pytest.importorskip("gguf")
@@ -42,7 +41,9 @@ def make_peft(folder: Path, tensors: dict[str, np.ndarray] | None = None, **conf
             "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": rng.normal(size=(RANK, OUT)),
             "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight": rng.normal(size=(IN, RANK)),
         }
-    save_file({k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    save_file(
+        {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}, str(folder / "adapter_model.safetensors")
+    )
     settings = {"peft_type": "LORA", "r": RANK, "lora_alpha": 4, "use_dora": False, "use_rslora": False,
                 "modules_to_save": None, "alpha_pattern": {}, "rank_pattern": {}}
     settings.update(config)

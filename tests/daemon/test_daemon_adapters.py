@@ -86,7 +86,10 @@ def test_tasks_name_their_adapter_and_the_episode_records_it(daemon: Daemon) -> 
 
     text = daemon.metrics.render(estop_engaged=False).decode()
     assert 'vlm2vla_adapter_active{adapter="pick"} 1.0' in text and 'vlm2vla_adapter_active{adapter="wipe"} 0.0' in text
-    assert 'vlm2vla_adapter_switches_total{adapter="wipe"} 1.0' in text and "vlm2vla_adapter_switch_seconds_count 2.0" in text
+    assert (
+        'vlm2vla_adapter_switches_total{adapter="wipe"} 1.0' in text
+        and "vlm2vla_adapter_switch_seconds_count 2.0" in text
+    )
 
     with pytest.raises(InvalidRequest, match="no adapter 'mop'"):
         daemon.submit("lift the carrot", adapter="mop")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vlm2vla_edge.runtime import runtime_config
 from vlm2vla_edge.runtime.daemon import sd_notify
 from vlm2vla_edge.runtime.daemon.events import TaskEventLog
 from vlm2vla_edge.runtime.daemon.metrics import DaemonMetrics
@@ -19,7 +20,6 @@ from vlm2vla_edge.runtime.daemon.service import InvalidRequest, validate_instruc
 from vlm2vla_edge.runtime.daemon.unit import UnitOptions, render_unit
 from vlm2vla_edge.runtime.errors import ConfigError
 from vlm2vla_edge.runtime.events import EpisodeEnded, EpisodeResult, EpisodeStarted
-from vlm2vla_edge.runtime import runtime_config
 from vlm2vla_edge.runtime.runtime_config import (
     DaemonConfig,
     RuntimeConfig,
@@ -89,8 +89,12 @@ def test_shipped_runtime_config_has_the_daemon_section() -> None:
 
 def test_socket_paths(tmp_path: Path) -> None:
     config = DaemonConfig()
-    assert server_socket_path(config, {"RUNTIME_DIRECTORY": "/run/vlm2vla-edge"}) == Path("/run/vlm2vla-edge/daemon.sock")
-    assert server_socket_path(config, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == Path("/run/user/1000/vlm2vla-edge/daemon.sock")
+    assert server_socket_path(config, {"RUNTIME_DIRECTORY": "/run/vlm2vla-edge"}) == Path(
+        "/run/vlm2vla-edge/daemon.sock"
+    )
+    assert server_socket_path(config, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == Path(
+        "/run/user/1000/vlm2vla-edge/daemon.sock"
+    )
     # the system service's socket first (tests/conftest.py points that folder into the session's temporary
     # folder; tests/test_no_system_daemon.py checks the product's own value, /run/vlm2vla-edge)
     assert client_socket_candidates(config, {})[0] == runtime_config.SYSTEM_RUNTIME_DIR / "daemon.sock"
@@ -190,9 +194,19 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "vlm2vla-edge.service" not in result.stderr, result.stderr  # no warnings about our unit either
     text = unit.read_text()
-    for line in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "ProtectSystem=strict", "ProtectHome=yes",
-                 "PrivateTmp=yes", "NoNewPrivileges=yes", "DeviceAllow=char-usb_device rwm",
-                 f"LoadCredential=gemini_api_key:{key}", "RuntimeDirectory=vlm2vla-edge", "StateDirectory=vlm2vla-edge"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=30",
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "DeviceAllow=char-usb_device rwm",
+        f"LoadCredential=gemini_api_key:{key}",
+        "RuntimeDirectory=vlm2vla-edge",
+        "StateDirectory=vlm2vla-edge",
+    ):
         assert line in text.splitlines()
     assert f"ExecStart={exe} --log-level INFO serve" in text
 

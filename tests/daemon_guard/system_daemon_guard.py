@@ -28,7 +28,7 @@ class SystemDaemonTouched(RuntimeError):
 
 
 def _path_of(value: object) -> str | None:
-    if isinstance(value, tuple) or isinstance(value, int):  # a TCP address, a file descriptor
+    if isinstance(value, (tuple, int)):  # a TCP address, a file descriptor
         return None
     try:
         path = os.fsdecode(os.fspath(value))  # type: ignore[arg-type]

@@ -54,16 +54,16 @@ class Prompting:
     bundle_id = "prompting-fake"
 
     @property
-    def action_language(self):  # noqa: ANN201
+    def action_language(self):
         return WAYPOINTS
 
-    def subtasks(self, observation, instruction, *, cancel=None) -> SubtasksResult:  # noqa: ANN001
+    def subtasks(self, observation, instruction, *, cancel=None) -> SubtasksResult:
         result = self.inner.subtasks(observation, instruction, cancel=cancel)
         prompt = DEFAULT_PROMPTS.render_subtasks_prompt(instruction, observation.scene)
         output = result.output
         return SubtasksResult(result.subtasks, StageOutput(output.stage, prompt, output.raw_text, {}))
 
-    def step(self, observation, instruction, subtask, *, retry=False, cancel=None) -> StepResult:  # noqa: ANN001
+    def step(self, observation, instruction, subtask, *, retry=False, cancel=None) -> StepResult:
         step = self.inner.step(observation, instruction, subtask, retry=retry, cancel=cancel)
         chunk_text = step.action_output.raw_text
         if self.wrong_gripper and subtask.startswith("Move to"):
@@ -90,7 +90,9 @@ def _record_eval(out: Path, kind: str, n: int, *, wrong_gripper: bool = False, m
     seeds = select_seeds(kind, n)  # type: ignore[arg-type]
     config = EvalConfig(tasks=(kind,), episodes=n, record_dir=out,
                         runner=RunnerConfig(max_steps=12, max_retries_per_subtask=max_retries))
-    report = run_eval(Prompting(_names(seeds), wrong_gripper), config, echo=lambda _: None, verifier=HeuristicVerifier())
+    report = run_eval(
+        Prompting(_names(seeds), wrong_gripper), config, echo=lambda _: None, verifier=HeuristicVerifier()
+    )
     return [Path(row.episode_dir) for row in report.rows]
 
 
@@ -104,8 +106,10 @@ def place_episode(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _record_eval(tmp_path_factory.mktemp("eval") / "episodes", "place", 1)[0]
 
 
-def _label(path: Path, language=WAYPOINTS):  # noqa: ANN001, ANN202
-    return label_policy_episode(read_policy_episode(path), StateExpert(ROBOT), language, ChunkLimits.for_robot(ROBOT, language))
+def _label(path: Path, language=WAYPOINTS):
+    return label_policy_episode(
+        read_policy_episode(path), StateExpert(ROBOT), language, ChunkLimits.for_robot(ROBOT, language)
+    )
 
 
 def test_a_policy_that_does_what_the_expert_does_gets_the_expert_labels_and_no_disagreement(
@@ -180,7 +184,15 @@ def test_a_policy_that_closes_the_gripper_wrongly_gets_the_open_gripper_as_its_c
 
 def test_do_local_sim_episodes_are_rebuilt_from_the_table_their_instruction_laid_out(tmp_path: Path) -> None:
     instruction = "put the carrot in the pot"
-    names = {instruction: ["Move to the carrot", "Grasp the carrot", "Lift the carrot", "Move to the pot", "Release the carrot"]}
+    names = {
+        instruction: [
+            "Move to the carrot",
+            "Grasp the carrot",
+            "Lift the carrot",
+            "Move to the pot",
+            "Release the carrot",
+        ]
+    }
     policy = Prompting(names)
     with open_station(ROBOT, sim=True, seed=7, instruction=instruction) as station:
         writer = EpisodeWriter.create(tmp_path / "eps", episode_meta(instruction, ROBOT, station, policy, seed=7))
@@ -207,7 +219,7 @@ def test_a_state_the_rebuilt_simulator_does_not_reproduce_is_reported_not_labell
     assert outcome.disagreement.episodes == 0  # nothing is counted against the policy from a wrong world
 
 
-def _cli(*args: str):  # noqa: ANN202
+def _cli(*args: str):
     from vlm2vla_edge.train.data.cli import app
 
     return CliRunner().invoke(app, ["dagger", *args])
@@ -261,11 +273,19 @@ def test_bad_input_ends_with_one_clean_error(pick_episodes: list[Path], tmp_path
     meta = json.loads((no_seed / "meta.json").read_text())
     del meta["extra"]["seed"]
     (no_seed / "meta.json").write_text(json.dumps(meta))
-    relabel(tmp_path / "demos", tmp_path / "steps-ds", LocalAnnotator(load_policy_config("policy").action_language, ROBOT))
+    relabel(
+        tmp_path / "demos", tmp_path / "steps-ds", LocalAnnotator(load_policy_config("policy").action_language, ROBOT)
+    )
     cases = {
         "not a policy episode": [str(tmp_path / "demos" / "sim-0000000"), "--into", str(tmp_path / "a")],
         "no simulator seed": [str(no_seed), "--into", str(tmp_path / "b")],
-        "another action language": [str(pick_episodes[0]), "--into", str(tmp_path / "steps-ds"), "--policy", "policy_waypoints"],
+        "another action language": [
+            str(pick_episodes[0]),
+            "--into",
+            str(tmp_path / "steps-ds"),
+            "--policy",
+            "policy_waypoints",
+        ],
         "nothing to label": ["--into", str(tmp_path / "c")],
         "does not exist": [str(tmp_path / "missing"), "--into", str(tmp_path / "d")],
     }
@@ -306,7 +326,7 @@ def test_a_run_that_fails_half_way_leaves_the_dataset_as_it_was(
     before = read_dataset(tmp_path / "ds")
     real = dagger.label_policy_episode
 
-    def fail_on_second(episode, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def fail_on_second(episode, *args, **kwargs):
         if episode.path == pick_episodes[1]:
             raise OSError("disk full")
         return real(episode, *args, **kwargs)

@@ -229,7 +229,9 @@ def _build_modules(hw: FakeWidowX) -> dict[str, types.ModuleType]:
                     return False
             return True
 
-        def _publish_commands(self, positions: list[float], moving_time: float | None, accel_time: float | None, blocking: bool) -> None:
+        def _publish_commands(
+            self, positions: list[float], moving_time: float | None, accel_time: float | None, blocking: bool
+        ) -> None:
             self.set_trajectory_time(moving_time, accel_time)
             self.joint_commands = list(positions)
             hw.joint_goal(list(positions), self.moving_time)
@@ -237,7 +239,13 @@ def _build_modules(hw: FakeWidowX) -> dict[str, types.ModuleType]:
                 hw.sleep(self.moving_time)
             self.T_sb = forward_kinematics(self.joint_commands)
 
-        def set_joint_positions(self, joint_positions: list[float], moving_time: float | None = None, accel_time: float | None = None, blocking: bool = True) -> bool:
+        def set_joint_positions(
+            self,
+            joint_positions: list[float],
+            moving_time: float | None = None,
+            accel_time: float | None = None,
+            blocking: bool = True,
+        ) -> bool:
             hw.enter("set_joint_positions", tuple(joint_positions), moving_time, accel_time, blocking)
             try:
                 if self._check_joint_limits(joint_positions):
@@ -247,14 +255,18 @@ def _build_modules(hw: FakeWidowX) -> dict[str, types.ModuleType]:
             finally:
                 hw.leave()
 
-        def go_to_home_pose(self, moving_time: float | None = None, accel_time: float | None = None, blocking: bool = True) -> None:
+        def go_to_home_pose(
+            self, moving_time: float | None = None, accel_time: float | None = None, blocking: bool = True
+        ) -> None:
             hw.enter("go_to_home_pose")
             try:
                 self._publish_commands([0.0] * self.group_info.num_joints, moving_time, accel_time, blocking)
             finally:
                 hw.leave()
 
-        def go_to_sleep_pose(self, moving_time: float | None = None, accel_time: float | None = None, blocking: bool = True) -> None:
+        def go_to_sleep_pose(
+            self, moving_time: float | None = None, accel_time: float | None = None, blocking: bool = True
+        ) -> None:
             hw.enter("go_to_sleep_pose")
             try:
                 self._publish_commands(list(self.group_info.joint_sleep_positions), moving_time, accel_time, blocking)
@@ -372,7 +384,9 @@ def _build_modules(hw: FakeWidowX) -> dict[str, types.ModuleType]:
             iterative_update_fk: bool = True,
             args: Any = None,
         ) -> None:
-            hw.calls.append(("construct", robot_model, group_name, gripper_name, moving_time, accel_time, gripper_pressure))
+            hw.calls.append(
+                ("construct", robot_model, group_name, gripper_name, moving_time, accel_time, gripper_pressure)
+            )
             if hw.hang_on_connect:  # the real constructor spins until the xs_sdk services answer
                 hw.released.wait()
                 raise RuntimeError("rclpy shut down while waiting for the xs_sdk services")
@@ -389,7 +403,9 @@ def _build_modules(hw: FakeWidowX) -> dict[str, types.ModuleType]:
 
         InterbotixManipulatorXS.shutdown = shutdown  # type: ignore[attr-defined]
 
-    def robot_startup(node: Any = None, node_name: str = "interbotix_robot_manipulation", namespace: Any = None) -> None:
+    def robot_startup(
+        node: Any = None, node_name: str = "interbotix_robot_manipulation", namespace: Any = None
+    ) -> None:
         if hw.up:
             raise InterbotixException("Startup has already been requested")
         if not hw.global_node_exists:

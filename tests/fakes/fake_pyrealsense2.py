@@ -125,8 +125,16 @@ def _build_module(bus: FakeRealSense) -> types.ModuleType:
             self.streams.append((stream_type, width, height, format, framerate))
 
     class video_frame:
-        def __init__(self, number: int, image: np.ndarray, timestamp_ms: float, domain: str, arrival_ms: float | None) -> None:
-            self._number, self._image, self._ts, self._domain, self._arrival = number, image, timestamp_ms, domain, arrival_ms
+        def __init__(
+            self, number: int, image: np.ndarray, timestamp_ms: float, domain: str, arrival_ms: float | None
+        ) -> None:
+            self._number, self._image, self._ts, self._domain, self._arrival = (
+                number,
+                image,
+                timestamp_ms,
+                domain,
+                arrival_ms,
+            )
 
         def __bool__(self) -> bool:
             return True
@@ -225,7 +233,11 @@ def _build_module(bus: FakeRealSense) -> types.ModuleType:
             width, height, _ = self._mode
             image = np.full((height, width, 3), hw.frame_number % 256, dtype=np.uint8)
             wall_ms = (time.time() - lag) * 1000.0
-            ts = wall_ms if hw.domain in (DOMAIN_SYSTEM, DOMAIN_GLOBAL) else time.monotonic() * 1000.0 - lag * 1000.0 + 12345.0
+            ts = (
+                wall_ms
+                if hw.domain in (DOMAIN_SYSTEM, DOMAIN_GLOBAL)
+                else time.monotonic() * 1000.0 - lag * 1000.0 + 12345.0
+            )
             frame = video_frame(hw.frame_number, image, ts, hw.domain, wall_ms if hw.supports_arrival else None)
             self._last = frame
             return composite_frame(frame)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 
 import pytest
+
 from reliability_suite.access import _recording_compare_digest, check_socket_access, check_tcp_token, scan_key_leaks
 
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_suite.load import clean_error, daemon_in_process, raw_exchange
 
+from reliability_suite.load import clean_error, daemon_in_process, raw_exchange
 from vlm2vla_edge.runtime.daemon import http_api
 from vlm2vla_edge.runtime.daemon.client import DaemonClient
 from vlm2vla_edge.runtime.daemon.priority import PROCESS_NICE
@@ -39,8 +39,14 @@ def test_a_complete_request_then_half_close_still_gets_its_answer(api) -> None:
     assert response.status == 200 and b'"ok": true' in response.body
 
 
-@pytest.mark.parametrize("data", [b"GET /v1/status HTTP/1.1\r\n\r\n", b"GET /v1/status HTTP/1.1\r\nBad Header: x\r\n\r\n",
-                                  b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Long: " + b"z" * 20_000])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /v1/status HTTP/1.1\r\n\r\n",
+        b"GET /v1/status HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Long: " + b"z" * 20_000,
+    ],
+)
 def test_protocol_errors_from_h11_are_json_errors(api, data: bytes) -> None:
     _, path = api
     response = raw_exchange(path, data)
@@ -99,7 +105,7 @@ def test_only_the_event_loop_thread_runs_at_the_api_priority(tmp_path: Path) -> 
         seen: list[int] = []
         original = daemon.runner.policy.step
 
-        def step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the policy's signature
+        def step(*args, **kwargs):  # the policy's signature
             seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
             return original(*args, **kwargs)
 

@@ -4,20 +4,21 @@ injected and checked). The last tests break the product on purpose to show the c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 from typing import Callable
 
 import pytest
-from reliability_suite import Tally, faults
 
+from reliability_suite import Tally, faults
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.daemon.service import Daemon, Unavailable
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, mark_interrupted
-from vlm2vla_edge.runtime.station import Station
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
 from vlm2vla_edge.runtime.runtime_config import DaemonConfig
 from vlm2vla_edge.runtime.sim.session import make_sim_session
+from vlm2vla_edge.runtime.station import Station
 from vlm2vla_edge.runtime.verifier.heuristic import HeuristicVerifier
 
 _GEMINI = importlib.util.find_spec("google") is not None and importlib.util.find_spec("google.genai") is not None
@@ -53,11 +54,9 @@ def test_checks_fail_when_health_hides_an_unplugged_camera(monkeypatch: pytest.M
 def test_checks_fail_when_the_recorder_swallows_a_full_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     original = EpisodeRecorder.on_event
 
-    def swallowing(self: EpisodeRecorder, event) -> None:  # noqa: ANN001 - the pre-fix behaviour
-        try:
+    def swallowing(self: EpisodeRecorder, event) -> None:  # the pre-fix behaviour
+        with contextlib.suppress(Exception):
             original(self, event)
-        except Exception:  # noqa: BLE001
-            pass
 
     monkeypatch.setattr(EpisodeRecorder, "on_event", swallowing)
     tally = faults.episodes_disk_full(tmp_path)

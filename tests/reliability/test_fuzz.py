@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from reliability_suite.fuzz import (
     LimitCheckingArm,
     ParserFuzzStats,
@@ -19,7 +20,6 @@ from reliability_suite.fuzz import (
     widens_hard_limits,
 )
 from reliability_suite.load import clean_error, daemon_in_process, raw_exchange
-
 from vlm2vla_edge.runtime import safety
 from vlm2vla_edge.runtime.actions import Action
 from vlm2vla_edge.runtime.config import MAX_CONFIG_BYTES, ActionLanguage, load_robot_config
@@ -43,7 +43,9 @@ def test_parser_and_limiter_fuzz_lets_no_unsafe_command_through() -> None:
     assert len(stats.by_kind) == 9
 
 
-def _forged(limiter: SafetyLimiter, start: tuple[float, float, float], target: tuple[float, float, float]) -> SafeCommand:
+def _forged(
+    limiter: SafetyLimiter, start: tuple[float, float, float], target: tuple[float, float, float]
+) -> SafeCommand:
     """A command the limiter never approved (only a test may use its private token)."""
     return SafeCommand(token=safety._LIMITER_TOKEN, limiter=limiter, start=start, target=target, gripper_open=True,
                        source=Action(0.0, 0.0, 0.0, 1.0), decisions=())
@@ -104,7 +106,9 @@ def test_any_text_from_model_to_motors_keeps_the_limits(text: str, start, max_ab
     assert arm.violations == []
 
 
-@pytest.mark.parametrize("text", ["[" + "0" * 60_000 + "]", "[[0.1, " + "1" * 60_000 + "]]", "[[" + "1." * 30_000 + "]]"])
+@pytest.mark.parametrize(
+    "text", ["[" + "0" * 60_000 + "]", "[[0.1, " + "1" * 60_000 + "]]", "[[" + "1." * 30_000 + "]]"]
+)
 def test_a_long_run_of_digits_is_diagnosed_in_linear_time(text: str) -> None:
     """Regression: the exponent diagnosis regex backtracked cubically (4,000 digits: minutes)."""
     began = time.perf_counter()
@@ -228,7 +232,12 @@ def test_a_malformed_request_line_gets_a_status_line_and_json(api) -> None:
 def test_an_unread_body_is_never_run_as_the_next_request(api) -> None:
     daemon, path = api
     smuggled = b"POST /v1/estop HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    data = b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled
+    data = (
+        b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(smuggled)).encode()
+        + b"\r\n\r\n"
+        + smuggled
+    )
     try:
         raw_exchange(path, data)
         time.sleep(0.2)

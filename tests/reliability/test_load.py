@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from reliability_suite.load import LoadStats, daemon_in_process, load_during_episode
 
+from reliability_suite.load import LoadStats, daemon_in_process, load_during_episode
 from vlm2vla_edge.runtime.daemon.client import DaemonClient
 
 

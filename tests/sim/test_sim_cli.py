@@ -35,7 +35,9 @@ def test_render_refuses_bad_paths_and_sizes(tmp_path: Path) -> None:
 
 def test_expert_writes_loadable_demonstrations(tmp_path: Path) -> None:
     out = tmp_path / "demos"
-    result = RUNNER.invoke(app, ["expert", "--episodes", "2", "--out", str(out), "--seed", "7", "--no-frames", "--language", "fr"])
+    result = RUNNER.invoke(
+        app, ["expert", "--episodes", "2", "--out", str(out), "--seed", "7", "--no-frames", "--language", "fr"]
+    )
     assert result.exit_code == 0, result.output
     folders = list_episodes(out)
     assert [f.name for f in folders] == ["sim-0000007", "sim-0000008"]

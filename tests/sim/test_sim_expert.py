@@ -10,10 +10,10 @@ import pytest
 
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeReader
-from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, run_expert_episode
-from vlm2vla_edge.runtime.sim.tasks import Episode, paper_composite, sample_episode
-from vlm2vla_edge.runtime.sim.scene import Scene
 from vlm2vla_edge.runtime.safety import SafetyLimiter
+from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, run_expert_episode
+from vlm2vla_edge.runtime.sim.scene import Scene
+from vlm2vla_edge.runtime.sim.tasks import Episode, paper_composite, sample_episode
 from vlm2vla_edge.runtime.sim.world import SimArm, SimWorld
 
 ROBOT = load_robot_config()
@@ -55,7 +55,9 @@ def check_demo(path: Path, frames: bool, steps: int) -> None:
         assert np.allclose(step.ee_position, position, atol=1e-9)  # observation = previous pose + action
         position = np.array(step.ee_position) + np.array(step.action[:3])
         assert step.executed and step.executed[0].completed
-        assert step.extra["scene_description"].startswith("gripper open, ") or step.extra["scene_description"].startswith("gripper closed, ")
+        assert step.extra["scene_description"].startswith("gripper open, ") or step.extra[
+            "scene_description"
+        ].startswith("gripper closed, ")
         if frames:
             assert step.image is not None and reader.frame(step.image).shape == (256, 256, 3)
         else:
@@ -64,7 +66,9 @@ def check_demo(path: Path, frames: bool, steps: int) -> None:
 
 def test_expert_demonstrations_with_frames_load_back(tmp_path: Path) -> None:
     episodes = [sample_episode(s) for s in range(3)]
-    episodes.append(Episode(seed=99, task=paper_composite("es"), scene=Scene.random(99, ["eggplant", "pan", "fish"], 2)))
+    episodes.append(
+        Episode(seed=99, task=paper_composite("es"), scene=Scene.random(99, ["eggplant", "pan", "fish"], 2))
+    )
     for episode in episodes:
         result = run_expert_episode(episode, ROBOT, record_to=tmp_path, frames=True)
         assert result.success and result.partial_credit == 1.0, (result.instruction, result.notes)

@@ -33,7 +33,9 @@ def test_single_joints_move_the_tip_as_the_screw_axes_say() -> None:
     x, _, z = KIN.fk_position([0, 0.3, 0, 0, 0, 0])
     assert z < 0.36065 and math.isclose(math.hypot(x, z - 0.11065), math.hypot(0.458325, 0.25), rel_tol=1e-9)
     # Wrist rotate spins about the tool axis: the tip does not move.
-    np.testing.assert_allclose(KIN.fk_position([0.2, 0.1, 0.3, 0, 0.4, 1.3]), KIN.fk_position([0.2, 0.1, 0.3, 0, 0.4, 0]), atol=1e-12)
+    np.testing.assert_allclose(
+        KIN.fk_position([0.2, 0.1, 0.3, 0, 0.4, 1.3]), KIN.fk_position([0.2, 0.1, 0.3, 0, 0.4, 0]), atol=1e-12
+    )
 
 
 def test_link_points_end_at_the_end_effector() -> None:

@@ -65,7 +65,9 @@ def test_the_arm_is_drawn_along_its_links() -> None:
 def test_open_and_closed_grippers_look_different() -> None:
     scene = Scene.random(1, required=["carrot"], n_distractors=0)
     joints = (0.0, 0.3, 0.2, 0.0, 1.0, 0.0)
-    assert not np.array_equal(RENDERER.render(scene, ArmView(joints, True)), RENDERER.render(scene, ArmView(joints, False)))
+    assert not np.array_equal(
+        RENDERER.render(scene, ArmView(joints, True)), RENDERER.render(scene, ArmView(joints, False))
+    )
 
 
 def test_describe_lists_each_objects_key_points_as_offsets_and_what_is_held() -> None:

@@ -38,7 +38,9 @@ def test_same_seed_same_scene_other_seed_other_scene() -> None:
     a = Scene.random(11, required=["carrot"], n_distractors=3)
     b = Scene.random(11, required=["carrot"], n_distractors=3)
     c = Scene.random(12, required=["carrot"], n_distractors=3)
-    assert [(o.name, o.position, o.yaw) for o in a.objects.values()] == [(o.name, o.position, o.yaw) for o in b.objects.values()]
+    assert [(o.name, o.position, o.yaw) for o in a.objects.values()] == [
+        (o.name, o.position, o.yaw) for o in b.objects.values()
+    ]
     assert [(o.name, o.position) for o in a.objects.values()] != [(o.name, o.position) for o in c.objects.values()]
 
 

@@ -93,7 +93,9 @@ def test_placing_in_the_wrong_container_is_not_success() -> None:
 def test_sampling_is_seeded_and_covers_the_suite() -> None:
     a, b = sample_episode(42), sample_episode(42)
     assert a.task == b.task and a.task.instruction() == b.task.instruction()
-    assert [(o.name, o.position) for o in a.scene.objects.values()] == [(o.name, o.position) for o in b.scene.objects.values()]
+    assert [(o.name, o.position) for o in a.scene.objects.values()] == [
+        (o.name, o.position) for o in b.scene.objects.values()
+    ]
     episodes = [sample_episode(s) for s in range(300)]
     kinds = Counter(type(e.task).__name__ for e in episodes)
     assert set(kinds) == {"PickTask", "PlaceTask", "CompositeTask"}

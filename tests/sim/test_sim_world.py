@@ -20,7 +20,9 @@ ROBOT = load_robot_config()
 
 
 def make(realtime: bool = False, motion: Motion | None = None, seed: int = 3) -> tuple[SimWorld, SimArm, SafetyLimiter]:
-    world = SimWorld(ROBOT, Scene.random(seed, required=["carrot", "plate"], n_distractors=1), realtime=realtime, motion=motion)
+    world = SimWorld(
+        ROBOT, Scene.random(seed, required=["carrot", "plate"], n_distractors=1), realtime=realtime, motion=motion
+    )
     arm = SimArm(world)
     arm.connect()
     limiter = SafetyLimiter(ROBOT, reachable=world.reachable, clock=world.clock)

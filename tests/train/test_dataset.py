@@ -27,14 +27,41 @@ SUBTASKS = ["Move to the carrot", "Grasp the carrot"]
 def samples_for(episode: str) -> list[Sample]:
     common = dict(episode=episode, instruction="pick up the carrot", subtasks=SUBTASKS)
     return [
-        Sample(id=f"{episode}/000000/subtasks", step=0, stage="subtasks", target='["Move to the carrot", "Grasp the carrot"]',
-               **common),
-        Sample(id=f"{episode}/000000/motion", step=0, stage="motion", subtask=SUBTASKS[0], subtask_index=0,
-               target="Move primarily down, about 5 cm", **common),
-        Sample(id=f"{episode}/000000/action", step=0, stage="action", subtask=SUBTASKS[0], subtask_index=0,
-               motion_plan="Move primarily down, about 5 cm", target="[[0, 0, -0.05, 1]]", scene="carrot at x=30", **common),
-        Sample(id=f"{episode}/000000/aux", episode=episode, step=0, stage="aux", instruction="Which way is dz = -5 cm?",
-               target="Move primarily down"),
+        Sample(
+            id=f"{episode}/000000/subtasks",
+            step=0,
+            stage="subtasks",
+            target='["Move to the carrot", "Grasp the carrot"]',
+            **common,
+        ),
+        Sample(
+            id=f"{episode}/000000/motion",
+            step=0,
+            stage="motion",
+            subtask=SUBTASKS[0],
+            subtask_index=0,
+            target="Move primarily down, about 5 cm",
+            **common,
+        ),
+        Sample(
+            id=f"{episode}/000000/action",
+            step=0,
+            stage="action",
+            subtask=SUBTASKS[0],
+            subtask_index=0,
+            motion_plan="Move primarily down, about 5 cm",
+            target="[[0, 0, -0.05, 1]]",
+            scene="carrot at x=30",
+            **common,
+        ),
+        Sample(
+            id=f"{episode}/000000/aux",
+            episode=episode,
+            step=0,
+            stage="aux",
+            instruction="Which way is dz = -5 cm?",
+            target="Move primarily down",
+        ),
     ]
 
 
@@ -67,8 +94,15 @@ def test_images_are_copied_and_checked(tmp_path: Path) -> None:
     writer = DatasetWriter(tmp_path / "ds", "local", ActionLanguage())
     relative = writer.copy_image("ep1", frame)
     assert relative == "images/ep1/000003.jpg"
-    sample = Sample(id="ep1/000003/aux", episode="ep1", step=3, stage="aux", instruction="q", target="Move primarily up",
-                    image=relative)
+    sample = Sample(
+        id="ep1/000003/aux",
+        episode="ep1",
+        step=3,
+        stage="aux",
+        instruction="q",
+        target="Move primarily up",
+        image=relative,
+    )
     writer.add_episode(source("ep1", 1), [sample])
     writer.finish()
     dataset = read_dataset(tmp_path / "ds")
@@ -79,7 +113,9 @@ def test_images_are_copied_and_checked(tmp_path: Path) -> None:
 
 
 def test_edited_samples_are_refused(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage())
+    write_dataset(
+        tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage()
+    )
     path = tmp_path / "ds" / "samples.jsonl"
     path.write_text(path.read_text().replace("-0.05", "-0.06"))
     with pytest.raises(DatasetFormatError, match="changed after writing"):
@@ -95,7 +131,9 @@ def test_unfinished_dataset_is_refused(tmp_path: Path) -> None:
 
 
 def test_newer_version_is_refused(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage())
+    write_dataset(
+        tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage()
+    )
     info_path = tmp_path / "ds" / "dataset.json"
     info = json.loads(info_path.read_text())
     info["format_version"] = 2
@@ -105,7 +143,9 @@ def test_newer_version_is_refused(tmp_path: Path) -> None:
 
 
 def test_never_overwrites(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage())
+    write_dataset(
+        tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage()
+    )
     with pytest.raises(UserError, match="never overwritten"):
         DatasetWriter(tmp_path / "ds", "local", ActionLanguage())
     (tmp_path / "other").mkdir()
@@ -122,7 +162,9 @@ def test_an_unfinished_write_is_started_over(tmp_path: Path) -> None:
     writer.copy_image("old", frame)
     writer.add_episode(source("old"), samples_for("old"))
     writer.abort()
-    write_dataset(tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage())
+    write_dataset(
+        tmp_path / "ds", [(source("ep1"), samples_for("ep1"))], annotator="local", action_language=ActionLanguage()
+    )
     dataset = read_dataset(tmp_path / "ds")
     assert {s.episode for s in dataset.samples} == {"ep1"}
     assert not (tmp_path / "ds" / "images" / "old").exists()

@@ -12,23 +12,23 @@ from typer.testing import CliRunner
 
 pytest.importorskip("google.genai")
 
-from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
-from vlm2vla_edge.runtime.episode import EpisodeReader  # noqa: E402
-from vlm2vla_edge.runtime.errors import UserError  # noqa: E402
-from vlm2vla_edge.runtime.parser import parse_motion_plan, parse_subtasks  # noqa: E402
-from vlm2vla_edge.runtime.sim.expert import run_expert_episode  # noqa: E402
-from vlm2vla_edge.runtime.sim.tasks import sample_episode  # noqa: E402
-from vlm2vla_edge.runtime.verifier.credentials import ApiKey  # noqa: E402
-from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply  # noqa: E402
-from vlm2vla_edge.train.data.cli import app  # noqa: E402
-from vlm2vla_edge.train.data.dataset import read_dataset  # noqa: E402
-from vlm2vla_edge.train.data.gemini_annotator import (  # noqa: E402
+from vlm2vla_edge.runtime.config import load_robot_config
+from vlm2vla_edge.runtime.episode import EpisodeReader
+from vlm2vla_edge.runtime.errors import UserError
+from vlm2vla_edge.runtime.parser import parse_motion_plan, parse_subtasks
+from vlm2vla_edge.runtime.sim.expert import run_expert_episode
+from vlm2vla_edge.runtime.sim.tasks import sample_episode
+from vlm2vla_edge.runtime.verifier.credentials import ApiKey
+from vlm2vla_edge.testing.gemini_server import FakeGeminiServer, Reply
+from vlm2vla_edge.train.data.cli import app
+from vlm2vla_edge.train.data.dataset import read_dataset
+from vlm2vla_edge.train.data.gemini_annotator import (
     ANSWER_SCHEMA,
     GeminiAnnotator,
     GeminiAnnotatorConfig,
     RateLimiter,
 )
-from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, relabel  # noqa: E402
+from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, relabel
 
 KEY = "AIzaFAKE-annotator-key-0123456789"
 MODEL = "gemini-test"
@@ -223,7 +223,9 @@ def test_dry_run_counts_without_network(demos: Path, tmp_path: Path, monkeypatch
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "episodes: 4 (4 to send, 0 cached" in result.output
-    gemini = GeminiAnnotator(GeminiAnnotatorConfig(model=MODEL, max_images=6, price_input_per_m=1, price_output_per_m=10))
+    gemini = GeminiAnnotator(
+        GeminiAnnotatorConfig(model=MODEL, max_images=6, price_input_per_m=1, price_output_per_m=10)
+    )
     estimate = gemini.estimate(paths(demos))
     labels = LocalAnnotator().label(EpisodeReader(paths(demos)[0]))
     key_frames = len({seg.start for seg in labels.segments} | {len(labels.trajectory) - 1})

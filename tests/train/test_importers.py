@@ -69,7 +69,9 @@ def make_bridge_trajectory(folder: Path, instruction: str | None = "put the carr
     else:
         obs[state_key] = states
     (folder / "obs_dict.pkl").write_bytes(pickle.dumps(obs))
-    (folder / "policy_out.pkl").write_bytes(pickle.dumps([{"actions": a, "new_robot_transform": np.eye(4)} for a in actions]))
+    (folder / "policy_out.pkl").write_bytes(
+        pickle.dumps([{"actions": a, "new_robot_transform": np.eye(4)} for a in actions])
+    )
     if instruction is not None:
         (folder / "lang.txt").write_text(f"{instruction}\nplace the carrot onto the plate\nconfidence: 1\n")
     if images:
@@ -167,7 +169,9 @@ def make_lerobot(root: Path, *, images: str = "image", version: str = "v2.1", st
     if version.startswith("v3"):
         pq.write_table(pa.table({"task_index": [0, 1], "task": tasks}), root / "meta" / "tasks.parquet")
     else:
-        (root / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks)))
+        (root / "meta" / "tasks.jsonl").write_text(
+            "".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
+        )
     actions, states = pick_and_place()
     n = len(actions)
     rows = []

@@ -14,11 +14,17 @@ from typer.testing import CliRunner
 pytest.importorskip("av")
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
-
 from test_importers import make_lerobot, pick_and_place  # noqa: E402  (tests/train is on the path)
 
 from vlm2vla_edge.runtime.config import load_robot_config  # noqa: E402
-from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, SafetyRecord, StepRecord, VerifierRecord  # noqa: E402
+from vlm2vla_edge.runtime.episode import (  # noqa: E402
+    EpisodeMeta,
+    EpisodeReader,
+    EpisodeWriter,
+    SafetyRecord,
+    StepRecord,
+    VerifierRecord,
+)
 from vlm2vla_edge.runtime.errors import UserError  # noqa: E402
 from vlm2vla_edge.runtime.sim.expert import run_expert_episode  # noqa: E402
 from vlm2vla_edge.runtime.sim.tasks import sample_episode  # noqa: E402
@@ -56,11 +62,17 @@ def add_videos(root: Path, version: str, codec: str, *, drop_last: int = 0) -> N
         info.update(codebase_version="v3.0", data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
                     video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
         (root / "meta" / "info.json").write_text(json.dumps(info))
-        episodes = pa.table({
-            "episode_index": [0, 1], "length": [n, n], "tasks": [["put the carrot on the plate"], ["put the spoon in the pot"]],
-            f"videos/{KEY}/chunk_index": [0, 0], f"videos/{KEY}/file_index": [0, 0],
-            f"videos/{KEY}/from_timestamp": [0.0, n / FPS], f"videos/{KEY}/to_timestamp": [n / FPS, 2 * n / FPS],
-        })
+        episodes = pa.table(
+            {
+                "episode_index": [0, 1],
+                "length": [n, n],
+                "tasks": [["put the carrot on the plate"], ["put the spoon in the pot"]],
+                f"videos/{KEY}/chunk_index": [0, 0],
+                f"videos/{KEY}/file_index": [0, 0],
+                f"videos/{KEY}/from_timestamp": [0.0, n / FPS],
+                f"videos/{KEY}/to_timestamp": [n / FPS, 2 * n / FPS],
+            }
+        )
         (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
         pq.write_table(episodes, root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
     else:
@@ -130,24 +142,56 @@ def policy_run(root: Path) -> Path:
     rng = np.random.default_rng(5)
     with EpisodeWriter.create(root, meta, "run-000001") as writer:
         first = writer.write_frame(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
-        writer.append_step(StepRecord(index=0, t=0.0, wall_time=time.time(), ee_position=(0.3, 0.0, 0.2), gripper_open=True,
-                                      stage="subtasks", image=first, raw_text='["Grasp the carrot", "Lift the carrot"]',
-                                      subtasks=["Grasp the carrot", "Lift the carrot"]))
+        writer.append_step(
+            StepRecord(
+                index=0,
+                t=0.0,
+                wall_time=time.time(),
+                ee_position=(0.3, 0.0, 0.2),
+                gripper_open=True,
+                stage="subtasks",
+                image=first,
+                raw_text='["Grasp the carrot", "Lift the carrot"]',
+                subtasks=["Grasp the carrot", "Lift the carrot"],
+            )
+        )
         position = np.array([0.3, 0.0, 0.2])
         for step in range(3):
             image = first if step == 0 else writer.write_frame(np.full((48, 64, 3), 40 * step, np.uint8))
-            common = {"subtask_index": 0, "subtask": "Grasp the carrot", "ee_position": tuple(position), "gripper_open": step < 2}
-            writer.append_step(StepRecord(index=writer.next_index, t=1.0 + step, wall_time=time.time(), stage="motion",
-                                          image=image, raw_text="Move down.", motion_plan="Move the gripper down.", **common))
+            common = {
+                "subtask_index": 0,
+                "subtask": "Grasp the carrot",
+                "ee_position": tuple(position),
+                "gripper_open": step < 2,
+            }
+            writer.append_step(
+                StepRecord(
+                    index=writer.next_index,
+                    t=1.0 + step,
+                    wall_time=time.time(),
+                    stage="motion",
+                    image=image,
+                    raw_text="Move down.",
+                    motion_plan="Move the gripper down.",
+                    **common,
+                )
+            )
             chunk = [[0.0, 0.0, -0.02, 1.0 if step < 1 else 0.0], [0.0, 0.01, 0.0, 0.0]]
             writer.append_step(StepRecord(
                 index=writer.next_index, t=1.2 + step, wall_time=time.time(), stage="action", image=image,
                 raw_text=json.dumps(chunk), parsed_actions=chunk, action=chunk[0], motion_plan="Move the gripper down.",
                 safety=[SafetyRecord(rule="workspace", verdict="pass", reason="inside", index=0)], **common))
             position = position + np.array(chunk[0][:3]) + np.array(chunk[1][:3])
-            writer.append_step(StepRecord(index=writer.next_index, t=1.8 + step, wall_time=time.time(), stage="verify",
-                                          verifier=VerifierRecord(success=step == 2, reason="looks done" if step == 2 else "not yet"),
-                                          **common))
+            writer.append_step(
+                StepRecord(
+                    index=writer.next_index,
+                    t=1.8 + step,
+                    wall_time=time.time(),
+                    stage="verify",
+                    verifier=VerifierRecord(success=step == 2, reason="looks done" if step == 2 else "not yet"),
+                    **common,
+                )
+            )
         writer.finish("success", "lifted")
     return root / "run-000001"
 
@@ -168,7 +212,10 @@ def test_demos_round_trip_through_a_lerobot_dataset(demos: Path, tmp_path: Path)
     assert info["codebase_version"] == "v3.0" and info["total_episodes"] == 2 and info["total_frames"] == report.frames
     assert info["features"]["observation.state"]["names"] == ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
     assert info["features"]["action"]["names"] == ["delta_x", "delta_y", "delta_z", "gripper"]
-    assert info["features"][CAMERA_KEY]["dtype"] == "video" and info["features"][CAMERA_KEY]["info"]["video.fps"] == report.fps
+    assert (
+        info["features"][CAMERA_KEY]["dtype"] == "video"
+        and info["features"][CAMERA_KEY]["info"]["video.fps"] == report.fps
+    )
     for path in ("data/chunk-000/file-000.parquet", f"videos/{CAMERA_KEY}/chunk-000/file-000.mp4",
                  "meta/episodes/chunk-000/file-000.parquet", "meta/tasks.parquet", "meta/stats.json"):
         assert (root / path).is_file(), path
@@ -192,7 +239,9 @@ def test_demos_round_trip_through_a_lerobot_dataset(demos: Path, tmp_path: Path)
         assert np.allclose([s.ee_position for s in steps], [s.ee_position for s in kept], atol=1e-6)  # float32
         assert np.allclose([s.action for s in steps], [s.action for s in kept], atol=1e-6)
         assert [s.gripper_open for s in steps] == [s.gripper_open for s in kept]
-        errors = [np.abs(imported.frame(a.image).astype(float) - original.frame(b.image)).mean() for a, b in zip(steps, kept)]
+        errors = [
+            np.abs(imported.frame(a.image).astype(float) - original.frame(b.image)).mean() for a, b in zip(steps, kept)
+        ]
         assert max(errors) < 4.0, errors  # JPEG + video tolerance, grey levels 0-255
 
 
@@ -227,7 +276,9 @@ def test_tasks_parquet_reads_as_lerobot_reads_it(demos: Path, tmp_path: Path) ->
     export_lerobot(demos, tmp_path / "lr", ExportSettings(frames=False))
     tasks = pd.read_parquet(tmp_path / "lr" / "meta" / "tasks.parquet")
     instructions = [EpisodeReader(p).meta.instruction for p in sorted(demos.iterdir()) if p.is_dir()]
-    assert list(tasks.index) == list(dict.fromkeys(instructions)) and list(tasks["task_index"]) == list(range(len(tasks)))
+    assert list(tasks.index) == list(dict.fromkeys(instructions)) and list(tasks["task_index"]) == list(
+        range(len(tasks))
+    )
     info = json.loads((tmp_path / "lr" / "meta" / "info.json").read_text())
     assert CAMERA_KEY not in info["features"] and info["video_path"] is None
 
@@ -253,7 +304,10 @@ def test_rerun_lerobot_reader_reads_the_export(demos: Path, tmp_path: Path, code
     report = export_lerobot(demos, tmp_path / "lr", ExportSettings(video=VideoSettings(codec=codec)))
     reader = experimental.LeRobotReader(tmp_path / "lr")
     assert reader.version == "v3" and reader.episodes() == [0, 1]
-    lengths = [e["length"] for e in pq.read_table(tmp_path / "lr" / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pylist()]
+    lengths = [
+        e["length"]
+        for e in pq.read_table(tmp_path / "lr" / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pylist()
+    ]
     assert sum(lengths) == report.frames
     for episode, length in zip(reader.episodes(), lengths):
         rows: dict[str, int] = {}

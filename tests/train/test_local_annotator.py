@@ -10,16 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from vlm2vla_edge.runtime.action_text import format_subtasks
 from vlm2vla_edge.runtime.config import ActionLanguage, load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, StepRecord
 from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan, parse_subtasks
-from vlm2vla_edge.runtime.action_text import format_subtasks
 from vlm2vla_edge.runtime.sim.expert import run_expert_episode
 from vlm2vla_edge.runtime.sim.scene import Scene
 from vlm2vla_edge.runtime.sim.tasks import Episode, paper_composite, sample_episode
 from vlm2vla_edge.train.data.dataset import read_dataset
-from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples, relabel
 from vlm2vla_edge.train.data.instruction import parse_instruction
+from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples, relabel
 from vlm2vla_edge.train.data.segment import segment
 from vlm2vla_edge.train.data.subtasks import name_subtasks
 from vlm2vla_edge.train.data.trajectory import Trajectory
@@ -198,7 +198,9 @@ def test_jitter_does_not_cut_but_a_turn_does() -> None:
     rng = np.random.default_rng(0)
     straight = np.tile([0.005, 0.0, 0.0], (30, 1)) + rng.normal(0, 0.0015, (30, 3))
     assert len(segment(make_trajectory(straight))) == 1
-    corner = np.vstack([np.tile([0.005, 0, 0], (12, 1)), np.tile([0, 0, -0.005], (12, 1))]) + rng.normal(0, 0.001, (24, 3))
+    corner = np.vstack([np.tile([0.005, 0, 0], (12, 1)), np.tile([0, 0, -0.005], (12, 1))]) + rng.normal(
+        0, 0.001, (24, 3)
+    )
     cuts = [s.start for s in segment(make_trajectory(corner))]
     assert len(cuts) == 2 and abs(cuts[1] - 12) <= 2
 
@@ -221,7 +223,9 @@ def test_small_teleop_steps_are_reaggregated(tmp_path: Path) -> None:
     labels = LocalAnnotator(LANGUAGE, ROBOT).label_trajectory(traj)
     total = sum(len(w.chunk) for w in labels.windows)
     assert total < 40 / 4
-    assert all(max(abs(a.dy), abs(a.dz)) >= PP.per_direction_threshold_m - 0.005 for w in labels.windows for a in w.chunk[:-1])
+    assert all(
+        max(abs(a.dy), abs(a.dz)) >= PP.per_direction_threshold_m - 0.005 for w in labels.windows for a in w.chunk[:-1]
+    )
 
 
 def test_relabel_folder_with_frames_and_a_policy_run(demos: Path, tmp_path: Path) -> None:
@@ -231,10 +235,14 @@ def test_relabel_folder_with_frames_and_a_policy_run(demos: Path, tmp_path: Path
     for path in episodes(demos)[:3]:
         (source / path.name).symlink_to(path, target_is_directory=True)
     with EpisodeWriter.create(source, EpisodeMeta(instruction="pick up the fish", source="runtime"), "run-1") as writer:
-        writer.append_step(StepRecord(index=0, t=0.0, wall_time=time.time(), stage="subtasks", subtasks=["Grasp the fish"]))
+        writer.append_step(
+            StepRecord(index=0, t=0.0, wall_time=time.time(), stage="subtasks", subtasks=["Grasp the fish"])
+        )
         writer.finish("failed")
     seen: list[str] = []
-    info = relabel(source, tmp_path / "ds", LocalAnnotator(LANGUAGE, ROBOT), progress=lambda p, r, n: seen.append(p.name))
+    info = relabel(
+        source, tmp_path / "ds", LocalAnnotator(LANGUAGE, ROBOT), progress=lambda p, r, n: seen.append(p.name)
+    )
     assert len(seen) == 4 and len(info.sources) == 3
     assert info.skipped and info.skipped[0].startswith("run-1:")
     dataset = read_dataset(tmp_path / "ds")

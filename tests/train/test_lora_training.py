@@ -77,7 +77,9 @@ def test_lora_targets_the_language_model_only(vision_dir: Path) -> None:
     assert "vision_tower" not in lora_target_regex(fresh)
 
 
-def test_training_lowers_the_loss_and_changes_only_the_adapter(vision_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_changes_only_the_adapter(
+    vision_dir: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
     loaded = load_base(vision_dir)
     batch = _fixed_batch(loaded, dataset_dir)
     assert batch.pixel_values is not None and batch.token_type_ids is not None
@@ -119,7 +121,9 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(vision_dir: Path,
 
 
 @pytest.mark.parametrize("kind", ["vision", "text"])
-def test_answer_only_loss_equals_the_full_logits_loss(kind: str, vision_dir: Path, text_dir: Path, dataset_dir: Path) -> None:
+def test_answer_only_loss_equals_the_full_logits_loss(
+    kind: str, vision_dir: Path, text_dir: Path, dataset_dir: Path
+) -> None:
     loaded = load_base(vision_dir if kind == "vision" else text_dir)
     batch = _fixed_batch(loaded, dataset_dir)
     lm = apply_lora(loaded.model, TrainConfig(lora_dropout=0.0)).eval()
@@ -180,9 +184,13 @@ def test_resume_continues_at_the_right_step_exactly(vision_dir: Path, dataset_di
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
 
 
-def test_text_only_model_trains_through_the_cli_and_writes_the_card(text_dir: Path, dataset_dir: Path, tmp_path: Path) -> None:
+def test_text_only_model_trains_through_the_cli_and_writes_the_card(
+    text_dir: Path, dataset_dir: Path, tmp_path: Path
+) -> None:
     config_path = tmp_path / "lora.yaml"
-    config_path.write_text("batch_size: 4\nepochs: 2\nmax_steps: 3\nlog_every: 1\nlearning_rate: 1.0e-3\nstages: [motion, action]\n")
+    config_path.write_text(
+        "batch_size: 4\nepochs: 2\nmax_steps: 3\nlog_every: 1\nlearning_rate: 1.0e-3\nstages: [motion, action]\n"
+    )
     out = tmp_path / "out"
     command = [sys.executable, "-m", "vlm2vla_edge.train.lora", "--dataset", str(dataset_dir), "--base", str(text_dir),
                "--out", str(out), "--config", str(config_path)]

@@ -110,7 +110,10 @@ def test_two_processes_match_one_with_the_same_global_batch(text_dir: Path, data
     assert [e["lr"] for e in card_two["losses"]] == pytest.approx([e["lr"] for e in card_one["losses"]])
     assert card_two["tokens_seen"] == card_one["tokens_seen"]  # every process's tokens counted, none twice
 
-    ours, theirs = load_file(str(two_out / "adapter_model.safetensors")), load_file(str(one_out / "adapter_model.safetensors"))
+    ours, theirs = (
+        load_file(str(two_out / "adapter_model.safetensors")),
+        load_file(str(one_out / "adapter_model.safetensors")),
+    )
     assert ours.keys() == theirs.keys()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)

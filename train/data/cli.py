@@ -74,7 +74,9 @@ def import_(
     dest: Annotated[Path, typer.Argument(help="Folder for the episode folders (created if missing).")],
     format: Annotated[Format, typer.Option("--format", help="Layout of SRC; auto detects it.")] = Format.auto,
     frames: Annotated[bool, typer.Option(help="Import camera frames.")] = True,
-    state_xyz: Annotated[Optional[str], typer.Option(help="LeRobot: state dimensions of x,y,z (default: from names).")] = None,
+    state_xyz: Annotated[
+        Optional[str], typer.Option(help="LeRobot: state dimensions of x,y,z (default: from names).")
+    ] = None,
     action_xyz: Annotated[Optional[str], typer.Option(help="LeRobot: action dimensions of dx,dy,dz.")] = None,
     action_gripper: Annotated[Optional[int], typer.Option(help="LeRobot: action dimension of the gripper.")] = None,
     absolute_actions: Annotated[bool, typer.Option(help="LeRobot: actions are absolute targets, not deltas.")] = False,
@@ -94,7 +96,11 @@ def import_(
             action_gripper=action_gripper, action_is_delta=not absolute_actions, invert_gripper=invert_gripper,
             image_key=image_key,
         )
-    elif any(v is not None for v in (state_xyz, action_xyz, action_gripper, image_key)) or absolute_actions or invert_gripper:
+    elif (
+        any(v is not None for v in (state_xyz, action_xyz, action_gripper, image_key))
+        or absolute_actions
+        or invert_gripper
+    ):
         raise UserError("--state-xyz, --action-xyz, --action-gripper, --absolute-actions, --invert-gripper and "
                         "--image-key apply to LeRobot datasets only")
     typer.echo(f"importing {src} as {fmt} into {dest}")
@@ -127,10 +133,18 @@ def export(
     src: Annotated[Path, typer.Argument(help="An episode folder, or a folder of episode folders.")],
     dest: Annotated[Path, typer.Argument(help="New folder for the dataset (must not exist, or be empty).")],
     format: Annotated[ExportFormat, typer.Option("--format", help="Dataset layout to write.")] = ExportFormat.lerobot,
-    fps: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Frames per second (default: from the steps' times).")] = None,
-    frames: Annotated[bool, typer.Option(help="Write the camera frames as videos (needs PyAV: the [video] extra).")] = True,
-    vcodec: Annotated[VideoCodec, typer.Option(help="Video codec; auto: AV1 (LeRobot's default), else H.264.")] = VideoCodec.auto,
-    robot_type: Annotated[Optional[str], typer.Option(help="robot_type in meta/info.json (default: the episodes' robot model).")] = None,
+    fps: Annotated[
+        Optional[int], typer.Option(min=1, max=1000, help="Frames per second (default: from the steps' times).")
+    ] = None,
+    frames: Annotated[
+        bool, typer.Option(help="Write the camera frames as videos (needs PyAV: the [video] extra).")
+    ] = True,
+    vcodec: Annotated[
+        VideoCodec, typer.Option(help="Video codec; auto: AV1 (LeRobot's default), else H.264.")
+    ] = VideoCodec.auto,
+    robot_type: Annotated[
+        Optional[str], typer.Option(help="robot_type in meta/info.json (default: the episodes' robot model).")
+    ] = None,
 ) -> None:
     """Write episodes as a LeRobot v3.0 dataset (parquet + MP4 videos) that LeRobot's tools and `data import` read."""
     from vlm2vla_edge.train.data.lerobot_export import ExportSettings, export_lerobot
@@ -144,8 +158,10 @@ def export(
     for skipped in report.skipped:
         typer.echo(f"skipped: {skipped}", err=True)
     video = f", video {report.codec}" if report.codec else ", no video"
-    typer.echo(f"exported {len(report.episodes)} episodes ({report.frames} frames at {report.fps} fps{video}) into {dest}"
-               + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
+    typer.echo(
+        f"exported {len(report.episodes)} episodes ({report.frames} frames at {report.fps} fps{video}) into {dest}"
+        + (f"; skipped {len(report.skipped)}" if report.skipped else "")
+    )
 
 
 @app.command()
@@ -153,8 +169,12 @@ def export(
 def relabel(
     src: Annotated[Path, typer.Argument(help="Episode folder, or a folder of episode folders.")],
     dest: Annotated[Path, typer.Argument(help="New folder for the labelled dataset.")],
-    annotator: Annotated[AnnotatorName, typer.Option(help="local: deterministic rules; gemini: Gemini words the labels.")] = AnnotatorName.local,
-    dry_run: Annotated[bool, typer.Option(help="Gemini: print the tokens, images and cost a run would send; send nothing.")] = False,
+    annotator: Annotated[
+        AnnotatorName, typer.Option(help="local: deterministic rules; gemini: Gemini words the labels.")
+    ] = AnnotatorName.local,
+    dry_run: Annotated[
+        bool, typer.Option(help="Gemini: print the tokens, images and cost a run would send; send nothing.")
+    ] = False,
     aux: Annotated[bool, typer.Option(help="Add the auxiliary direction-naming samples.")] = True,
     robot: Annotated[str, typer.Option(help="Robot config (chunk limits): preset name or YAML path.")] = "widowx250s",
     policy: Annotated[str, typer.Option(help="Policy config (action language): preset name or YAML path.")] = "policy",
@@ -168,7 +188,8 @@ def relabel(
     base_url: Annotated[Optional[str], typer.Option(help="Gemini endpoint override (a proxy).")] = None,
 ) -> None:
     """Label every episode of SRC into the hierarchical language dataset DEST (subtasks, motion, action, aux)."""
-    from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, find_episodes, local_annotator, relabel as run
+    from vlm2vla_edge.train.data.local_annotator import EpisodeLabels, find_episodes, local_annotator
+    from vlm2vla_edge.train.data.local_annotator import relabel as run
 
     local = local_annotator(policy, robot)
     chosen: Any = local
@@ -220,15 +241,43 @@ class ExpertName(str, Enum):
 @app.command()
 @_user_errors
 def dagger(
-    episodes: Annotated[Optional[list[Path]], typer.Argument(
-        help="Recorded policy episodes (do --local --sim, eval --record, the daemon): episode folders, folders of them, or eval's OUT folder.")] = None,
-    into: Annotated[Path, typer.Option("--into", help="The labelled dataset to grow (appended to, atomically), or a new folder.")] = ...,  # type: ignore[assignment]
-    expert: Annotated[ExpertName, typer.Option(help="Who labels EPISODES' states: sim, the scripted expert of the simulator (needs the episodes' seeds).")] = ExpertName.sim,
-    corrections: Annotated[Optional[Path], typer.Option(help="Teleoperated corrections (a real robot): episodes a person recorded from states the policy visited; labelled with the local annotator.")] = None,
-    policy: Annotated[Optional[str], typer.Option(help="Policy config whose action language the labels are written in (default: the dataset's; policy_waypoints for a new one).")] = None,
-    robot: Annotated[str, typer.Option(help="Robot config (workspace, chunk limits): preset name or YAML path.")] = "widowx250s",
+    episodes: Annotated[
+        Optional[list[Path]],
+        typer.Argument(
+            help="Recorded policy episodes (do --local --sim, eval --record, the daemon): episode folders, "
+            "folders of them, or eval's OUT folder."
+        ),
+    ] = None,
+    into: Annotated[
+        Path, typer.Option("--into", help="The labelled dataset to grow (appended to, atomically), or a new folder.")
+    ] = ...,  # type: ignore[assignment]
+    expert: Annotated[
+        ExpertName,
+        typer.Option(
+            help="Who labels EPISODES' states: sim, the scripted expert of the simulator (needs the episodes' seeds)."
+        ),
+    ] = ExpertName.sim,
+    corrections: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Teleoperated corrections (a real robot): episodes a person recorded from states the policy "
+            "visited; labelled with the local annotator."
+        ),
+    ] = None,
+    policy: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Policy config whose action language the labels are written in "
+            "(default: the dataset's; policy_waypoints for a new one)."
+        ),
+    ] = None,
+    robot: Annotated[
+        str, typer.Option(help="Robot config (workspace, chunk limits): preset name or YAML path.")
+    ] = "widowx250s",
     aux: Annotated[bool, typer.Option(help="Corrections: add relabel's auxiliary direction-naming samples.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Write the counts and the disagreement figures as JSON here.")] = None,
+    report: Annotated[
+        Optional[Path], typer.Option(help="Write the counts and the disagreement figures as JSON here.")
+    ] = None,
 ) -> None:
     """DAgger, the data flywheel: label the states a policy visited with the expert's correction, add them to a dataset.
 
@@ -239,11 +288,16 @@ def dagger(
       3. retrain:            vlm2vla-edge train --dataset DATA --base BASE --out ADAPTER
       4. convert:            vlm2vla-edge convert --mode adapter --base BASE --adapter ADAPTER --out B2; back to 1
 
-    In the simulator the scripted expert answers from every state the policy reached. The world is rebuilt from the episode's seed and the commands the arm executed, and checked against the recording at every step (gripper pose, and the scene text of a text-only policy); a state that does not match is reported and not labelled.
+    In the simulator the scripted expert answers from every state the policy reached. The world is rebuilt from the
+    episode's seed and the commands the arm executed, and checked against the recording at every step (gripper pose, and
+    the scene text of a text-only policy); a state that does not match is reported and not labelled.
 
-    On a real robot a person takes over where the policy went wrong and records the correction by teleoperation (--corrections DIR); those episodes get the local annotator's labels, tagged as corrections.
+    On a real robot a person takes over where the policy went wrong and records the correction by teleoperation
+    (--corrections DIR); those episodes get the local annotator's labels, tagged as corrections.
 
-    Prints, per stage, how often the policy disagreed with the expert: subtask list, current subtask, plan offset and chunk move (more than 2 cm off), gripper. Exit 2 on bad input (not a policy episode, no seed, another action language); the dataset is then unchanged.
+    Prints, per stage, how often the policy disagreed with the expert: subtask list, current subtask, plan offset and
+    chunk move (more than 2 cm off), gripper. Exit 2 on bad input (not a policy episode, no seed, another action
+    language); the dataset is then unchanged.
     """
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
     from vlm2vla_edge.train.data.dagger import (
@@ -257,7 +311,9 @@ def dagger(
     from vlm2vla_edge.train.data.local_annotator import find_episodes
 
     if not episodes and corrections is None:
-        raise UserError("nothing to label: give recorded policy episodes, or teleoperated corrections with --corrections DIR")
+        raise UserError(
+            "nothing to label: give recorded policy episodes, or teleoperated corrections with --corrections DIR"
+        )
     paths = find_policy_episodes(episodes or [])
     fixes = find_episodes(corrections) if corrections is not None else []
     if policy is not None:
@@ -270,9 +326,12 @@ def dagger(
     options = DaggerOptions(robot=load_robot_config(robot), language=language, aux=aux)
     held_out = held_out_episodes(paths)
     if held_out:
-        typer.echo(f"warning: {len(held_out)} episodes are from the held-out evaluation seeds (1000000 on): training on "
-                   "them makes later held-out figures optimistic; record DAgger runs with --seed-start 500000 "
-                   "--allow-training-seeds", err=True)
+        typer.echo(
+            f"warning: {len(held_out)} episodes are from the held-out evaluation seeds (1000000 on): training on "
+            "them makes later held-out figures optimistic; record DAgger runs with --seed-start 500000 "
+            "--allow-training-seeds",
+            err=True,
+        )
     typer.echo(f"dagger: {len(paths)} policy episodes ({expert.value} expert), {len(fixes)} corrections -> {into}")
 
     def progress(number: int, total: int, path: Path, outcome: EpisodeOutcome) -> None:
@@ -308,10 +367,16 @@ def dagger(
 @app.command("eval")
 @_user_errors
 def eval_(
-    dataset: Annotated[Path, typer.Argument(help="A labelled dataset folder (data relabel's output), e.g. of held-out episodes.")],
+    dataset: Annotated[
+        Path, typer.Argument(help="A labelled dataset folder (data relabel's output), e.g. of held-out episodes.")
+    ],
     bundle: Annotated[Path, typer.Option(help="Model bundle folder (with manifest.json).")],
-    policy: Annotated[str, typer.Option(help="Policy config (sampling, constraint): preset name or YAML path.")] = "policy",
-    max_samples: Annotated[Optional[int], typer.Option(min=1, help="At most this many subtask and action samples each (a fixed subset).")] = None,
+    policy: Annotated[
+        str, typer.Option(help="Policy config (sampling, constraint): preset name or YAML path.")
+    ] = "policy",
+    max_samples: Annotated[
+        Optional[int], typer.Option(min=1, help="At most this many subtask and action samples each (a fixed subset).")
+    ] = None,
     teacher_forcing: Annotated[bool, typer.Option(help="Also ask the action stage after the label's plan.")] = True,
     out: Annotated[Optional[Path], typer.Option(help="Write every score as JSON here.")] = None,
 ) -> None:
@@ -347,7 +412,11 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
 ) -> None:
     """Figures of a labelled dataset (samples per stage, chunk lengths, fallbacks) or of an episode folder."""
-    figures = _dataset_stats(path) if (path / "dataset.json").exists() or (path / "samples.jsonl").exists() else _episode_stats(path)
+    figures = (
+        _dataset_stats(path)
+        if (path / "dataset.json").exists() or (path / "samples.jsonl").exists()
+        else _episode_stats(path)
+    )
     if as_json:
         typer.echo(json.dumps(figures, indent=2, ensure_ascii=False))
         return

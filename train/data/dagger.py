@@ -269,7 +269,9 @@ def read_policy_episode(path: Path) -> PolicyEpisode:
                 current.error = record.error
                 current.executed = list(record.executed or [])
             else:  # an unusable model output: the state was visited, nothing was executed
-                states.append(PolicyState(record, record.subtask_index, record.subtask, error=record.error or "no output"))
+                states.append(
+                    PolicyState(record, record.subtask_index, record.subtask, error=record.error or "no output")
+                )
             current = None
         elif record.stage == "verify":
             current = None
@@ -360,9 +362,8 @@ class Replay:
     def mismatch(self, record: StepRecord, scene_text: str | None) -> str | None:
         """Why the rebuilt state differs from the recorded one (None: it matches)."""
         world = self.world
-        if record.ee_position is not None:
-            if not math.dist(world.ee_position, record.ee_position) <= 1e-6:
-                return "gripper position differs from the recording"
+        if record.ee_position is not None and not math.dist(world.ee_position, record.ee_position) <= 1e-6:
+            return "gripper position differs from the recording"
         if record.gripper_open is not None and record.gripper_open != world.gripper_open:
             return "gripper open/closed differs from the recording"
         if scene_text is not None and scene_text != world.describe():
@@ -399,17 +400,22 @@ class Disagreement(BaseModel):
     episodes: int = 0
     subtask_lists: int = Field(default=0, description="Episodes whose subtask list is not the expert's.")
     states: int = Field(default=0, description="Labelled states.")
-    current_subtask: int = Field(default=0, description="States where the policy worked on another subtask than the expert.")
+    current_subtask: int = Field(
+        default=0, description="States where the policy worked on another subtask than the expert."
+    )
     unusable: int = Field(default=0, description="States where the policy's output did not parse.")
     plans_compared: int = 0
     plan_offset: int = Field(default=0, description="Plans whose offset is more than `offset_cm` from the expert's.")
     plans_without_offset: int = 0
     chunks_compared: int = 0
-    chunk_move: int = Field(default=0, description="Chunks whose summed move is more than `offset_cm` from the expert's.")
+    chunk_move: int = Field(
+        default=0, description="Chunks whose summed move is more than `offset_cm` from the expert's."
+    )
     gripper: int = Field(default=0, description="Chunks ending with another gripper value than the expert's.")
     offset_cm: float = 2.0
     by_subtask: dict[str, list[int]] = Field(
-        default_factory=dict, description="Per kind of the expert's subtask: [states, states where the policy was off].")
+        default_factory=dict, description="Per kind of the expert's subtask: [states, states where the policy was off]."
+    )
 
     def add(self, other: "Disagreement") -> None:
         for name in type(self).model_fields:
@@ -657,7 +663,9 @@ def run_dagger(
                 progress(number, total, episode.path, outcome)
         for number, (path, result) in enumerate(annotator.label_all(corrections), start=len(read) + 1):
             if not isinstance(result, str) and _is_policy_episode(path):
-                result = "a policy episode, not a teleoperated correction: pass it as EPISODES to label it with the expert"
+                result = (
+                    "a policy episode, not a teleoperated correction: pass it as EPISODES to label it with the expert"
+                )
             outcome = EpisodeOutcome(episode=path.name, kind="correction")
             if isinstance(result, str):
                 outcome.note = result
@@ -726,8 +734,28 @@ def find_policy_episodes(sources: Sequence[os.PathLike[str] | str]) -> list[Path
 
 
 __all__ = [
-    "CORRECTION_ANNOTATOR", "EXPERT_ANNOTATOR", "DaggerInputError", "DaggerOptions", "DaggerReport", "Disagreement",
-    "EpisodeOutcome", "ExpertLabel", "ExpertMove", "ExpertRules", "PolicyEpisode", "PolicyState", "Replay",
-    "StateExpert", "find_policy_episodes", "held_out_episodes", "label_move", "label_policy_episode", "plan_offset", "read_policy_episode",
-    "run_dagger", "scene_from_prompt", "sim_candidates", "task_from_instruction",
+    "CORRECTION_ANNOTATOR",
+    "EXPERT_ANNOTATOR",
+    "DaggerInputError",
+    "DaggerOptions",
+    "DaggerReport",
+    "Disagreement",
+    "EpisodeOutcome",
+    "ExpertLabel",
+    "ExpertMove",
+    "ExpertRules",
+    "PolicyEpisode",
+    "PolicyState",
+    "Replay",
+    "StateExpert",
+    "find_policy_episodes",
+    "held_out_episodes",
+    "label_move",
+    "label_policy_episode",
+    "plan_offset",
+    "read_policy_episode",
+    "run_dagger",
+    "scene_from_prompt",
+    "sim_candidates",
+    "task_from_instruction",
 ]

@@ -36,8 +36,10 @@ class ParsedInstruction:
 _ARTICLES = re.compile(r"^(?:the|a|an|some|that|this|these|those|your)\s+")
 _PLACE_VERBS = r"(?:put|place|move|set|drop|transfer|stack|lay|bring|push|slide|pour|flip|sweep|turn|throw)"
 _TAKE_VERBS = r"(?:pick\s+up|pick|lift\s+up|lift|grab|grasp|take|raise|hold|get|remove)"
-_PREPOSITIONS = (r"(?:on\s+top\s+of|in\s+front\s+of|next\s+to|to\s+the\s+(?:left|right)\s+of|inside\s+of|inside|into|onto|"
-                 r"in|on|to|towards|toward|near|over|under|beside|behind|at)")
+_PREPOSITIONS = (
+    r"(?:on\s+top\s+of|in\s+front\s+of|next\s+to|to\s+the\s+(?:left|right)\s+of|inside\s+of|inside|into|onto|"
+    r"in|on|to|towards|toward|near|over|under|beside|behind|at)"
+)
 _CLAUSE_SPLIT = re.compile(r"\s*(?:,\s*and\s+then|\band\s+then\b|,\s*then\b|\bthen\b|;|\.\s+)\s*")
 
 
@@ -65,7 +67,9 @@ def _parse_english_clause(clause: str, generic: bool) -> TaskPart | None:
         obj, dest = _noun_phrase(m["obj"]), _noun_phrase(m["dest"])
         if obj:
             return TaskPart(obj, dest)
-    m = re.match(rf"^{_TAKE_VERBS}\s+(?P<obj>.+?)(?:\s+up)?(?:\s+(?:from|off|out\s+of|off\s+of)\s+(?P<src>.+))?$", clause)
+    m = re.match(
+        rf"^{_TAKE_VERBS}\s+(?P<obj>.+?)(?:\s+up)?(?:\s+(?:from|off|out\s+of|off\s+of)\s+(?P<src>.+))?$", clause
+    )
     if m:
         obj = _noun_phrase(m["obj"])
         if obj:

@@ -7,8 +7,8 @@ cloud annotator uses the same segments, chunks and checks, and only rewrites the
 differs from the gripper state before it: the event rides on the last step of a move, as the simulator's
 expert and teleoperators do it), and inside the spans between events wherever the direction of travel
 turns by more than `SegmentRules.turn_deg` (`approach_turn_deg` in a span that ends with a gripper
-event, so the final approach to a grasp or a release is a segment of its own). Directions are compared over short windows of path
-(`SegmentRules.window_m` behind and ahead), so teleoperation jitter does not cut; pieces shorter than
+event, so the final approach to a grasp or a release is a segment of its own). Directions are compared over short
+windows of path (`SegmentRules.window_m` behind and ahead), so teleoperation jitter does not cut; pieces shorter than
 `SegmentRules.min_segment_m` are merged into a neighbour.
 """
 

@@ -85,6 +85,10 @@ def load_trajectory(reader: EpisodeReader) -> Trajectory:
         gripper_cmd=cmd,
         gripper_before=before,
         images=[r.image for r in rows],
-        scenes=[(r.extra or {}).get("scene_description") if isinstance((r.extra or {}).get("scene_description"), str) else None
-                for r in rows],
+        scenes=[
+            (r.extra or {}).get("scene_description")
+            if isinstance((r.extra or {}).get("scene_description"), str)
+            else None
+            for r in rows
+        ],
     )
