@@ -208,7 +208,7 @@ def waypoint_windows(
             text = format_action_chunk(chunk, language)
             plan = waypoint_plan_text(segment_names[k], rounded, window_event, language.decimals,
                                       gripper_open=end_gripper == 1.0)
-            out.append(Window(row, seg.end, k, chunk, text, rounded, window_event, plan))  # type: ignore[arg-type]
+            out.append(Window(row, seg.end, k, chunk, text, rounded, window_event, plan))
     return out
 
 

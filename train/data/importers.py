@@ -453,7 +453,7 @@ def import_lerobot(
             raise UserError(
                 f"{root} stores its camera frames as videos; {exc}; or import without frames (--no-frames)"
             ) from None
-        video_places = video_locations(root, info, [image_key], pq)  # type: ignore[list-item]
+        video_places = video_locations(root, info, [image_key], pq)
     tasks = _lerobot_tasks(root, pq)
     files = sorted((root / "data").rglob("*.parquet"))
     if not files:
@@ -497,7 +497,7 @@ def import_lerobot(
                 state_gripper=state_gripper,
                 video=(lambda e=episode: locate(root, info, e, image_key, video_places))
                 if video_places is not None
-                else None,  # type: ignore[misc, arg-type]
+                else None,
             )
         except ValueError as exc:
             report.skipped.append(f"episode {episode}: {exc}")

@@ -275,7 +275,7 @@ def export_lerobot(
         for episode in episodes:
             first = next((s.image for s in episode.steps if s.image), None)
             if first is not None:
-                frame_size = tuple(episode.reader.frame(first).shape)  # type: ignore[assignment]
+                frame_size = tuple(episode.reader.frame(first).shape)
                 break
     if settings.frames and frame_size is None:
         report.warnings.append("no exported step has a camera frame: the dataset has no video")

@@ -109,7 +109,7 @@ def decode_frames(path: str | Path, timestamps: Sequence[float], tolerance_s: fl
                     if target > t + tolerance_s:
                         break
                     distance = abs(t - target)
-                    if best[i] is None or distance < best[i][0]:  # type: ignore[index]
+                    if best[i] is None or distance < best[i][0]:
                         best[i] = (distance, frame)
     except (
         av.error.FFmpegError,
