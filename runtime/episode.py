@@ -282,7 +282,7 @@ class StepRecord(_Record):
     safety: list[SafetyRecord] | None = None
     executed: list[ExecutedCommand] | None = None
     verifier: VerifierRecord | None = None
-    timings: dict[str, Num] | None = None  # seconds, e.g. {"prefill_s": 0.41, "decode_s": 1.2}
+    timings: dict[str, Num] | None = None  # *_s / *_ms durations, other names counts ({"prefill_tokens": 23})
     error: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -1,6 +1,6 @@
 """An episode in the Rerun viewer (`vlm2vla-edge episode view DIR`), live or as an `.rrd` file.
 
-The HTML report (`report.py`) is the zero-dependency view; this one is for people who already debug
+The HTML report (`runtime/report/`, needing only Jinja2) is the everyday view; this one is for people who already debug
 robots in Rerun: every record of the episode lands on two timelines (`step`: the steps.jsonl index,
 `time`: seconds since the episode start), so frames, the end-effector path, actions, safety
 decisions and each stage's text can be scrubbed together. `rerun-sdk` is an optional extra
