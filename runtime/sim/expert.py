@@ -132,6 +132,10 @@ class ScriptedExpert:
                 yield from self._chunk(self._actions(world.ee_position, world.gripper_open, [waypoint]))
                 done += 1
 
+    def first_chunk(self, start: Vec3, gripper_open: bool, waypoint: Waypoint) -> ActionChunk:
+        """The first chunk the expert sends from `start` toward `waypoint` (a state's correction: DAgger)."""
+        return next(self._chunk(self._actions(start, gripper_open, [waypoint])))
+
     # --- actions and chunks -------------------------------------------------------------------
 
     def _actions(self, start: Vec3, gripper_open: bool, waypoints: list[Waypoint]) -> list[Action]:

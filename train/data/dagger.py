@@ -47,7 +47,7 @@ from vlm2vla_edge.runtime.config import ActionLanguage, RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeMeta, EpisodeReader, StepRecord
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
-from vlm2vla_edge.runtime.sim.expert import ScriptedExpert
+from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, Waypoint
 from vlm2vla_edge.runtime.sim.render import SCENE_DECIMALS
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
 from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, PickTask, PlaceTask, Task, sample_episode
@@ -190,9 +190,9 @@ def label_move(move: ExpertMove, position: Vec3, gripper_open: bool, language: A
     """Plan and chunk of an expert move, worded as `relabel` words a demonstration's windows.
 
     Waypoint language: one action to the goal (`rounded_offset`, as the scene text states key points) and
-    `waypoint_plan_text`. Steps language: the expert's first chunk toward the goal (equal steps within the
-    per-action limit, the gripper change on the last), re-aggregated and rounded like a recorded window
-    (`build_chunk`), and `motion_plan_text`."""
+    `waypoint_plan_text`. Steps language: the expert's own first chunk toward the goal
+    (`ScriptedExpert.first_chunk`), re-aggregated and rounded like a recorded window (`build_chunk`), and
+    `motion_plan_text`."""
     before = 1.0 if gripper_open else 0.0
     after = 1.0 if move.gripper_open else 0.0
     if language.actions == "waypoints":
@@ -201,19 +201,10 @@ def label_move(move: ExpertMove, position: Vec3, gripper_open: bool, language: A
         event = None if before == after else ("open" if move.gripper_open else "close")
         plan = waypoint_plan_text(move.subtask, offset, event, language.decimals, gripper_open=move.gripper_open)
         return ExpertLabel(move, plan, chunk, format_action_chunk(chunk, language))
-    delta = np.asarray(move.goal, dtype=float) - np.asarray(position, dtype=float)
-    n = max(1, math.ceil(float(np.linalg.norm(delta)) / expert.step_m))
-    deltas: list[np.ndarray] = []
-    grippers: list[bool] = []
-    path = 0.0
-    for i in range(n):
-        step = delta / n
-        if deltas and (len(deltas) >= expert.chunk_len or path + float(np.linalg.norm(step)) > expert.chunk_path_m):
-            break
-        deltas.append(step)
-        grippers.append(move.gripper_open if i == n - 1 else gripper_open)
-        path += float(np.linalg.norm(step))
-    chunk = build_chunk(np.array(deltas), np.array(grippers, dtype=bool), gripper_open, language, limits)
+    steps = expert.first_chunk(position, gripper_open, Waypoint(move.goal, move.gripper_open))
+    deltas = np.array([(a.dx, a.dy, a.dz) for a in steps], dtype=float)
+    grippers = np.array([a.gripper == 1.0 for a in steps], dtype=bool)
+    chunk = build_chunk(deltas, grippers, gripper_open, language, limits)
     event = None if chunk[-1].gripper == before else ("open" if chunk[-1].gripper == 1.0 else "close")
     plan = motion_plan_text(chunk.total_translation(), event)
     return ExpertLabel(move, plan, chunk, format_action_chunk(chunk, language))
