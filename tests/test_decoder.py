@@ -18,6 +18,7 @@ from vlm2vla_edge.runtime.parser import parse_action_chunk, parse_motion_plan
 from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 from vlm2vla_edge.runtime.policy.interface import GenerationCancelled
 from vlm2vla_edge.runtime.policy.llama_handles import DecoderError, ModelLoadError, SamplerChain
+from vlm2vla_edge.testing.cancel import CountdownEvent
 
 # A few-shot prompt so that a base model writes short chunks (keeps the tests fast).
 ACTION_PROMPT = (
@@ -32,22 +33,6 @@ WIDE = ActionLanguage(max_abs_value_m=0.999)
 
 def _config(**overrides) -> PolicyConfig:
     return PolicyConfig(n_threads=2, n_ctx=1024, n_batch=256, n_ubatch=256, **overrides)
-
-
-class CountdownEvent(threading.Event):
-    """An event that sets itself on its n-th check: a deterministic stand-in for a stop button."""
-
-    def __init__(self, checks_before_set: int) -> None:
-        super().__init__()
-        self.remaining = checks_before_set
-        self.checks = 0
-
-    def is_set(self) -> bool:
-        self.checks += 1
-        self.remaining -= 1
-        if self.remaining < 0:
-            self.set()
-        return super().is_set()
 
 
 # --- load errors (no model needed) ------------------------------------------------------------------

@@ -21,6 +21,7 @@ from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, 
 from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
 from vlm2vla_edge.runtime.policy.speculation import SEP, Draft, Speculation, plan_forced
+from vlm2vla_edge.testing.cancel import CountdownEvent
 
 V1 = ActionLanguage(max_abs_value_m=0.999)
 V1_TASKS = (
@@ -182,22 +183,6 @@ def test_max_tokens_and_kv_cache_are_exact_after_speculation(decoder: LlamaDecod
     assert reused.tokens == fresh.tokens
 
 
-class _Countdown(threading.Event):
-    """An event that sets itself on its n-th check (a deterministic stop button)."""
-
-    def __init__(self, checks_before_set: int) -> None:
-        super().__init__()
-        self.remaining = checks_before_set
-        self.checks = 0
-
-    def is_set(self) -> bool:
-        self.checks += 1
-        self.remaining -= 1
-        if self.remaining < 0:
-            self.set()
-        return super().is_set()
-
-
 @pytest.mark.slow
 def test_cancel_stops_within_one_batch(decoder: LlamaDecoder) -> None:
     grammar = decoder.compile_grammar(action_chunk_gbnf(V1.max_abs_value_m, V1.decimals, V1.max_steps), "v1")
@@ -206,7 +191,7 @@ def test_cancel_stops_within_one_batch(decoder: LlamaDecoder) -> None:
     full = decoder.generate(prompt, grammar, greedy)
     assert full.timings.accepted_tokens > 0 and full.timings.decode_batches >= 3
     for k in range(1, full.timings.decode_batches):
-        event = _Countdown(1 + k)  # one check for the prompt, then one per batch
+        event = CountdownEvent(1 + k)  # one check for the prompt, then one per batch
         gen = decoder.generate(prompt, grammar, greedy, cancel=event)
         assert gen.stop_reason == "cancelled"
         assert gen.timings.decode_batches == k

@@ -10,7 +10,6 @@ command line, TCP with a token.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -28,6 +27,7 @@ from vlm2vla_edge.runtime.daemon.service import Daemon
 from vlm2vla_edge.runtime.episode import EpisodeReader
 from vlm2vla_edge.runtime.runtime_config import load_runtime_config
 from vlm2vla_edge.testing.daemon_process import write_config
+from vlm2vla_edge.testing.daemon_waits import wait_for_event, wait_idle
 from vlm2vla_edge.testing.fake_daemon import UNTIL_CANCELLED, fake_daemon_in_process, fake_station_daemon
 
 
@@ -46,28 +46,9 @@ def _client(config: Path) -> DaemonClient:
     return DaemonClient(config.parent / "d.sock", timeout_s=10)
 
 
-def _wait_idle(client: DaemonClient, timeout_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = client.status()
-        if status["state"] != "running" and (status["task"] or {}).get("state") != "running":
-            return status
-        time.sleep(0.02)
-    raise AssertionError("the daemon stayed busy")
-
-
-def _wait_for_event(client: DaemonClient, task_id: str, kind: str) -> dict:
-    """Follow the task's event stream until an event of `kind`: the episode has reached that phase."""
-    with contextlib.closing(client.events(task_id, read_timeout_s=30.0)) as events:
-        for event in events:
-            if event["kind"] == kind:
-                return event
-    raise AssertionError(f"task {task_id} ended without a {kind!r} event")
-
-
 def test_do_streams_progress_and_exits_by_outcome(served, capsys: pytest.CaptureFixture[str]) -> None:
     _, config = served
-    _wait_idle(_client(config))
+    wait_idle(_client(config))
     assert main(["do", "levanta la zanahoria", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "subtasks: Move to the carrot -> Grasp the carrot" in out
@@ -88,7 +69,7 @@ def test_do_streams_progress_and_exits_by_outcome(served, capsys: pytest.Capture
 def test_second_task_while_busy_is_409(served, capsys: pytest.CaptureFixture[str]) -> None:
     _, config = served
     client = _client(config)
-    _wait_idle(client)
+    wait_idle(client)
     first = client.submit(f"lift the carrot {UNTIL_CANCELLED}")
     with pytest.raises(DaemonApiError) as refused:
         client.submit("lift the carrot again")
@@ -96,18 +77,18 @@ def test_second_task_while_busy_is_409(served, capsys: pytest.CaptureFixture[str
     assert main(["do", "lift the eggplant", "--config", str(config)]) == 1
     assert "409" in capsys.readouterr().err
     client.cancel(first["id"])
-    _wait_idle(client)
+    wait_idle(client)
     assert client.task(first["id"])["result"]["outcome"] == "aborted"
 
 
 def test_stop_latches_and_reset_releases(served, capsys: pytest.CaptureFixture[str]) -> None:
     _, config = served
     client = _client(config)
-    _wait_idle(client)
+    wait_idle(client)
     task = client.submit(f"put the carrot on the plate {UNTIL_CANCELLED}")
-    _wait_for_event(client, task["id"], "subtasks")  # planned: the first step is generating
+    wait_for_event(client, task["id"], "subtasks")  # planned: the first step is generating
     assert main(["stop", "--config", str(config), "--reason", "hand in the workspace"]) == 0
-    status = _wait_idle(client)
+    status = wait_idle(client)
     assert status["state"] == "estop" and status["estop"]["reason"] == "hand in the workspace"
     assert client.task(task["id"])["result"]["outcome"] == "aborted"
     capsys.readouterr()
@@ -124,7 +105,7 @@ def test_stop_latches_and_reset_releases(served, capsys: pytest.CaptureFixture[s
 def test_a_client_that_goes_away_does_not_disturb_the_episode(served) -> None:
     _, config = served
     client = _client(config)
-    _wait_idle(client)
+    wait_idle(client)
     task = client.submit("lift the carrot")
     for _ in range(3):  # open the stream, read a little, vanish
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

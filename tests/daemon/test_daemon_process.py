@@ -8,13 +8,11 @@ tests/daemon/test_daemon_in_process.py checks the same API and CLI behaviour in 
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import socket
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.daemon.client import DaemonApiError, DaemonClient
 from vlm2vla_edge.runtime.episode import EpisodeReader
 from vlm2vla_edge.testing.daemon_process import DaemonProcess, cli, write_config
+from vlm2vla_edge.testing.daemon_waits import wait_for_event, wait_idle
 from vlm2vla_edge.testing.fake_daemon import UNTIL_CANCELLED
 
 pytestmark = pytest.mark.slow  # processes: seconds each (the quick set has the in-process twins)
@@ -47,27 +46,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory):
 
 def _client(daemon: DaemonProcess) -> DaemonClient:
     return DaemonClient(daemon.socket_path, timeout_s=5)
-
-
-def _wait_idle(client: DaemonClient, timeout_s: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = client.status()
-        # An e-stop shows as state "estop" at once, while the stopped task is still wrapping up: wait
-        # for the task itself to have finished too.
-        if status["state"] != "running" and (status["task"] or {}).get("state") != "running":
-            return status
-        time.sleep(0.05)
-    raise AssertionError("the daemon stayed busy")
-
-
-def _wait_for_event(client: DaemonClient, task_id: str, kind: str) -> dict:
-    """Follow the task's event stream until an event of `kind`: the episode has reached that phase."""
-    with contextlib.closing(client.events(task_id, read_timeout_s=30.0)) as events:
-        for event in events:
-            if event["kind"] == kind:
-                return event
-    raise AssertionError(f"task {task_id} ended without a {kind!r} event")
 
 
 def test_ready_then_watchdog_pings_and_socket_mode(daemon: DaemonProcess) -> None:
@@ -101,7 +79,7 @@ def test_do_streams_progress_and_exits_by_outcome(daemon: DaemonProcess) -> None
 
 def test_second_task_while_busy_is_409(daemon: DaemonProcess) -> None:
     client = _client(daemon)
-    _wait_idle(client)
+    wait_idle(client, timeout_s=15.0, poll_s=0.05)
     first = client.submit(f"lift the carrot {UNTIL_CANCELLED}")  # busy however slow the machine
     with pytest.raises(DaemonApiError) as refused:
         client.submit("lift the carrot again")
@@ -109,19 +87,19 @@ def test_second_task_while_busy_is_409(daemon: DaemonProcess) -> None:
     busy = cli("do", "lift the eggplant", "--config", str(daemon.config))  # type: ignore[attr-defined]
     assert busy.returncode == 1 and "409" in busy.stderr
     client.cancel(first["id"])
-    _wait_idle(client)
+    wait_idle(client, timeout_s=15.0, poll_s=0.05)
     assert client.task(first["id"])["result"]["outcome"] == "aborted"
 
 
 def test_stop_latches_and_reset_releases(daemon: DaemonProcess) -> None:
     client = _client(daemon)
     config = str(daemon.config)  # type: ignore[attr-defined]
-    _wait_idle(client)
+    wait_idle(client, timeout_s=15.0, poll_s=0.05)
     task = client.submit(f"put the carrot on the plate {UNTIL_CANCELLED}")
-    _wait_for_event(client, task["id"], "subtasks")  # planned: the first step is generating
+    wait_for_event(client, task["id"], "subtasks")  # planned: the first step is generating
     stopped = cli("stop", "--config", config, "--reason", "hand in the workspace")
     assert stopped.returncode == 0, stopped.stderr
-    status = _wait_idle(client)
+    status = wait_idle(client, timeout_s=15.0, poll_s=0.05)
     assert status["state"] == "estop" and status["estop"]["reason"] == "hand in the workspace"
     assert client.task(task["id"])["result"]["outcome"] == "aborted"
     latched = cli("do", "lift the carrot", "--config", config)
@@ -135,7 +113,7 @@ def test_stop_latches_and_reset_releases(daemon: DaemonProcess) -> None:
 
 def test_a_client_that_goes_away_does_not_disturb_the_episode(daemon: DaemonProcess) -> None:
     client = _client(daemon)
-    _wait_idle(client)
+    wait_idle(client, timeout_s=15.0, poll_s=0.05)
     task = client.submit("lift the carrot")
     for _ in range(3):  # open the stream, read a little, vanish
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -157,7 +135,7 @@ def test_sigterm_mid_episode_parks_the_arm_and_records_the_episode(tmp_path: Pat
         proc.wait_for("READY=1")
         client = DaemonClient(tmp_path / "d.sock", timeout_s=5)
         task = client.submit("lift the carrot")
-        _wait_for_event(client, task["id"], "subtasks")  # the first step generates for 2 s
+        wait_for_event(client, task["id"], "subtasks")  # the first step generates for 2 s
     finally:
         code, out, err = proc.terminate()
     assert code == 0, err[-2000:]
