@@ -288,8 +288,7 @@ class LlamaDecoder:
         self._n_pos = 0
         bos = int(self._ll.llama_vocab_bos(self._vocab))
         self._decode([bos if bos >= 0 else 0])
-        self._ll.llama_memory_clear(self._mem, True)
-        self._n_pos = 0
+        self._clear()
 
     def _init_mtmd(self, mmproj_path: Path, n_threads: int) -> None:
         from llama_cpp import mtmd_cpp
@@ -480,11 +479,7 @@ class LlamaDecoder:
 
     def _invalidate(self) -> None:
         """After a failure the cache content is uncertain: forget the prefix, start over next time."""
-        self._ll.llama_memory_clear(self._mem, True)
-        self._n_pos = 0
-        self._tail = []
-        self._prefix = None
-        self._epoch += 1
+        self._clear()
 
     def _decode(
         self, tokens: Sequence[int], *, logits_last: bool = True, logits_all: bool = False, outputs: Sequence[int] = ()
