@@ -83,7 +83,7 @@ def eval_command(
     allow_training_seeds: Annotated[
         bool, typer.Option("--allow-training-seeds", help="Permit --seed-start below the held-out range.")
     ] = False,
-    language: Annotated[str, typer.Option(help="Language of the instructions: en, es, fr, de, hi or zh.")] = "en",
+    language: Annotated[str, typer.Option(help="Language of the instructions: en, es, fr, de, hi, zh, it, nl, sv, ru, ja, id or vi.")] = "en",
     robot: Annotated[str, typer.Option(help="Robot config (preset name or YAML file).")] = "widowx250s",
     policy: Annotated[str, typer.Option(help="Policy config (preset name or YAML file).")] = "policy",
     constraint: Annotated[
@@ -122,12 +122,12 @@ def eval_command(
     """
     from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED, EvalConfig, evaluate_bundle, write_results
     from vlm2vla_edge.runtime.runner import RunnerConfig
-    from vlm2vla_edge.runtime.sim.tasks import LANGUAGES
+    from vlm2vla_edge.runtime.sim.tasks import ALL_LANGUAGES
     from vlm2vla_edge.runtime.verifier.fallback import VerifierConfig
 
     kinds = parse_tasks(tasks)
-    if language not in LANGUAGES:
-        raise UserError(f"--language must be one of {', '.join(LANGUAGES)}, not '{language}'")
+    if language not in ALL_LANGUAGES:
+        raise UserError(f"--language must be one of {', '.join(ALL_LANGUAGES)}, not '{language}'")
     if seed_start < HELD_OUT_SEED and not allow_training_seeds:
         raise UserError(
             f"--seed-start {seed_start} is in the training range (below {HELD_OUT_SEED}); "

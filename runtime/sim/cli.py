@@ -23,18 +23,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-LANGUAGE_HELP = "Instruction language: en, es, fr, de, hi, zh (default: drawn per episode)."
+LANGUAGE_HELP = ("Instruction language: en, es, fr, de, hi, zh (the suite's; default: drawn per episode among them), "
+                 "or it, nl, sv, ru, ja, id, vi.")
 
 
 def _check_language(language: Optional[str]) -> Language | None:
-    from vlm2vla_edge.runtime.sim.tasks import LANGUAGES
+    from vlm2vla_edge.runtime.sim.tasks import ALL_LANGUAGES
 
     if language is None:
         return None
-    for known in LANGUAGES:  # the matching entry, typed as a Language
+    for known in ALL_LANGUAGES:  # the matching entry, typed as a Language
         if language == known:
             return known
-    raise typer.BadParameter(f"'{language}' is not one of {', '.join(LANGUAGES)}", param_hint="--language")
+    raise typer.BadParameter(f"'{language}' is not one of {', '.join(ALL_LANGUAGES)}", param_hint="--language")
 
 
 @app.command()

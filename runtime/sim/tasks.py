@@ -19,14 +19,20 @@ from vlm2vla_edge.runtime.sim.scene import CATALOGUE, CONTAINERS, ITEMS, Scene
 if TYPE_CHECKING:
     from vlm2vla_edge.runtime.sim.world import SimWorld
 
-Language = Literal["en", "es", "fr", "de", "hi", "zh"]
+Language = Literal["en", "es", "fr", "de", "hi", "zh", "it", "nl", "sv", "ru", "ja", "id", "vi"]
+#: The suite's languages: an episode drawn without a language takes one of these (a fixed list, so that
+#: every seed keeps the task it always had).
 LANGUAGES: tuple[Language, ...] = ("en", "es", "fr", "de", "hi", "zh")
+#: More languages an instruction can be written in (chosen explicitly, never drawn): they widen the
+#: demonstrations' languages so that a policy learns to read the instruction's objects in any language.
+EXTRA_LANGUAGES: tuple[Language, ...] = ("it", "nl", "sv", "ru", "ja", "id", "vi")
+ALL_LANGUAGES: tuple[Language, ...] = LANGUAGES + EXTRA_LANGUAGES
 
 #: How high (metres above the table) an object's bottom must be for "pick up" / "lift" to count.
 LIFT_HEIGHT_M = 0.05
 
-# Object names per language, with the article each template needs. German: accusative (the case of
-# every object in these imperatives). Hindi is romanised.
+# Object names per language, with the article each template needs. German and Russian: accusative (the
+# case of every object in these imperatives, destinations included). Hindi is romanised.
 NOUNS: dict[Language, dict[str, str]] = {
     "en": {n: f"the {n}" for n in CATALOGUE},
     "es": {
@@ -57,6 +63,46 @@ NOUNS: dict[Language, dict[str, str]] = {
         "corn": "玉米", "mushroom": "蘑菇", "lemon": "柠檬", "strawberry": "草莓", "pan": "平底锅",
         "pot": "锅", "bowl": "碗", "plate": "盘子", "towel": "毛巾",
     },
+    "it": {
+        "carrot": "la carota", "eggplant": "la melanzana", "fish": "il pesce", "banana": "la banana",
+        "spoon": "il cucchiaio", "cup": "la tazza", "corn": "il mais", "mushroom": "il fungo",
+        "lemon": "il limone", "strawberry": "la fragola", "pan": "la padella", "pot": "la pentola",
+        "bowl": "la ciotola", "plate": "il piatto", "towel": "l'asciugamano",
+    },
+    "nl": {
+        "carrot": "de wortel", "eggplant": "de aubergine", "fish": "de vis", "banana": "de banaan",
+        "spoon": "de lepel", "cup": "de beker", "corn": "de maïs", "mushroom": "de paddenstoel",
+        "lemon": "de citroen", "strawberry": "de aardbei", "pan": "de koekenpan", "pot": "de kookpan",
+        "bowl": "de kom", "plate": "het bord", "towel": "de handdoek",
+    },
+    "sv": {
+        "carrot": "moroten", "eggplant": "auberginen", "fish": "fisken", "banana": "bananen",
+        "spoon": "skeden", "cup": "koppen", "corn": "majsen", "mushroom": "svampen",
+        "lemon": "citronen", "strawberry": "jordgubben", "pan": "stekpannan", "pot": "kastrullen",
+        "bowl": "skålen", "plate": "tallriken", "towel": "handduken",
+    },
+    "ru": {
+        "carrot": "морковку", "eggplant": "баклажан", "fish": "рыбу", "banana": "банан", "spoon": "ложку",
+        "cup": "чашку", "corn": "кукурузу", "mushroom": "гриб", "lemon": "лимон", "strawberry": "клубнику",
+        "pan": "сковороду", "pot": "кастрюлю", "bowl": "миску", "plate": "тарелку", "towel": "полотенце",
+    },
+    "ja": {
+        "carrot": "にんじん", "eggplant": "なす", "fish": "魚", "banana": "バナナ", "spoon": "スプーン",
+        "cup": "カップ", "corn": "とうもろこし", "mushroom": "きのこ", "lemon": "レモン", "strawberry": "いちご",
+        "pan": "フライパン", "pot": "鍋", "bowl": "ボウル", "plate": "皿", "towel": "タオル",
+    },
+    "id": {
+        "carrot": "wortel", "eggplant": "terong", "fish": "ikan", "banana": "pisang", "spoon": "sendok",
+        "cup": "cangkir", "corn": "jagung", "mushroom": "jamur", "lemon": "jeruk lemon",
+        "strawberry": "stroberi", "pan": "wajan", "pot": "panci", "bowl": "mangkuk", "plate": "piring",
+        "towel": "handuk",
+    },
+    "vi": {
+        "carrot": "củ cà rốt", "eggplant": "quả cà tím", "fish": "con cá", "banana": "quả chuối",
+        "spoon": "cái thìa", "cup": "cái cốc", "corn": "bắp ngô", "mushroom": "cây nấm", "lemon": "quả chanh",
+        "strawberry": "quả dâu tây", "pan": "cái chảo", "pot": "cái nồi", "bowl": "cái bát", "plate": "cái đĩa",
+        "towel": "cái khăn",
+    },
 }
 
 # Templates: {obj} the thing moved, {target} the container; "then" joins the parts of a composite.
@@ -73,6 +119,20 @@ TEMPLATES: dict[Language, dict[str, str]] = {
            "on": "{obj} ko {target} par rakho", "then": "{first} phir {second}"},
     "zh": {"pick": "拿起{obj}", "lift": "举起{obj}", "in": "把{obj}放进{target}里",
            "on": "把{obj}放在{target}上", "then": "{first}，然后{second}"},
+    "it": {"pick": "prendi {obj}", "lift": "solleva {obj}", "in": "metti {obj} dentro {target}",
+           "on": "metti {obj} sopra {target}", "then": "{first} e poi {second}"},
+    "nl": {"pick": "pak {obj} op", "lift": "til {obj} op", "in": "leg {obj} in {target}",
+           "on": "leg {obj} op {target}", "then": "{first} en dan {second}"},
+    "sv": {"pick": "ta upp {obj}", "lift": "lyft {obj}", "in": "lägg {obj} i {target}",
+           "on": "lägg {obj} på {target}", "then": "{first} och sedan {second}"},
+    "ru": {"pick": "возьми {obj}", "lift": "подними {obj}", "in": "положи {obj} в {target}",
+           "on": "положи {obj} на {target}", "then": "{first}, а потом {second}"},
+    "ja": {"pick": "{obj}を取って", "lift": "{obj}を持ち上げて", "in": "{obj}を{target}に入れて",
+           "on": "{obj}を{target}の上に置いて", "then": "{first}、それから{second}"},
+    "id": {"pick": "ambil {obj}", "lift": "angkat {obj}", "in": "masukkan {obj} ke dalam {target}",
+           "on": "letakkan {obj} di atas {target}", "then": "{first} lalu {second}"},
+    "vi": {"pick": "nhặt {obj} lên", "lift": "nâng {obj} lên", "in": "đặt {obj} vào {target}",
+           "on": "đặt {obj} lên {target}", "then": "{first} rồi {second}"},
 }
 
 

@@ -50,7 +50,7 @@ from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
 from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, Waypoint
 from vlm2vla_edge.runtime.sim.render import SCENE_DECIMALS
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
-from vlm2vla_edge.runtime.sim.tasks import LANGUAGES, CompositeTask, PickTask, PlaceTask, Task, sample_episode
+from vlm2vla_edge.runtime.sim.tasks import ALL_LANGUAGES, CompositeTask, PickTask, PlaceTask, Task, sample_episode
 from vlm2vla_edge.runtime.sim.world import SimWorld
 from vlm2vla_edge.train.data.chunks import ChunkLimits, build_chunk, settings_dict, waypoint_plan_text
 from vlm2vla_edge.train.data.dataset import Sample, SourceEpisode, episode_content_hash
@@ -328,7 +328,7 @@ def sim_candidates(meta: EpisodeMeta) -> list[tuple[str, Scene, Task]]:
             "corrections and pass them with --corrections")
     instruction = " ".join(meta.instruction.split())
     found: list[tuple[str, Scene, Task]] = []
-    for language in LANGUAGES:
+    for language in ALL_LANGUAGES:
         episode = sample_episode(seed, language=language)
         if episode.task.instruction() == instruction:
             found.append((f"suite episode {seed} ({language})", episode.scene, episode.task))

@@ -89,7 +89,7 @@ def _noun_table() -> list[tuple[str, str]]:
     for nouns in NOUNS.values():
         for english, phrase in nouns.items():
             forms[phrase.lower()] = english
-            bare = re.sub(r"^(?:the|la|el|le|l'|les|die|den|das|der)\s*", "", phrase.lower())
+            bare = re.sub(r"^(?:the|la|el|le|l'|les|die|den|das|der|il|de|het)\s*", "", phrase.lower())
             if len(bare) >= 2:
                 forms.setdefault(bare, english)
     return sorted(forms.items(), key=lambda item: -len(item[0]))
