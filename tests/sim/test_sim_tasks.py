@@ -9,6 +9,8 @@ import pytest
 from vlm2vla_edge.runtime.config import load_robot_config
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
 from vlm2vla_edge.runtime.sim.tasks import (
+    ALL_LANGUAGES,
+    EXTRA_LANGUAGES,
     LANGUAGES,
     NOUNS,
     TEMPLATES,
@@ -37,7 +39,7 @@ def test_instructions_in_every_language() -> None:
 
 
 def test_every_language_names_every_object_and_has_every_template() -> None:
-    for language in LANGUAGES:
+    for language in ALL_LANGUAGES:
         assert set(NOUNS[language]) == set(CATALOGUE), language
         assert set(TEMPLATES[language]) == {"pick", "lift", "in", "on", "then"}, language
 
@@ -106,10 +108,39 @@ def test_sampling_is_seeded_and_covers_the_suite() -> None:
         assert len(e.scene.objects) > len(e.task.objects)  # at least one distractor
 
 
-@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize("language", ALL_LANGUAGES)
 def test_language_can_be_fixed(language: str) -> None:
     episode = sample_episode(5, language=language)  # type: ignore[arg-type]
     assert episode.task.language == language
+    # Only the instruction's wording depends on the language: the task and the scene are the seed's.
+    english = sample_episode(5, language="en")
+    assert episode.task.instruction("en") == english.task.instruction()
+    assert [(o.name, o.position) for o in episode.scene.objects.values()] == [
+        (o.name, o.position) for o in english.scene.objects.values()
+    ]
+
+
+def test_extra_languages_are_never_drawn_so_seeds_keep_their_tasks() -> None:
+    # Pinned before the extra languages existed: a seed drawn without a language keeps its task and language.
+    assert sample_episode(3).task.instruction() == "levanta la cuchara"
+    assert sample_episode(1_000_000, language="es").task.instruction() == (
+        "pon el pez sobre el plato y luego levanta el champiñón"
+    )
+    drawn = {sample_episode(s).task.language for s in range(300)}
+    assert drawn == set(LANGUAGES) and not drawn & set(EXTRA_LANGUAGES)
+
+
+def test_the_instruction_parser_reads_every_language() -> None:
+    from vlm2vla_edge.train.data.instruction import parse_instruction
+
+    for language in ALL_LANGUAGES:
+        parsed = parse_instruction(paper_composite(language).instruction())
+        assert [(p.obj, p.destination) for p in parsed.parts] == [("the eggplant", "the pan"), ("the fish", None)], (
+            language
+        )
+        for english, phrase in NOUNS[language].items():
+            one = parse_instruction(PickTask(english, language).instruction())
+            assert [p.obj for p in one.parts] == [f"the {english}"], (language, phrase)
 
 
 def test_composite_of_two_parts_joins_with_then() -> None:
