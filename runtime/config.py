@@ -294,6 +294,13 @@ class ActionLanguage(StrictModel):
     )
     gripper: GripperValues = Field(default_factory=GripperValues)
     postprocess: PostProcess = Field(default_factory=PostProcess)
+    subtasks: Literal["free", "scene_objects"] = Field(
+        "free",
+        description="What a subtask may say. free: any text (grammars/subtasks.gbnf). scene_objects: for a model "
+        "trained on the local annotator's labels that reads the scene as text: only the annotator's phrases "
+        "('Move to the X', 'Grasp the X', ...) over the objects the scene text names, so a word of the instruction "
+        "the model cannot map never becomes a subtask about an object that is not there.",
+    )
 
 
 class PolicyConfig(StrictModel):

@@ -83,7 +83,9 @@ def eval_command(
     allow_training_seeds: Annotated[
         bool, typer.Option("--allow-training-seeds", help="Permit --seed-start below the held-out range.")
     ] = False,
-    language: Annotated[str, typer.Option(help="Language of the instructions: en, es, fr, de, hi, zh, it, nl, sv, ru, ja, id or vi.")] = "en",
+    language: Annotated[
+        str, typer.Option(help="Language of the instructions: en, es, fr, de, hi, zh, it, nl, sv, ru, ja, id or vi.")
+    ] = "en",
     robot: Annotated[str, typer.Option(help="Robot config (preset name or YAML file).")] = "widowx250s",
     policy: Annotated[str, typer.Option(help="Policy config (preset name or YAML file).")] = "policy",
     constraint: Annotated[

@@ -154,3 +154,28 @@ def test_constraint_none_decodes_without_grammar_and_still_parses(gemma270m_bund
                 assert exc.stage in ("motion", "action") and isinstance(exc.text, str)
                 outcomes.append(("refused", exc.stage))
     assert outcomes and any(kind == "refused" for kind, _ in outcomes)
+
+
+@pytest.mark.slow
+def test_scene_objects_subtasks_name_only_what_the_scene_text_holds(gemma270m_bundle) -> None:
+    """Action language `subtasks: scene_objects`: even the untrained base, asked in a language it was never
+    tuned on, can only list the annotator's phrases over the objects of the scene text."""
+    from vlm2vla_edge.grammars import SUBTASK_PHRASES
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+    from vlm2vla_edge.runtime.sim.world import SimWorld
+
+    greedy = Sampling(temperature=0.0, max_tokens=128)
+    sampling = StageSampling(subtasks=greedy, motion=greedy, action=greedy, retry=greedy)
+    language = WIDE.model_copy(update={"subtasks": "scene_objects"})
+    decoder = LlamaDecoder(gemma270m_bundle.text_model, _config())
+    with LlamaPolicy(decoder, gemma270m_bundle.prompts, language, sampling, vision=False) as policy:
+        for seed in (1_000_001, 1_000_002):
+            episode = sample_episode(seed, language="es")
+            scene = SimWorld(load_robot_config(), episode.scene).describe()
+            result = policy.subtasks(scene, episode.task.instruction())
+            allowed = {p.format(object=o) for p in SUBTASK_PHRASES for o in episode.scene.objects}
+            assert result.subtasks and set(result.subtasks) <= allowed, (result.subtasks, sorted(episode.scene.objects))
+        # a text the runtime cannot read as a scene keeps the free grammar
+        free = policy.subtasks("A carrot lies left of a plate.", "put the carrot on the plate")
+        assert free.subtasks

@@ -202,3 +202,41 @@ def test_narrowed_action_grammar_admits_every_in_bounds_chunk(max_abs: float, de
     if over < 1:
         assert not acceptor.accepts(f"[[{over:.{decimals}f}, 0, 0, 1]]")
     assert not acceptor.accepts("[" + ", ".join(["[0, 0, 0, 1]"] * (steps + 1)) + "]")
+
+
+# --- the subtask grammar narrowed to one scene's objects ---------------------------------------------
+
+
+def test_scene_subtask_grammar_admits_the_phrases_over_the_scene_objects_only() -> None:
+    from vlm2vla_edge.grammars import SUBTASK_PHRASES, scene_subtasks_gbnf
+    from vlm2vla_edge.runtime.parser import parse_subtasks
+
+    objects = ["carrot", "pot", "lemon", "corn"]
+    text = scene_subtasks_gbnf(objects)
+    validate_gbnf(text, "scene_subtasks")
+    acceptor = LlgAcceptor(text)
+    generic = LlgAcceptor(load_gbnf("subtasks"))
+    rng = random.Random(3)
+    rules = GbnfReader(text).read()
+    for _ in range(200):
+        sample = derive_gbnf(rules, rng)
+        subtasks = parse_subtasks(sample).subtasks  # raises on any violation
+        assert generic.accepts(sample), sample  # still a sentence of v1
+        for subtask in subtasks:
+            assert any(subtask == p.format(object=o) for p in SUBTASK_PHRASES for o in objects), subtask
+    assert acceptor.accepts('["Move to the carrot", "Grasp the carrot", "Lift the carrot", "Move to the pot", '
+                            '"Release the carrot"]')
+    for refused in ('["Move to the tomato"]', '["Move to the champiñón"]', '["Pick up the carrot"]',
+                    '["Move to the carrot and the pot"]', "[" + ", ".join(['"Lift the corn"'] * 9) + "]", "[]"):
+        assert not acceptor.accepts(refused), refused
+
+
+@pytest.mark.parametrize(
+    ("objects", "pattern"),
+    [([], "at least one"), (["Carrot"], "lower-case"), (['pot"]'], "lower-case"), (["a" * 50], "lower-case")],
+)
+def test_scene_subtask_grammar_refuses_bad_names(objects: list[str], pattern: str) -> None:
+    from vlm2vla_edge.grammars import scene_subtasks_gbnf
+
+    with pytest.raises(GrammarError, match=pattern):
+        scene_subtasks_gbnf(objects)

@@ -119,7 +119,12 @@ def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None
     from vlm2vla_edge.runtime.config import load_policy_config
 
     card = json.loads((adapter_dir / "training_card.json").read_text())
-    card["sampling"] = load_policy_config(POLICY_PRESET).sampling.model_dump(mode="json")
+    preset = load_policy_config(POLICY_PRESET)
+    card["sampling"] = preset.sampling.model_dump(mode="json")
+    # The action language is the preset's by construction (the dataset was labelled with it); a dataset
+    # labelled before the preset said how subtasks are decoded gets that setting from the preset.
+    dataset_language = card["dataset"]["action_language"]
+    dataset_language.setdefault("subtasks", preset.action_language.subtasks)
     card["policy_preset"] = POLICY_PRESET
     (staging / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf
+from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf, scene_subtasks_gbnf
 from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.errors import UserError
@@ -37,6 +37,7 @@ from vlm2vla_edge.runtime.policy.interface import (
     SubtasksResult,
 )
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
+from vlm2vla_edge.runtime.scene_text import scene_object_names
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class LlamaPolicy:
         if vision and not decoder.has_vision:
             raise UserError("a vision policy needs a decoder loaded with a vision projector (mmproj)")
         self._grammar_cache: dict[tuple[str, str], Grammar] = {}
+        self._scene_grammars: dict[tuple[str, ...], Grammar] = {}  # by object names; small, see _subtask_grammar
         self._skills: dict[str, Skill] = {}
         self._adapter: str | None = None
         self.default_adapter: str | None = None  # a task that names no adapter gets this one
@@ -263,7 +265,10 @@ class LlamaPolicy:
         prefix_text = self.prompts.render_task_prefix(instruction, scene)
         whole = self.prompts.render_subtasks_prompt(instruction, scene)
         prefix = self._prefix(prefix_text, image, cancel)
-        gen = self._generate(whole[len(prefix_text) :], "subtasks", self.sampling.subtasks, prefix, cancel)
+        gen = self._generate(
+            whole[len(prefix_text) :], "subtasks", self.sampling.subtasks, prefix, cancel,
+            grammar_override=self._subtask_grammar(scene),
+        )
         timings = StageTimings(prefix=prefix.timings, subtasks=gen.timings, wall_s=time.perf_counter() - t0)
         try:
             parsed = parse_subtasks(self._finished(gen, "subtasks", timings))
@@ -365,10 +370,32 @@ class LlamaPolicy:
             raise GenerationCancelled("cancelled before the prompt was evaluated")
         return self.decoder.eval_prefix(text, image, cancel=cancel)
 
+    def _subtask_grammar(self, scene: str | None) -> Grammar | None:
+        """The subtask grammar of this scene's objects when the action language asks for it (None: the
+        stage's own grammar, also for a scene text this runtime cannot read)."""
+        if self.language.subtasks != "scene_objects" or scene is None or not self.constrained:
+            return None
+        names = tuple(sorted(scene_object_names(scene)))
+        if not names:
+            log.warning("event=scene_objects_unread detail=%r", "no object names in the scene text; free subtasks")
+            return None
+        if names not in self._scene_grammars:
+            if len(self._scene_grammars) >= 64:  # one per distinct set of objects; a long-running daemon sees many
+                self._scene_grammars.pop(next(iter(self._scene_grammars)))
+            self._scene_grammars[names] = self.decoder.compile_grammar(scene_subtasks_gbnf(names), "scene_subtasks")
+        return self._scene_grammars[names]
+
     def _generate(
-        self, suffix: str, grammar: str, sampling: Sampling, prefix: Prefix, cancel: threading.Event | None
+        self,
+        suffix: str,
+        grammar: str,
+        sampling: Sampling,
+        prefix: Prefix,
+        cancel: threading.Event | None,
+        *,
+        grammar_override: Grammar | None = None,
     ) -> Generation:
-        compiled = self.grammars[grammar] if self.constrained else None
+        compiled = (grammar_override or self.grammars[grammar]) if self.constrained else None
         gen = self.decoder.generate(suffix, compiled, sampling, prefix=prefix, cancel=cancel)
         if gen.stop_reason == "cancelled":
             raise GenerationCancelled(f"cancelled during the {grammar} stage")

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from grammar_tools import LlgAcceptor
 from vlm2vla_edge.runtime.action_text import format_subtasks
 from vlm2vla_edge.runtime.config import ActionLanguage, load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeMeta, EpisodeReader, EpisodeWriter, StepRecord
@@ -102,6 +103,23 @@ def test_replaying_the_chunks_reproduces_the_recorded_path(demos: Path) -> None:
         for point in recorded:
             nearest = np.abs(replayed_path - point).max(axis=1).min()
             assert nearest <= PP.per_direction_threshold_m + slack, (path.name, point)
+
+
+def test_subtasks_speak_the_scene_grammar_phrases(demos: Path) -> None:
+    """A model trained on these labels decodes subtasks under grammars.scene_subtasks_gbnf (action language
+    `subtasks: scene_objects`): every subtask the annotator writes must be one of its phrases over an
+    object of the episode's scene, else the grammar would forbid what training taught."""
+    from vlm2vla_edge.grammars import scene_subtasks_gbnf
+    from vlm2vla_edge.runtime.scene_text import scene_object_names
+
+    annotator = LocalAnnotator(LANGUAGE, ROBOT)
+    for path in episodes(demos):
+        reader = EpisodeReader(path)
+        labels = annotator.label(reader)
+        names = scene_object_names(reader.steps()[0].extra["scene_description"])
+        assert sorted(names) == reader.meta.extra["objects"]
+        acceptor = LlgAcceptor(scene_subtasks_gbnf(names))
+        assert acceptor.accepts(format_subtasks(labels.subtasks)), (labels.subtasks, names)
 
 
 def test_subtasks_name_the_objects_of_a_foreign_language_instruction(demos: Path) -> None:
