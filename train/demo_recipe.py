@@ -227,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                            progress=lambda line: say("  " + line))
         phases["train_s"] = round(time.monotonic() - t, 1)
         card = json.loads((adapter / "training_card.json").read_text())
-        final_loss = result.final_loss if result is not None else card.get("final_loss")
-        tokens_per_s = result.tokens_per_s if result is not None else card.get("tokens_per_s") or 0.0
+        if result is not None:
+            final_loss, tokens_per_s = result.final_loss, result.tokens_per_s
+        else:  # trained by an earlier run of this command: its card has the figures
+            losses = card.get("losses") or [{}]
+            final_loss = losses[-1].get("loss")
+            tokens_per_s = card.get("tokens_seen", 0) / max(card.get("wall_time_s") or 0.0, 1e-9)
 
         say(f"[4/4] writing the adapter to {args.out}")
         recipe = {
