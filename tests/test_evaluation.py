@@ -335,7 +335,10 @@ def run_cli(argv: list[str]) -> int:
             ["--tasks", "pick,stack"],
             "error: --tasks takes a comma-separated list of pick, place, composite; 'stack' is not one",
         ),
-        (["--language", "it"], "error: --language must be one of en, es, fr, de, hi, zh, not 'it'"),
+        (
+            ["--language", "pt"],
+            "error: --language must be one of en, es, fr, de, hi, zh, it, nl, sv, ru, ja, id, vi, not 'pt'",
+        ),
         (["--seed-start", "5"], "error: --seed-start 5 is in the training range"),
         ([], "error: no model bundle"),
         (["--bundle", "/nonexistent/bundle"], "error: the bundle folder /nonexistent/bundle does not exist"),
