@@ -189,10 +189,11 @@ def scene_subtasks_gbnf(objects: list[str] | tuple[str, ...], max_subtasks: int 
         raise GrammarError(f"object names must be lower-case words of at most 41 characters, not {bad}")
     if not 1 <= max_subtasks <= 8:
         raise GrammarError(f"max_subtasks must be 1-8 (the v1 subtask grammar's bound), not {max_subtasks}")
-    phrases = " | ".join(
-        '"' + p.split("{object}")[0] + '" object' + (f' "{p.split("{object}")[1]}"' if p.split("{object}")[1] else "")
-        for p in SUBTASK_PHRASES
-    )
+    alternatives = []
+    for phrase in SUBTASK_PHRASES:
+        before, _, after = phrase.partition("{object}")
+        alternatives.append(f'"{before}" object' + (f' "{after}"' if after else ""))
+    phrases = " | ".join(alternatives)
     more = f' (", " subtask){{0,{max_subtasks - 1}}}' if max_subtasks > 1 else ""
     return (
         "# Subtask list, action language version 1, narrowed to the annotator's phrases over the objects of one\n"
