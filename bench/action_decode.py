@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=24, help="waypoint action prompts (simulator steps)")
     parser.add_argument("--episodes", type=int, default=6, help="simulator episodes the prompts come from")
-    parser.add_argument("--v1-rounds", type=int, default=6, help="v1 chunks per sampling setting")
+    parser.add_argument("--v1-rounds", type=int, default=6, help="v1 chunks per sampling setting (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft", type=int, default=None, help="PolicyConfig.draft_max_tokens (default: its default)")
     parser.add_argument(
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder.use_adapter(None)  # the v1 rows measure the base model on the few-shot prompt
     head, tail = V1_PROMPT.rsplit("\n", 1)
     v1_cases = [Case(head + "\n", tail)] * args.v1_rounds
-    for label, sampling in (
+    for label, sampling in () if args.v1_rounds <= 0 else (
         ("v1 language (3 decimals, few-shot prompt, temperature 0.5, top-p 0.95)",
          Sampling(temperature=0.5, top_p=0.95, max_tokens=160, seed=None)),
         ("v1 language (3 decimals, few-shot prompt, greedy)", Sampling(temperature=0.0, top_p=1.0, max_tokens=160)),

@@ -20,7 +20,7 @@ from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, load_policy_config
 from vlm2vla_edge.runtime.policy.decoder import LlamaDecoder
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
-from vlm2vla_edge.runtime.policy.speculation import SEP, Draft, Speculation, plan_forced
+from vlm2vla_edge.runtime.policy.speculation import SEP, Draft, Drafter, Speculation, plan_forced
 from vlm2vla_edge.testing.cancel import CountdownEvent
 
 V1 = ActionLanguage(max_abs_value_m=0.999)
@@ -413,3 +413,100 @@ def test_among_equal_matches_the_same_neighbourhood_wins() -> None:
     filler, other = list(range(100, 112)), list(range(200, 212))
     spec = _spec(line_30 + filler + line_40 + other + [30, 2, 9])
     assert spec.context_starts(limit=2) == [3, 3 + len(filler) + 4]  # object 30's point, though 51 is more recent
+
+
+class _Vocabulary:
+    """Text tokens for the drafter's unit tests: '|' separates the tokens of a string."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        return [self.ids.setdefault(piece, len(self.ids)) for piece in text.split("|")]
+
+    def text(self, tokens) -> str:
+        names = {i: t for t, i in self.ids.items()}
+        return "|".join(names[t] for t in tokens)
+
+    def drafter(self) -> Drafter:
+        def token_bytes(token: int) -> bytes:
+            return next(t for t, i in self.ids.items() if i == token).encode()
+
+        return Drafter(token_bytes, eog_tokens=(), fill_bitmask=lambda *_: None, bitmask=np.zeros((1, 1), np.int32))
+
+
+def test_wording_comes_from_earlier_outputs_and_numbers_from_the_prompt() -> None:
+    v = _Vocabulary()
+    scene = v("Scene|:| mushroom| on| the| table|:| above| (-|0|.|2|4|,| -|0|.|1|3|),| grasp| (-|0|.|2|4|,| -|0|.|2|1|")
+    scene += v(").|\n")
+    prompt = scene + v("Current| subtask|:| Move| to| the| mushroom|\n")
+    drafter = v.drafter()
+    stage = ("motion", None)
+    drafter.remember(stage, v("Move| to| the| carrot|:| (-|0|.|1|1|,| -|0|.|3|2|),| gripper| open|."))
+    spec = drafter.start(stage, prompt)
+    spec.extend(v("Move| to| the| mushroom|:"))
+    draft = drafter.draft(spec, None, room=32, fast_forward=False)
+    # " (-" and "), gripper open." as the plans before; the digits of this scene, not the carrot's; the scene
+    # line's own wording after its numbers ("), grasp (-") is not copied
+    assert v.text(draft.tokens) == " (-|0|.|2|4|,| -|0|.|1|3|),| gripper| open|."
+    assert len(spec.raw) == len(prompt) + 5  # the supposed history is taken back
+
+
+def test_a_remembered_output_matches_from_the_start_of_this_one() -> None:
+    v = _Vocabulary()
+    prompt = v("Give| the| actions| as| [|[|dx|,| dy|]|.|\n| Motion| plan|:| (-|0|.|2|,| 0|.|1|)|\n")
+    drafter = v.drafter()
+    stage = ("action", None)
+    drafter.remember(stage, v("[|[-|0|.|5|,| 0|.|7|]]"))
+    spec = drafter.start(stage, prompt)
+    spec.extend(v("["))
+    # the prompt's "[" goes on with "[" then "dx"; a chunk of this stage began "[", "[-": that wins, then
+    # the plan's digits follow
+    assert v.text(drafter.draft(spec, None, room=4, fast_forward=False).tokens) == "[-|0|.|2"
+
+
+def test_without_a_memory_the_prompt_is_copied_as_it_goes_on() -> None:
+    v = _Vocabulary()
+    prompt = v("Scene|:| above| (-|0|.|2|4|),| grasp|\n")
+    drafter = v.drafter()
+    spec = drafter.start(("motion", None), prompt)
+    spec.extend(v("Go| (-"))
+    # one copy, 4 tokens per matched token, as when nothing was remembered
+    assert v.text(drafter.draft(spec, None, room=8, fast_forward=False).tokens) == "0|.|2|4"
+
+
+@pytest.mark.slow
+def test_greedy_argmax_check_is_masked_greedy(decoder: LlamaDecoder, demo_cases, monkeypatch) -> None:
+    """Greedy asks the grammar about the unmasked argmax before computing a mask: the same tokens as always
+    masking, with fewer masks computed. Plain decoding: with speculation the drafts (hence the batch shapes,
+    which can flip the bare base's near ties) depend on what the drafter remembers from the run before;
+    verification picks its tokens through the same `_sample_allowed`."""
+    language = load_policy_config("policy_waypoints").action_language
+    action = decoder.compile_grammar(
+        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
+    )
+    motion = decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan")
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=48)
+    masks = {True: 0, False: 0}
+    fill = decoder._fill_bitmask
+    saved = decoder.config
+    try:
+        decoder.config = _config(speculative=False)
+        for prefix_text, action_suffix, _label in demo_cases[:6]:
+            outputs = {}
+            for fast in (True, False):
+                monkeypatch.setattr(LlamaDecoder, "_greedy_fast_path", fast)
+
+                def counted(matcher, bitmask, fast=fast):
+                    masks[fast] += 1
+                    return fill(matcher, bitmask)
+
+                monkeypatch.setattr(decoder, "_fill_bitmask", counted)
+                prefix = decoder.eval_prefix(prefix_text)
+                m = decoder.generate(DEFAULT_PROMPTS.render_motion_suffix(), motion, greedy, prefix=prefix)
+                a = decoder.generate(action_suffix, action, greedy, prefix=prefix)
+                outputs[fast] = (m.tokens, a.tokens)
+            assert outputs[True] == outputs[False], prefix_text
+    finally:
+        decoder.config = saved
+    assert masks[True] < masks[False] / 2, masks
