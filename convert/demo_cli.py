@@ -48,6 +48,13 @@ def demo_command(
     threads: Annotated[
         Optional[int], typer.Option(min=1, help="CPU threads for llama.cpp (default: all cores).")
     ] = None,
+    speculative: Annotated[
+        bool,
+        typer.Option(
+            help="Verify drafts copied from the prompt and earlier outputs in one batch (same greedy text, "
+            "fewer forward passes: bench/step_latency.py).",
+        ),
+    ] = True,
 ) -> None:
     """The offline field demo: the demo policy (Gemma-3-270M + LoRA) runs one episode in the simulator.
 
@@ -68,7 +75,7 @@ def demo_command(
 
     if bundle is None:
         bundle = find_or_build_bundle(cache_dir, echo=typer.echo, threads=threads).path
-    policy = load_policy_config("policy")
+    policy = load_policy_config("policy").model_copy(update={"speculative": speculative})
     if threads is not None:
         policy = policy.model_copy(update={"n_threads": threads})
     options = LocalRunOptions(
