@@ -309,7 +309,10 @@ class PolicyConfig(StrictModel):
     sampling: StageSampling = Field(default_factory=StageSampling)
     action_language: ActionLanguage = Field(default_factory=ActionLanguage)
     n_ctx: int = Field(4096, ge=256, le=131072, description="Context length (tokens).")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads; None uses all cores.")
+    n_threads: int | None = Field(
+        None, ge=1, description="CPU threads; None uses every CPU the process may run on (its affinity), and more "
+        "than that are not started (llama.cpp's threads spin at barriers: an extra one only steals time)."
+    )
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to the GPU (-1: all).")
     n_batch: int = Field(512, ge=32)
     n_ubatch: int = Field(512, ge=32, description="Must hold one image's tokens (256 for Gemma-3).")

@@ -20,6 +20,26 @@ from hypothesis import HealthCheck, settings
 from vlm2vla_edge.runtime.policy.bundle import Bundle
 from vlm2vla_edge.testing import models
 
+
+def _one_cpu_share_per_xdist_worker() -> None:
+    """Under `pytest -n N`, each worker (and every process it starts) runs on its own share of the CPUs.
+    Without this two workers each running llama.cpp or torch with all cores put twice as many spinning threads
+    as cores on a 2-core machine, and a heavy test next to another heavy one ran several times slower (the
+    slow set: 28.6 min). The decoder starts no more threads than its affinity allows (`usable_cpus`);
+    OpenMP (torch) reads the same mask, and OMP_NUM_THREADS covers a torch imported before this ran."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // count)
+    start = (int(worker[2:]) * share) % len(cpus)
+    mine = cpus[start : start + share]
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))
+
+
+_one_cpu_share_per_xdist_worker()
+
 # Shared 2-core machines: no per-example deadline (timing is the benchmarks' job). In CI the examples
 # are derandomized, so a red run is reproducible from its log.
 settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -102,14 +102,9 @@ def demo_cases() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the bare base model's repetitive chunks meet near ties that llama.cpp's batch shape flips (seen "
-    "2026-12-06 on the v1 few-shot prompt: ']]' 15.0093 vs '],' 14.9969, margin 0.012 logits); with the demo "
-    "LoRA 12/12 waypoint prompts matched. Greedy identity needs batch-invariant logits or a tie margin",
-    strict=False,
-)
 def test_greedy_output_is_plain_decodings_on_demo_prompts(decoder: LlamaDecoder, demo_cases) -> None:
-    """Both stages of a demo step (motion plan, then the waypoint chunk), every prompt, token for token."""
+    """Both stages of a demo step (motion plan, then the waypoint chunk), every prompt, token for token up to
+    near ties (the bare base here; the demo adapter matched 12/12 steps exactly: bench/step_latency.py)."""
     language = load_policy_config("policy_waypoints").action_language
     action = decoder.compile_grammar(
         action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
@@ -126,15 +121,47 @@ def test_greedy_output_is_plain_decodings_on_demo_prompts(decoder: LlamaDecoder,
             return m, a
 
         plain, spec = _both(decoder, step)
-        for p, s in zip(plain, spec):
-            assert s.tokens == p.tokens, (prefix_text, p.text, s.text)
-            assert s.stop_reason == p.stop_reason
+        for suffix, p, s in zip((DEFAULT_PROMPTS.render_motion_suffix(), action_suffix), plain, spec):
+            _assert_same_or_near_tie(decoder, prefix_text, suffix, p.tokens, s.tokens)
+            if s.tokens == p.tokens:
+                assert s.stop_reason == p.stop_reason
             assert s.timings.generated_tokens == len(s.tokens)
             batches[False] += p.timings.decode_batches
             batches[True] += s.timings.decode_batches
             accepted += s.timings.accepted_tokens
     assert accepted > 0
     assert batches[True] < batches[False]  # drafts were kept, so fewer forward passes
+
+
+# Greedy identity holds up to ties this close: llama.cpp's logits differ in the last bits between batch shapes
+# (one token per forward against a verified 9-token batch), and the differences carry through the KV cache.
+# That flips ties the bare base meets when it repeats itself: measured one token at a time, ']]' against '],'
+# after a fifth v1 action 0.017 and 0.038 logits apart, and '),' against '8' in a copied scene point 0.147
+# apart. A verification that read a wrong row would part where the logits differ by whole units.
+TIE_MARGIN = 0.25
+
+
+def _assert_same_or_near_tie(
+    decoder: LlamaDecoder, prefix_text: str, suffix: str | None, plain: tuple[int, ...], spec: tuple[int, ...]
+) -> None:
+    """The outputs are equal, or they part where plain decoding's choice and the speculative one are within
+    TIE_MARGIN logits of each other, measured as plain decoding computes them: the prompt (`prefix_text`, then
+    `suffix` if the stage had one), then the common output one token per forward pass."""
+    if spec == plain:
+        return
+    i = next((j for j, (a, b) in enumerate(zip(plain, spec)) if a != b), min(len(plain), len(spec)))
+    assert i < min(len(plain), len(spec)), "one output is a prefix of the other"
+    decoder.eval_prefix(prefix_text)
+    if suffix:
+        decoder._prefill(decoder.tokenize(suffix), None)
+    for token in plain[:i]:
+        decoder._decode([token])
+    row = decoder.last_logits()
+    margin = abs(float(row[plain[i]]) - float(row[spec[i]]))
+    assert margin < TIE_MARGIN, (
+        f"outputs part at token {i} ({decoder.detokenize(plain[:i + 1])!r} vs {decoder.detokenize(spec[:i + 1])!r})"
+        f" with a logit margin of {margin:.3f}"
+    )
 
 
 @pytest.mark.slow
@@ -151,7 +178,7 @@ def test_greedy_output_is_plain_decodings_on_v1_chunks(decoder: LlamaDecoder, fa
                 into.append(decoder.generate(_few_shot(task), grammar, greedy))
         finally:
             decoder.config = saved
-        assert spec[0].tokens == plain[0].tokens, (task, plain[0].text, spec[0].text)
+        _assert_same_or_near_tie(decoder, _few_shot(task), None, plain[0].tokens, spec[0].tokens)
         assert spec[0].timings.accepted_tokens > 0, spec[0].timings  # later actions repeat the first one
 
 
@@ -510,3 +537,24 @@ def test_greedy_argmax_check_is_masked_greedy(decoder: LlamaDecoder, demo_cases,
     finally:
         decoder.config = saved
     assert masks[True] < masks[False] / 2, masks
+
+
+def test_numbers_every_remembered_output_agrees_on_beat_a_weak_prompt_copy() -> None:
+    v = _Vocabulary()
+    prompt = v("Scene|:| above| (|0|.|1|5|,| 0|),| grasp|\n| Current| subtask|:| Lift| the| lemon|\n")
+    drafter = v.drafter()
+    stage = ("motion", None)
+    spec = drafter.start(stage, prompt)
+    spec.extend(v("Lift| the| lemon|:| ("))
+    once = v.text(drafter.draft(spec, None, room=16, fast_forward=False).tokens)
+    assert once.startswith("0|.|1|5")  # nothing remembered: the scene's point
+    drafter.remember(stage, v("Lift| the| carrot|:| (|0|,| 0|,| 0|.|1|),| gripper| closed|."))
+    spec = drafter.start(stage, prompt)
+    spec.extend(v("Lift| the| lemon|:| ("))
+    assert v.text(drafter.draft(spec, None, room=16, fast_forward=False).tokens).startswith("0|.|1|5")  # one: stale
+    drafter.remember(stage, v("Lift| the| pot|:| (|0|,| 0|,| 0|.|1|),| gripper| closed|."))
+    spec = drafter.start(stage, prompt)
+    spec.extend(v("Lift| the| lemon|:| ("))
+    # two remembered lifts agree on "0, 0, 0.1" and the scene's " (" matches one token: the lifts win
+    lifted = v.text(drafter.draft(spec, None, room=16, fast_forward=False).tokens)
+    assert lifted == "0|,| 0|,| 0|.|1|),| gripper| closed|."

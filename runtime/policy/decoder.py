@@ -164,6 +164,16 @@ class _LoopResult:
     evaluated: int
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: systemd's CPUAffinity=, a cgroup cpuset, taskset),
+    not the machine's count. llama.cpp's threads spin at every graph barrier, so a thread more than there are
+    CPUs to run it does no work and slows the others (two 2-thread decoders on 2 cores: several times slower)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class LlamaDecoder:
     """A loaded GGUF model (plus optional vision projector) with one context and one sequence.
 
@@ -209,7 +219,10 @@ class LlamaDecoder:
             check_gguf(mmproj_path, "vision projector")
         self._llama_log = ensure_backend()
         cfg = self.config
-        n_threads = cfg.n_threads or max(1, os.cpu_count() or 1)
+        usable = usable_cpus()
+        n_threads = min(cfg.n_threads or usable, usable)
+        if cfg.n_threads is not None and cfg.n_threads > usable:
+            log.info("event=threads_capped asked=%d usable_cpus=%d", cfg.n_threads, usable)
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = cfg.n_gpu_layers if cfg.n_gpu_layers >= 0 else 2**31 - 1

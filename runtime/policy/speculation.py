@@ -253,6 +253,15 @@ class Drafter:
                 self._digit_keys.add(key)
         return key
 
+    def _unanimous(self, spec: Speculation, best: int) -> bool:
+        """Whether at least two remembered places match `best` long, and all go on with the same numbers."""
+        runs = [
+            tuple(self._numbers_only(list(spec.memory[start : start + _MAX_MATCH])))
+            for start, match in spec.memory_matches(limit=_MEMORY_OUTPUTS * 4)
+            if match == best
+        ]
+        return len(runs) >= 2 and len(set(runs)) == 1
+
     def _numbers_only(self, copied: list[int]) -> list[int]:
         """`copied` up to the first token after a digit that is not part of a number list."""
         seen_digit = False
@@ -344,6 +353,10 @@ class Drafter:
                         more = digit < len(remembered) or not ends  # a remembered output's end ends the draft
                     elif not copied:
                         piece, more = remembered, False
+                    elif context_match <= 1 and self._unanimous(spec, memory_match):
+                        # ...unless the remembered outputs that match this far (two or more) all wrote the same
+                        # numbers here and the prompt offers only a one-token match ("Lift the X: (0, 0, 0.1)")
+                        piece = self._numbers_only(remembered)
                 if not piece:
                     break
                 draft += piece

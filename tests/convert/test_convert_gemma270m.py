@@ -13,7 +13,7 @@ import pytest
 from convert_helpers import make_adapter
 from vlm2vla_edge.convert.merge_quantize import ConvertOptions, convert
 from vlm2vla_edge.convert.validate import Thresholds
-from vlm2vla_edge.runtime.config import PolicyConfig
+from vlm2vla_edge.runtime.config import PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.policy.bundle import load_bundle, read_gguf_header
 from vlm2vla_edge.runtime.policy.engine import LlamaPolicy
 from vlm2vla_edge.runtime.policy.interface import Observation
@@ -73,7 +73,13 @@ def test_gemma270m_adapter_to_q4_k_m_bundle(tmp_path: Path, gemma270m_gguf: Path
     theirs = read_gguf_header(gemma270m_gguf, keep_arrays=keys).metadata
     assert all(ours[k] == theirs[k] for k in keys)
 
-    with LlamaPolicy.from_bundle(bundle, PolicyConfig(n_threads=2, n_ctx=2048)) as policy:
+    # Greedy, so the step is the same on every run (the paper's sampled default made this a draw: the base,
+    # never taught motion plans, once rambled past the 64-token motion budget).
+    def greedy(max_tokens: int) -> Sampling:
+        return Sampling(temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+
+    sampling = StageSampling(subtasks=greedy(256), motion=greedy(96), action=greedy(512), retry=greedy(512))
+    with LlamaPolicy.from_bundle(bundle, PolicyConfig(n_threads=2, n_ctx=2048, sampling=sampling)) as policy:
         step = policy.step(
             Observation(scene="a carrot lies left of a white plate"),
             "put the carrot on the plate",
