@@ -558,3 +558,19 @@ def test_numbers_every_remembered_output_agrees_on_beat_a_weak_prompt_copy() -> 
     # two remembered lifts agree on "0, 0, 0.1" and the scene's " (" matches one token: the lifts win
     lifted = v.text(drafter.draft(spec, None, room=16, fast_forward=False).tokens)
     assert lifted == "0|,| 0|,| 0|.|1|),| gripper| closed|."
+
+
+def test_the_drafter_never_asks_the_vocabulary_about_a_seam() -> None:
+    v = _Vocabulary()
+    drafter = v.drafter()
+    asked: list[int] = []
+    token_bytes = drafter._token_bytes
+    drafter._token_bytes = lambda t: (asked.append(t), token_bytes(t))[1]  # the real one aborts on -1
+    stage = ("action", None)
+    for chunk in ("[[|0|,| 0|,| 0|.|1", "[[|0|,| 0|,| 0|.|1"):  # outputs that end in a number, then a seam
+        drafter.remember(stage, v(chunk))
+    spec = drafter.start(stage, v("Plan|:| (|9|.|5|)|\n"))  # the prompt's "." matches one token only
+    spec.extend(v("[[|0|,| 0|,| 0|."))
+    # the two remembered chunks agree on the "1" that ends them (just before their seams): it is drafted first
+    assert v.text(drafter.draft(spec, None, room=8, fast_forward=False).tokens).startswith("1|")
+    assert asked and min(asked) >= 0

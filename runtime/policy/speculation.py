@@ -263,9 +263,11 @@ class Drafter:
         return len(runs) >= 2 and len(set(runs)) == 1
 
     def _numbers_only(self, copied: list[int]) -> list[int]:
-        """`copied` up to the first token after a digit that is not part of a number list."""
+        """`copied` up to the first token after a digit that is not part of a number list (or a seam)."""
         seen_digit = False
         for j, token in enumerate(copied):
+            if token < 0:
+                return copied[:j]
             if self._is_digit(token):
                 seen_digit = True
             elif seen_digit and self._token_bytes(token).strip(b" ,.-"):
@@ -274,6 +276,8 @@ class Drafter:
 
     def _is_digit(self, token: int) -> bool:
         """Whether the token is digits only (Gemma writes one digit per token): content, not wording."""
+        if token < 0:  # SEP: no token at all (never sent to the vocabulary)
+            return False
         digit = self._digits.get(token)
         if digit is None:
             digit = self._digits[token] = self._token_bytes(token).strip().isdigit()
