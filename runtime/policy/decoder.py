@@ -898,10 +898,10 @@ class LlamaDecoder:
                 if matcher is not None and matcher.validate_tokens([token]) != 1:
                     token = self._sample_allowed(chain, matcher)
                     resamples += 1
-            sampled += 1
-            if token in eog:
+            if token in eog:  # the end is chosen, not generated: the counts add up to the output's length
                 stop = "eos"
                 break
+            sampled += 1
             new = [token] + self._consume(matcher, token, max_tokens - len(out) - 1 if fast_forward else 0)
             forced += len(new) - 1
             out.extend(new)
@@ -970,10 +970,10 @@ class LlamaDecoder:
                             token = self._sample_allowed(chain, matcher, row, greedy=probs_chain is None)
                         else:
                             token = int(ll.llama_sampler_sample(chain, self._ctx, row))
-                    sampled += 1
                     if token in eog:
                         stop = "eos"
                         break
+                    sampled += 1
                     new = [token] + self._consume(matcher, token, max_tokens - len(out) - 1 if fast_forward else 0)
                     forced += len(new) - 1
                     token = None
