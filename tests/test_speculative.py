@@ -73,6 +73,16 @@ def _both(decoder: LlamaDecoder, run):
 
 
 @pytest.fixture(scope="module")
+def demo_grammars(decoder: LlamaDecoder):
+    """(motion plan, waypoint action chunk) grammars of the demo's action language, compiled once."""
+    language = load_policy_config("policy_waypoints").action_language
+    action = decoder.compile_grammar(
+        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
+    )
+    return decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan"), action
+
+
+@pytest.fixture(scope="module")
 def demo_cases() -> list[tuple[str, str, str]]:
     """(step prefix, action suffix, label chunk) of simulator steps labelled as the demo's training data is."""
     import tempfile
@@ -102,14 +112,10 @@ def demo_cases() -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.slow
-def test_greedy_output_is_plain_decodings_on_demo_prompts(decoder: LlamaDecoder, demo_cases) -> None:
+def test_greedy_output_is_plain_decodings_on_demo_prompts(decoder: LlamaDecoder, demo_cases, demo_grammars) -> None:
     """Both stages of a demo step (motion plan, then the waypoint chunk), every prompt, token for token up to
     near ties (the bare base here; the demo adapter matched 12/12 steps exactly: bench/step_latency.py)."""
-    language = load_policy_config("policy_waypoints").action_language
-    action = decoder.compile_grammar(
-        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
-    )
-    motion = decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan")
+    motion, action = demo_grammars
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=64)
     batches = {False: 0, True: 0}
     accepted = 0
@@ -503,16 +509,14 @@ def test_without_a_memory_the_prompt_is_copied_as_it_goes_on() -> None:
 
 
 @pytest.mark.slow
-def test_greedy_argmax_check_is_masked_greedy(decoder: LlamaDecoder, demo_cases, monkeypatch) -> None:
+def test_greedy_argmax_check_is_masked_greedy(
+    decoder: LlamaDecoder, demo_cases, demo_grammars, monkeypatch
+) -> None:
     """Greedy asks the grammar about the unmasked argmax before computing a mask: the same tokens as always
     masking, with fewer masks computed. Plain decoding: with speculation the drafts (hence the batch shapes,
     which can flip the bare base's near ties) depend on what the drafter remembers from the run before;
     verification picks its tokens through the same `_sample_allowed`."""
-    language = load_policy_config("policy_waypoints").action_language
-    action = decoder.compile_grammar(
-        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
-    )
-    motion = decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan")
+    motion, action = demo_grammars
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=48)
     masks = {True: 0, False: 0}
     fill = decoder._fill_bitmask
