@@ -75,9 +75,10 @@ def demo_command(
 
     if bundle is None:
         bundle = find_or_build_bundle(cache_dir, echo=typer.echo, threads=threads).path
-    policy = load_policy_config("policy").model_copy(update={"speculative": speculative})
+    settings: dict[str, object] = {"speculative": speculative}
     if threads is not None:
-        policy = policy.model_copy(update={"n_threads": threads})
+        settings["n_threads"] = threads
+    policy = load_policy_config("policy").model_copy(update=settings)
     options = LocalRunOptions(
         instruction=text,
         bundle=bundle,

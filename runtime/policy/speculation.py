@@ -233,7 +233,6 @@ class Drafter:
         self._memory: dict[StageKey, list[tuple[int, ...]]] = {}
         self._keys: dict[int, int] = {SEP: SEP}  # token -> its loose class for draft lookup
         self._classes: dict[bytes, int] = {}
-        self._digits: dict[int, bool] = {}
         self._digit_keys: set[int] = set()  # the classes of digit tokens (shared with each Speculation)
 
     def key(self, token: int) -> int:
@@ -275,13 +274,9 @@ class Drafter:
         return copied
 
     def _is_digit(self, token: int) -> bool:
-        """Whether the token is digits only (Gemma writes one digit per token): content, not wording."""
-        if token < 0:  # SEP: no token at all (never sent to the vocabulary)
-            return False
-        digit = self._digits.get(token)
-        if digit is None:
-            digit = self._digits[token] = self._token_bytes(token).strip().isdigit()
-        return digit
+        """Whether the token is digits only (Gemma writes one digit per token): content, not wording. Its
+        loose class says so (`key`; SEP is its own class and never reaches the vocabulary)."""
+        return self.key(token) in self._digit_keys
 
     def start(self, stage: StageKey, context: list[int]) -> Speculation:
         """The draft state of one generation of `stage` after the prompt tokens `context`."""
@@ -330,7 +325,7 @@ class Drafter:
             admits, its match length, and whether the source ends right after it (a remembered output's end)."""
             for start, match in matches:
                 cont = list(source[start : start + min(room - len(before), _match_cap(match))])
-                n = admitted(before + cont) - len(before) if before else admitted(cont)
+                n = admitted(before + cont) - len(before)
                 if n > 0:
                     end = start + n
                     return cont[:n], match, end >= len(source) or source[end] == SEP
@@ -372,7 +367,6 @@ class Drafter:
                 supposed += len(piece)
         finally:
             spec.retract(supposed)
-        draft = draft[:room]
         if not draft:
             anchor = self._anchor_draft(spec, matcher, room, admitted) if matcher is not None else []
             draft = anchor if len(anchor) >= 3 or not remembered else remembered
