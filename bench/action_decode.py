@@ -40,7 +40,7 @@ from pathlib import Path
 from vlm2vla_edge.grammars import action_chunk_gbnf
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, load_policy_config
 from vlm2vla_edge.runtime.policy.decoder import Generation, Grammar, LlamaDecoder
-from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
+from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
 
 V1_PROMPT = (  # bench/grammar_overhead.py's prompt
     "Robot arm actions as [[dx, dy, dz, gripper], ...] in metres.\n"
@@ -126,8 +126,9 @@ class Result:
               f"accepted {spec.accepted}; greedy text identical to today's: {self.identical}/{self.compared}")
 
 
-def waypoint_cases(n: int, episodes: int) -> list["Case"]:
-    """(step prefix, action suffix) of labelled simulator steps, rendered as the demo renders them."""
+def waypoint_cases(n: int, episodes: int, prompts: PromptTemplates = DEFAULT_PROMPTS) -> list["Case"]:
+    """(step prefix, action suffix) of labelled simulator steps, rendered as the demo renders them (with the
+    adapter's own templates: a follow-up action turn puts the plan in as the model's answer)."""
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.episode import EpisodeReader
     from vlm2vla_edge.runtime.sim.expert import record_demonstrations
@@ -146,8 +147,8 @@ def waypoint_cases(n: int, episodes: int) -> list["Case"]:
             for sample in build_samples(annotator.label(EpisodeReader(result.path)), aux=False):
                 if sample.stage == "action":
                     cases.append(Case(
-                        DEFAULT_PROMPTS.render_step_prefix(sample.instruction, sample.subtask, sample.scene),
-                        DEFAULT_PROMPTS.render_action_suffix(sample.motion_plan),
+                        prompts.render_step_prefix(sample.instruction, sample.subtask, sample.scene),
+                        prompts.render_action_suffix(sample.motion_plan),
                     ))
     return cases[:n]
 
@@ -227,16 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     model = bundle.text_model if bundle is not None else Path(assemble())
     decoder = LlamaDecoder(model, PolicyConfig(**base))
     language = load_policy_config("policy_waypoints").action_language
+    prompts = DEFAULT_PROMPTS
     what = "base Gemma-3-270M Q4_K_M, no adapter (no demo bundle found)"
     if bundle is not None and bundle.adapters:
         entry = bundle.adapter()
         decoder.load_adapter(entry.name, entry.path)
         decoder.use_adapter(entry.name, entry.info.scale)
-        language = entry.action_language
+        language, prompts = entry.action_language, entry.prompts
         what = f"demo bundle {bundle.root.name}: base + LoRA '{entry.name}' at run time"
     print(f"model: {what}; {args.threads} threads")
 
-    cases = waypoint_cases(args.prompts, args.episodes)
+    cases = waypoint_cases(args.prompts, args.episodes, prompts)
     waypoint_grammar = decoder.compile_grammar(
         action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
     )

@@ -137,6 +137,33 @@ def test_text_only_bundle_takes_a_scene(gemma270m_bundle) -> None:
 
 
 @pytest.mark.slow
+def test_follow_up_action_stage_prefills_only_the_turn_change_and_its_question(gemma270m_bundle) -> None:
+    """With `action_turn: follow_up` the action prompt extends the motion prompt and the plan the model just
+    wrote; the decoder keeps those tokens in its cache, so the action stage evaluates only the turn change
+    and the question. (The untrained base writes a plan, greedy, then may run its chunk past the budget:
+    the timings are the same either way.)"""
+    greedy = StageSampling(
+        motion=Sampling(temperature=0.0, max_tokens=128), action=Sampling(temperature=0.0, max_tokens=96)
+    )
+    prompts = gemma270m_bundle.prompts.model_copy(update={"action_turn": "follow_up"})
+    scene = "gripper open, holding nothing. carrot on the table: above (-0.12, 0.05, -0.2), grasp (-0.12, 0.05, -0.28)."
+    decoder = LlamaDecoder(gemma270m_bundle.text_model, _config())
+    with LlamaPolicy(decoder, prompts, WIDE, greedy, vision=False) as policy:
+        try:
+            timings = policy.step(scene, "put the carrot on the plate", "Move to the carrot").timings
+        except PolicyOutputError as exc:
+            assert exc.stage == "action", exc  # the motion stage must finish for this test to mean anything
+            timings = exc.timings
+        turn_change = decoder.tokenize(
+            prompts.answer_end + prompts.user_start + prompts.action_question + prompts.user_end
+        )
+    assert timings.motion is not None and timings.action is not None
+    assert timings.action.prefill_tokens == len(turn_change)
+    # what was not evaluated again: the motion stage's question and the plan it generated
+    assert timings.action.reused_tokens >= timings.motion.prefill_tokens + 3
+
+
+@pytest.mark.slow
 def test_constraint_none_decodes_without_grammar_and_still_parses(gemma270m_bundle) -> None:
     """Grammar off (format-adherence measurements): the untrained base writes free text, which the parser
     must refuse with the raw text kept; it never becomes an action."""

@@ -79,6 +79,51 @@ def test_prompts_equal_gemma3_chat_template(scene: str | None) -> None:
         assert as_template_output(prompt) == chat_template(user_text, image=scene is None)
 
 
+FOLLOW_UP = PromptTemplates(action_turn="follow_up")
+
+
+def conversation_template(turns: list[tuple[str, str]], image: bool) -> str:
+    """What Gemma-3's chat template renders for a conversation (the image in the first user turn)."""
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    messages = []
+    for i, (role, text) in enumerate(turns):
+        content = [{"type": "image"}, {"type": "text", "text": text}] if (image and i == 0) else text
+        messages.append({"role": role, "content": content})
+    template = env.from_string(GEMMA3_CHAT_TEMPLATE)
+    return template.render(messages=messages, bos_token="<bos>", add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("scene", [None, SCENE])
+def test_follow_up_action_prompt_is_a_second_turn_after_the_plan(scene: str | None) -> None:
+    motion = FOLLOW_UP.render_motion_prompt(INSTRUCTION, SUBTASK, scene)
+    action = FOLLOW_UP.render_action_prompt(INSTRUCTION, SUBTASK, PLAN, scene)
+    # the action prompt extends the motion prompt and its answer, so the decoder's cache holds its start
+    assert action == motion + PLAN + "<end_of_turn>\n<start_of_turn>user\n" + FOLLOW_UP.action_question + (
+        "<end_of_turn>\n<start_of_turn>model\n"
+    )
+    assert action.startswith(motion + FOLLOW_UP.render_answer(PLAN))
+    # ... and it is the chat template's conversation: user, model (the plan), user
+    observation = "" if scene is None else f"Scene: {SCENE}\n"
+    first = f"{observation}Task: {INSTRUCTION}\nCurrent subtask: {SUBTASK}\n{FOLLOW_UP.motion_question}"
+    turns = [("user", first), ("assistant", PLAN), ("user", FOLLOW_UP.action_question)]
+    assert as_template_output(action) == conversation_template(turns, image=scene is None)
+    # the other stages and the step prefix do not change with the layout
+    assert motion == P.render_motion_prompt(INSTRUCTION, SUBTASK, scene)
+    assert FOLLOW_UP.render_subtasks_prompt(INSTRUCTION, scene) == P.render_subtasks_prompt(INSTRUCTION, scene)
+
+
+def test_templates_without_an_action_turn_keep_the_plan_line() -> None:
+    """Manifests and training cards written before the field existed read as the layout they were trained with."""
+    stored = P.model_dump(mode="json")
+    del stored["action_turn"]
+    assert PromptTemplates.model_validate(stored).action_turn == "plan_line"
+    assert PromptTemplates.model_validate(stored).render_action_suffix(PLAN).startswith("Motion plan: ")
+    with pytest.raises(ValidationError):
+        PromptTemplates(action_turn="second")  # type: ignore[arg-type]
+    with pytest.raises(PromptError, match="motion plan is empty"):
+        FOLLOW_UP.render_action_suffix(" \n ")
+
+
 @settings(max_examples=200, deadline=None)
 @given(instruction=words, subtask=words, plan=words, use_scene=st.booleans(), scene=words)
 def test_prefix_and_suffix_make_the_whole_prompt(

@@ -1,14 +1,15 @@
 """The three-stage VLM2VLA policy: subtasks once per episode, then per step a motion plan and an action chunk.
 
-One model answers all three questions (the paper's design). A base + adapters bundle holds one base
-and several LoRA adapters (skills): the base is loaded once, every adapter is loaded next to it (a few
-MB each), and `use_adapter` switches the one llama.cpp applies, together with that adapter's prompts,
-action language and grammars, in milliseconds and without reloading the base. Each step evaluates the shared prefix
-(turn start + observation + instruction + subtask) once, image included, and both stages append
-their short suffix to it, so the image is encoded and prefilled once per step and the action stage
-prefills only its suffix. Every output is generated inside its grammar and then parsed by the
-parser, which trusts nothing: a chunk that fails (out of range, too long, cut off by the token
-budget) raises `PolicyOutputError` with the raw text, for the episode runner to record and retry.
+One model answers all three questions (the paper's design). A base + adapters bundle holds one base and
+several LoRA adapters (skills): the base is loaded once, every adapter is loaded next to it (a few MB each),
+and `use_adapter` switches the one llama.cpp applies, together with that adapter's prompts, action language
+and grammars, in milliseconds and without reloading the base. Each step evaluates the shared prefix (turn
+start + observation + instruction + subtask) once, image included, and both stages append their short suffix
+to it, so the image is encoded and prefilled once per step and the action stage prefills only its suffix (with
+templates whose `action_turn` is `follow_up`, only the turn change and its question: the motion question and
+the plan the model wrote are still in the cache). Every output is generated inside its grammar and then parsed
+by the parser, which trusts nothing: a chunk that fails (out of range, too long, cut off by the token budget)
+raises `PolicyOutputError` with the raw text, for the episode runner to record and retry.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ pytest.importorskip("accelerate")
 from test_lora_samples import make_dataset  # noqa: E402
 
 from vlm2vla_edge.runtime.errors import UserError  # noqa: E402
+from vlm2vla_edge.runtime.policy.prompts import PromptTemplates  # noqa: E402
 from vlm2vla_edge.testing import models  # noqa: E402
 from vlm2vla_edge.train.data.dataset import read_dataset  # noqa: E402
 from vlm2vla_edge.train.lora.collate import Collator, EncodedDataset, encode_all  # noqa: E402
@@ -75,6 +76,14 @@ def test_lora_targets_the_language_model_only(vision_dir: Path) -> None:
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
     fresh = transformers.Gemma3ForConditionalGeneration.from_pretrained(str(vision_dir))
     assert "vision_tower" not in lora_target_regex(fresh)
+
+
+def test_attention_targets_put_lora_on_the_attention_projections_only(vision_dir: Path) -> None:
+    model = load_base(vision_dir).model
+    peft_model = apply_lora(model, TrainConfig(lora_targets="attention"))
+    lora_layers = {name.rsplit(".lora_A", 1)[0] for name, _ in peft_model.named_parameters() if ".lora_A." in name}
+    assert {name.rsplit(".", 1)[1] for name in lora_layers} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert len(lora_layers) == 2 * 4 and all(".language_model.layers." in name for name in lora_layers)
 
 
 def test_training_lowers_the_loss_and_changes_only_the_adapter(
@@ -190,6 +199,7 @@ def test_text_only_model_trains_through_the_cli_and_writes_the_card(
     config_path = tmp_path / "lora.yaml"
     config_path.write_text(
         "batch_size: 4\nepochs: 2\nmax_steps: 3\nlog_every: 1\nlearning_rate: 1.0e-3\nstages: [motion, action]\n"
+        "prompts: {action_turn: follow_up}\n"
     )
     out = tmp_path / "out"
     command = [sys.executable, "-m", "vlm2vla_edge.train.lora", "--dataset", str(dataset_dir), "--base", str(text_dir),
@@ -209,6 +219,9 @@ def test_text_only_model_trains_through_the_cli_and_writes_the_card(
         (text_dir / "model.safetensors").read_bytes()
     ).hexdigest()
     assert card["hyperparameters"]["lora_rank"] == 16 and card["hyperparameters"]["stages"] == ["motion", "action"]
+    # the templates the samples were rendered with are the ones the card ships to the bundle
+    assert card["prompts"]["templates"]["action_turn"] == "follow_up"
+    assert PromptTemplates.model_validate(card["prompts"]["templates"]) == PromptTemplates(action_turn="follow_up")
     assert [e["step"] for e in card["losses"]] == [1, 2, 3] and card["wall_time_s"] > 0
     assert set(card["versions"]) >= {"torch", "transformers", "peft", "accelerate"}
     adapter_config = json.loads((out / "adapter_config.json").read_text())

@@ -38,7 +38,6 @@ from torch import nn
 
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.files import sha256_file
-from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
 from vlm2vla_edge.runtime.versions import versions
 from vlm2vla_edge.train.data.dataset import read_dataset
 from vlm2vla_edge.train.lora.collate import IGNORE_INDEX, Collator, EncodedDataset, ImageTokens, encode_all
@@ -132,8 +131,12 @@ def load_base(path: Path, *, dtype: torch.dtype = torch.float32, model_id: str |
 _FROZEN_PARTS = ("vision_tower", "multi_modal_projector", "vision_model")
 
 
-def lora_target_regex(model: nn.Module) -> str:
-    """A regex matching every linear layer of the language model (not the vision side, not the output layer).
+_ATTENTION_PARTS = ("self_attn", "attn", "attention", "self_attention")
+
+
+def lora_target_regex(model: nn.Module, targets: str = "all_linear") -> str:
+    """A regex matching the linear layers of the language model that get LoRA (never the vision side or the
+    output layer): every one (`all_linear`), or those inside an attention block (`attention`: q, k, v, o).
 
     Layer indices are generalised (`layers\\.\\d+\\.`), so the regex stays short for a 48-layer model.
     """
@@ -142,11 +145,15 @@ def lora_target_regex(model: nn.Module) -> str:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module is output_layer:
             continue
-        if any(part in name.split(".") for part in _FROZEN_PARTS):
+        parts = name.split(".")
+        if any(part in parts for part in _FROZEN_PARTS):
+            continue
+        if targets == "attention" and not any(part in parts for part in _ATTENTION_PARTS):
             continue
         patterns[re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(name))] = None
     if not patterns:
-        raise UserError("the base model has no linear layers in its language model to put LoRA on")
+        what = "attention layers" if targets == "attention" else "linear layers"
+        raise UserError(f"the base model has no {what} in its language model to put LoRA on")
     return "^(?:" + "|".join(patterns) + ")$"
 
 
@@ -158,7 +165,7 @@ def apply_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=lora_target_regex(model),
+        target_modules=lora_target_regex(model, config.lora_targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -360,7 +367,7 @@ def train(
     loaded = load_base(base, dtype=dtype, model_id=config.base_model_id)
     report(f"loaded {loaded.identity.kind} base {loaded.identity.id} in {time.monotonic() - started:.1f} s")
 
-    chats = chat_samples(dataset, vision=loaded.vision, stages=config.stages, templates=DEFAULT_PROMPTS)
+    chats = chat_samples(dataset, vision=loaded.vision, stages=config.stages, templates=config.prompts)
     chats = [chat for chat in chats for _ in range(config.stage_repeats.get(chat.stage, 1))]
     encoded, too_long = encode_all(chats, loaded.tokenizer, loaded.image_tokens, config.max_length)
     if not encoded:
@@ -568,7 +575,7 @@ def _training_card(
             ).__name__,
         },
         "hyperparameters": config.model_dump(mode="json"),
-        "prompts": {"templates": DEFAULT_PROMPTS.model_dump(mode="json"), "aux_question": AUX_QUESTION_FORMAT},
+        "prompts": {"templates": config.prompts.model_dump(mode="json"), "aux_question": AUX_QUESTION_FORMAT},
         "precision": precision,
         "processes": processes,
         "steps": state.step,
