@@ -25,15 +25,23 @@ words = st.text(
 
 def chat_template(user_text: str, image: bool) -> str:
     """What Gemma-3's own chat template renders for one user message (image first, then text)."""
+    return conversation_template([("user", user_text)], image)
+
+
+def conversation_template(turns: list[tuple[str, str]], image: bool) -> str:
+    """What Gemma-3's chat template renders for a conversation (the image first in the first user turn)."""
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message: str) -> None:
         raise AssertionError(message)
 
     env.globals["raise_exception"] = raise_exception
-    content = [{"type": "image"}, {"type": "text", "text": user_text}] if image else user_text
+    messages = []
+    for i, (role, text) in enumerate(turns):
+        content = [{"type": "image"}, {"type": "text", "text": text}] if (image and i == 0) else text
+        messages.append({"role": role, "content": content})
     return env.from_string(GEMMA3_CHAT_TEMPLATE).render(
-        messages=[{"role": "user", "content": content}], bos_token="<bos>", add_generation_prompt=True
+        messages=messages, bos_token="<bos>", add_generation_prompt=True
     )
 
 
@@ -80,17 +88,6 @@ def test_prompts_equal_gemma3_chat_template(scene: str | None) -> None:
 
 
 FOLLOW_UP = PromptTemplates(action_turn="follow_up")
-
-
-def conversation_template(turns: list[tuple[str, str]], image: bool) -> str:
-    """What Gemma-3's chat template renders for a conversation (the image in the first user turn)."""
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    messages = []
-    for i, (role, text) in enumerate(turns):
-        content = [{"type": "image"}, {"type": "text", "text": text}] if (image and i == 0) else text
-        messages.append({"role": role, "content": content})
-    template = env.from_string(GEMMA3_CHAT_TEMPLATE)
-    return template.render(messages=messages, bos_token="<bos>", add_generation_prompt=True)
 
 
 @pytest.mark.parametrize("scene", [None, SCENE])

@@ -112,7 +112,7 @@ class PromptTemplates(StrictModel):
         "`plan` line + the action question. follow_up: a second user turn after the motion question and the plan "
         "as the model's own answer, so the action stage's prompt starts with the motion stage's prompt and output "
         "and the decoder keeps them in its cache: the action stage prefills only the turn change and the question "
-        "(about 27 tokens instead of 50 on the demo), and no plan line is tokenized again. A model answers in the "
+        "(26 tokens instead of 43-51 on the demo's steps), and no plan line is tokenized again. A model answers in the "
         "layout it was trained with: this is part of a bundle's templates, never switched at run time.",
     )
     stop_tokens: tuple[str, ...] = Field(
@@ -182,10 +182,9 @@ class PromptTemplates(StrictModel):
         """Stage 3's suffix after the step prefix: the motion plan (a line of the user turn, or the model's answer
         to the motion question: `action_turn`), the action question, the turn change."""
         plan = clean_text(plan, "motion plan")
-        if self.action_turn == "follow_up":
-            return (
-                self.render_motion_suffix() + plan + self.answer_end + self.user_start + self.action_question
-                + self.user_end
+        if self.action_turn == "follow_up":  # the plan as the motion stage's answer, as training renders it
+            return self.render_motion_suffix() + self.render_answer(plan) + self.user_start + (
+                self.action_question + self.user_end
             )
         return self.plan.format(plan=plan) + self.action_question + self.user_end
 

@@ -16,6 +16,7 @@ from vlm2vla_edge.runtime.config import StrictModel, load_config, packaged_confi
 from vlm2vla_edge.runtime.policy.prompts import PromptTemplates
 
 Stage = Literal["subtasks", "motion", "action", "aux"]
+LoraTargets = Literal["all_linear", "attention"]
 
 
 class TrainConfig(StrictModel):
@@ -25,13 +26,13 @@ class TrainConfig(StrictModel):
     lora_rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_targets: Literal["all_linear", "attention"] = Field(
+    lora_targets: LoraTargets = Field(
         "all_linear",
         description="Which linear layers of the language model get LoRA. all_linear: every one (the paper). "
         "attention: the attention projections only (q, k, v, o). llama.cpp applies a run-time adapter as two small "
         "matmuls, a scale and an add per adapted layer, which on a small model costs per graph node rather than "
         "per FLOP: on Gemma-3-270M (2 CPU threads) all seven projections added 15% to a decode and a 200-token "
-        "prefill, the four attention ones about 5% (bench/adapters.py).",
+        "prefill, the four attention ones about 5% (bench/README.md, issue 19 section).",
     )
 
     # Optimiser: AdamW with linear decay to zero after an optional linear warm-up.

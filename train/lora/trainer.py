@@ -41,7 +41,7 @@ from vlm2vla_edge.runtime.files import sha256_file
 from vlm2vla_edge.runtime.versions import versions
 from vlm2vla_edge.train.data.dataset import read_dataset
 from vlm2vla_edge.train.lora.collate import IGNORE_INDEX, Collator, EncodedDataset, ImageTokens, encode_all
-from vlm2vla_edge.train.lora.config import TrainConfig
+from vlm2vla_edge.train.lora.config import LoraTargets, TrainConfig
 from vlm2vla_edge.train.lora.samples import AUX_QUESTION_FORMAT, chat_samples
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ _FROZEN_PARTS = ("vision_tower", "multi_modal_projector", "vision_model")
 _ATTENTION_PARTS = ("self_attn", "attn", "attention", "self_attention")
 
 
-def lora_target_regex(model: nn.Module, targets: str = "all_linear") -> str:
+def lora_target_regex(model: nn.Module, targets: LoraTargets = "all_linear") -> str:
     """A regex matching the linear layers of the language model that get LoRA (never the vision side or the
     output layer): every one (`all_linear`), or those inside an attention block (`attention`: q, k, v, o).
 
