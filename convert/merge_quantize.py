@@ -165,7 +165,6 @@ def adapter_fields(
     dataset when the card does not say; the same for merged bundles and run-time adapters, so whatever
     the training recorded (a new action language, new templates) reaches the runtime unchanged."""
     from vlm2vla_edge.runtime.config import ActionLanguage, StageSampling
-    from vlm2vla_edge.runtime.policy.bundle import runtime_grammar_version
     from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
 
     card = adapter.training_card or {}
@@ -177,9 +176,8 @@ def adapter_fields(
         info = dataset / "dataset.json"
         if info.is_file():
             language_data = json.loads(info.read_text(encoding="utf-8")).get("action_language")
-    language = ActionLanguage.model_validate(language_data) if language_data else ActionLanguage(
-        grammar_version=runtime_grammar_version()
-    )
+    # Without a recorded language the model was trained on the default one (metres, version 1).
+    language = ActionLanguage.model_validate(language_data) if language_data else ActionLanguage()
     trained_base = {k: v for k, v in ((card.get("base_model") or {}).get("sha256") or {}).items() if isinstance(v, str)}
     # The sampling the model's recipe validated it with (a card may carry it; the bundle then recommends it).
     sampling = StageSampling.model_validate(card["sampling"]) if card.get("sampling") else None

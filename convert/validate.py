@@ -372,7 +372,8 @@ def greedy_chunks(
     from vlm2vla_edge.runtime.parser import ParseError, parse_action_chunk
 
     grammar = decoder.compile_grammar(
-        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
+        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps, language.units),
+        "action_chunk",
     )
     greedy = Sampling(temperature=0.0, max_tokens=max_tokens)
     outcomes = []

@@ -40,6 +40,12 @@ def _read(filename: str) -> str:
 
 
 GRAMMAR_VERSION: str = _read("VERSION").strip()
+#: The versions this package's grammars parse. Each version is a superset of the one before (v2 adds
+#: integer numbers, for actions in centimetres), so a model trained with any of them decodes and parses
+#: under the current files; a bundle's `ActionLanguage.grammar_version` says which one it was trained with.
+SUPPORTED_GRAMMAR_VERSIONS: tuple[str, ...] = ("1", "2")
+#: The first version that writes action values in each unit.
+FIRST_VERSION_FOR_UNITS: dict[str, str] = {"m": "1", "cm": "2"}
 
 
 def load_gbnf(name: GbnfName) -> str:
@@ -136,31 +142,69 @@ def _digits_after(prefix: str, max_units: int, width: int) -> str:
     return f"({body})?" if len(options) == 1 else f"{body}?"
 
 
-def action_chunk_gbnf(max_abs_value_m: float, decimals: int, max_steps: int) -> str:
-    """The v1 action grammar narrowed to one bundle's bounds: |values| <= max_abs_value_m, at most
-    `decimals` decimals and `max_steps` actions.
+def _integers_upto(max_value: int, step: int) -> str:
+    """GBNF for the positive integers 1-99 that are multiples of `step` and at most `max_value`, as a
+    digit trie (units digit classes under each tens digit) rather than a list of 99 alternatives."""
+    values = [v for v in range(step, min(max_value, 99) + 1, step)]
+    options: list[str] = []
+    ones = [v for v in values if v < 10]
+    if ones:
+        options.append(_digit_class([str(v) for v in ones]))
+    by_units: dict[str, list[str]] = {}  # tens digits that take the same units digits share one class
+    for tens in sorted({v // 10 for v in values if v >= 10}):
+        units = _digit_class([str(v % 10) for v in values if v // 10 == tens])
+        by_units.setdefault(units, []).append(str(tens))
+    options.extend(f"{_digit_class(tens)} {units}" for units, tens in by_units.items())
+    return options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
+
+
+def _digit_class(digits: list[str]) -> str:
+    if len(digits) == 1:
+        return f'"{digits[0]}"'
+    if int(digits[-1]) - int(digits[0]) == len(digits) - 1:
+        return f"[{digits[0]}-{digits[-1]}]"
+    return "[" + "".join(digits) + "]"
+
+
+def action_chunk_gbnf(max_abs_value_m: float, decimals: int, max_steps: int, units: str = "m") -> str:
+    """The action grammar narrowed to one bundle's bounds: |values| <= max_abs_value_m, at most
+    `decimals` decimals (of metres) and `max_steps` actions, written in `units`.
 
     The generic grammars/action_chunk.gbnf admits any magnitude below 1 m and 16 actions; a model
     decoding under it can still write a chunk the parser then refuses (out_of_range), which costs a
     retry. Decoding under this subset cannot: everything it admits parses under the same bounds
-    (tests/test_grammars.py checks this), and it is still a sublanguage of v1.
+    (tests/test_grammars.py checks this), and it is still a sublanguage of the generic grammar.
+    In centimetres (v2) the values are integers (`decimals` 1 or 2: multiples of 10 cm or of 1 cm),
+    which spell a centimetre-resolution value in 1-3 tokens instead of 3-5 ("-24" against "-0.24").
     """
-    if not (0 < max_abs_value_m < 1 and 1 <= decimals <= 3 and 1 <= max_steps <= 16):
+    if units not in FIRST_VERSION_FOR_UNITS:
+        raise GrammarError(f"unknown action units '{units}'; known: {', '.join(FIRST_VERSION_FOR_UNITS)}")
+    max_decimals = 2 if units == "cm" else 3
+    if not (0 < max_abs_value_m < 1 and 1 <= decimals <= max_decimals and 1 <= max_steps <= 16):
         raise GrammarError(
-            f"cannot narrow the v1 action grammar to max_abs_value_m={max_abs_value_m}, decimals={decimals}, "
-            f"max_steps={max_steps} (allowed: 0 < max_abs < 1, decimals 1-3, steps 1-16)"
+            f"cannot narrow the action grammar to max_abs_value_m={max_abs_value_m}, decimals={decimals}, "
+            f"max_steps={max_steps}, units={units} (allowed: 0 < max_abs < 1, decimals 1-{max_decimals}, "
+            "steps 1-16)"
         )
     max_units = int(max_abs_value_m * 10**decimals + 1e-9)
-    digits = _digits_after("", max_units, decimals)
-    if not digits:
+    if max_units == 0:
         raise GrammarError(f"max_abs_value_m={max_abs_value_m} is below the smallest step of {decimals} decimals")
+    if units == "cm":
+        step = 10 ** (2 - decimals)
+        number = f'"0" | "-"? {_integers_upto(max_units * step, step)}'
+        bound = f"|value| <= {round(max_abs_value_m * 100, 6):g} cm in steps of {step} cm"
+        version = "2"
+    else:
+        number = f'"0" | "-"? "0." {_digits_after("", max_units, decimals)}'
+        bound = f"|value| <= {max_abs_value_m} m with at most {decimals} decimals"
+        version = "1"
     more = f' (", " action){{0,{max_steps - 1}}}' if max_steps > 1 else ""
     return (
-        f"# Action chunk, action language version 1, narrowed to |value| <= {max_abs_value_m} m with at most\n"
-        f"# {decimals} decimals and {max_steps} actions (generated by vlm2vla_edge.grammars.action_chunk_gbnf).\n"
+        f"# Action chunk, action language version {version}, narrowed to {bound} and\n"
+        f"# {max_steps} actions (generated by vlm2vla_edge.grammars.action_chunk_gbnf).\n"
         f'root   ::= "[" action{more} "]"\n'
         'action ::= "[" num ", " num ", " num ", " grip "]"\n'
-        f'num    ::= "0" | "-"? "0." {digits}\n'
+        f"num    ::= {number}\n"
         'grip   ::= "0" | "1"\n'
     )
 

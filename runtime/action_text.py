@@ -1,4 +1,4 @@
-"""Writing actions, subtasks and motion plans as action-language text (version 1).
+"""Writing actions, subtasks and motion plans as action-language text (versions 1 and 2).
 
 The training annotator writes its targets with these functions and the runtime parses the model's
 text with `vlm2vla_edge.runtime.parser`, so the two must agree exactly: for every chunk whose values
@@ -6,13 +6,15 @@ fit the language, `parse_action_chunk(format_action_chunk(chunk, lang), lang)` e
 its translations rounded to `lang.decimals` (tests/test_parser.py checks this property).
 
 Numbers are canonical: "0" for zero, otherwise a signed decimal below 1 with trailing zeros stripped
-("0.05", "-0.125"), so one value has one spelling and costs the fewest tokens.
+("0.05", "-0.125") in metres, or a signed integer ("5", "-24") in centimetres (v2), so one value has one
+spelling and costs the fewest tokens.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from typing import Sequence
 
 from vlm2vla_edge.runtime.actions import Action, ActionChunk
@@ -50,15 +52,23 @@ def gripper_texts(language: ActionLanguage) -> dict[str, float]:
     return texts
 
 
-def format_number(value: float, decimals: int) -> str:
-    """Canonical text of one translation value: rounded to `decimals`, trailing zeros stripped.
+def format_number(value: float, decimals: int, units: str = "m") -> str:
+    """Canonical text of one translation value (metres): rounded to `decimals` of a metre, trailing zeros
+    stripped, then written in `units` ("-0.24" in m, "-24" in cm).
 
     Rounding is Python's correctly rounded decimal formatting (half-even on the exact binary value), the
-    same as `round(value, decimals)`. Raises `ValueError` for non-finite values and for values whose
-    rounded magnitude is 1 or more, which v1 cannot write.
+    same as `round(value, decimals)`; centimetres shift the rounded metre text's decimal point, so the two
+    units state the same value digit for digit. Raises `ValueError` for non-finite values and for values
+    whose rounded magnitude is 1 m or more, which the language cannot write.
     """
+    if units not in ("m", "cm"):
+        raise ValueError(f"units must be m or cm, got {units!r}")
+    if units == "cm":
+        if not 1 <= decimals <= 2:
+            raise ValueError(f"decimals must be 1 or 2 for centimetres (integers), got {decimals}")
+        return metres_text_in_cm(format_number(value, decimals))
     if not 1 <= decimals <= _MAX_DECIMALS:
-        raise ValueError(f"decimals must be 1 to {_MAX_DECIMALS} in action language v1, got {decimals}")
+        raise ValueError(f"decimals must be 1 to {_MAX_DECIMALS} in metres, got {decimals}")
     if not math.isfinite(value):
         raise ValueError(f"cannot write the non-finite value {value!r} as an action-language number")
     text = f"{value:.{decimals}f}"
@@ -72,6 +82,15 @@ def format_number(value: float, decimals: int) -> str:
     return f"-{digits}" if negative else digits
 
 
+def metres_text_in_cm(text: str) -> str:
+    """A decimal number of metres ("-0.24", "0.125", "0") as the same number of centimetres ("-24", "12.5",
+    "0"): the decimal point moves two places, exactly, so no value changes by a rounding."""
+    value = Decimal(text) * 100
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")
+
+
 def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) -> tuple[float, float, float]:
     """end - start with both rounded to `decimals` first. The simulator's scene text and the labeller's
     waypoint targets both state offsets this way, so they agree digit for digit instead of disagreeing at
@@ -81,11 +100,11 @@ def rounded_offset(start: Sequence[float], end: Sequence[float], decimals: int) 
     return (d[0], d[1], d[2])
 
 
-def _format_action(action: Action, decimals: int, gripper_by_value: dict[float, str]) -> str:
+def _format_action(action: Action, language: ActionLanguage, gripper_by_value: dict[float, str]) -> str:
     gripper = gripper_by_value.get(action.gripper)
     if gripper is None:
         raise ValueError(f"gripper value {action.gripper!r} is neither open (1.0) nor closed (0.0)")
-    numbers = [format_number(v, decimals) for v in action.translation()]
+    numbers = [format_number(v, language.decimals, language.units) for v in action.translation()]
     return "[" + SEPARATOR.join([*numbers, gripper]) + "]"
 
 
@@ -101,7 +120,7 @@ def format_action_chunk(chunk: ActionChunk, language: ActionLanguage) -> str:
     if len(chunk) > language.max_steps:
         raise ValueError(f"the chunk has {len(chunk)} actions, more than max_steps = {language.max_steps}")
     by_value = {canonical: text for text, canonical in gripper_texts(language).items()}
-    return "[" + SEPARATOR.join(_format_action(a, language.decimals, by_value) for a in chunk) + "]"
+    return "[" + SEPARATOR.join(_format_action(a, language, by_value) for a in chunk) + "]"
 
 
 def format_subtasks(subtasks: Sequence[str]) -> str:

@@ -278,9 +278,20 @@ class PostProcess(StrictModel):
 class ActionLanguage(StrictModel):
     """How actions are written as text. Part of a model bundle: training and runtime must agree."""
 
-    grammar_version: str = Field("1", description="Version of grammars/ the model was trained with.")
-    units: Literal["m"] = Field("m", description="Unit of dx, dy, dz in the text.")
-    decimals: int = Field(3, ge=1, le=3, description="Decimals written by the formatter (the grammar admits 1-3).")
+    grammar_version: str = Field(
+        "1", description="Version of grammars/ the model was trained with (this runtime speaks 1 and 2; cm needs 2)."
+    )
+    units: Literal["m", "cm"] = Field(
+        "m",
+        description="Unit of dx, dy, dz in the text (and of the scene's numbers, PromptTemplates.scene_units). "
+        "m: signed decimals below 1 ('-0.24'); cm (grammar version 2): integers ('-24'), the same value in 1-3 "
+        "tokens instead of 3-5. Parsed values are metres either way.",
+    )
+    decimals: int = Field(
+        3, ge=1, le=3,
+        description="Resolution: decimals of a metre the values are rounded to (m: 1-3; cm: 1 or 2, written as "
+        "integers: 2 is centimetres).",
+    )
     actions: Literal["steps", "waypoints"] = Field(
         "steps",
         description="What one action means. steps: one arm command each (the paper's chunks of small deltas). "
@@ -301,6 +312,21 @@ class ActionLanguage(StrictModel):
         "('Move to the X', 'Grasp the X', ...) over the objects the scene text names, so a word of the instruction "
         "the model cannot map never becomes a subtask about an object that is not there.",
     )
+
+
+    @model_validator(mode="after")
+    def _units_fit_version(self) -> "ActionLanguage":
+        from vlm2vla_edge.grammars import FIRST_VERSION_FOR_UNITS, SUPPORTED_GRAMMAR_VERSIONS
+
+        # An unknown version is refused where a bundle is loaded or a chunk parsed (check_grammar_version),
+        # with a message that says which release to use; here only the units are checked against it.
+        first = FIRST_VERSION_FOR_UNITS[self.units]
+        known = SUPPORTED_GRAMMAR_VERSIONS
+        if self.grammar_version in known and known.index(self.grammar_version) < known.index(first):
+            raise ValueError(f"units '{self.units}' need grammar_version {first} or later, not {self.grammar_version}")
+        if self.units == "cm" and self.decimals > 2:
+            raise ValueError("units 'cm' write integers: decimals must be 1 or 2 (2 is centimetre resolution)")
+        return self
 
 
 class PolicyConfig(StrictModel):

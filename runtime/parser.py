@@ -32,10 +32,11 @@ leading_text        text before the opening '['
 wrong_nesting       a flat list of numbers, or lists nested deeper than [[...], ...]
 wrong_arity         an action with other than 4 values
 bad_separator       separators other than exactly ", " (missing space, two spaces, tabs, newlines)
-bad_number          a value that is not "0" or a signed decimal below 1 with 1-3 decimals
-                    ("1.5", ".5", "00.1", "+0.1", "0.1234", "-0", quoted numbers, expressions)
+bad_number          a value that is not "0", a signed decimal below 1 with 1-3 decimals or a signed
+                    integer of 1-2 digits ("1.5", ".5", "00.1", "+0.1", "0.1234", "-0", "100",
+                    quoted numbers, expressions)
 bad_gripper         a gripper value other than the language's open/closed texts ("2", "0.5")
-out_of_range        |value| > max_abs_value_m
+out_of_range        |value| > max_abs_value_m (values in cm are divided by 100 first)
 too_many_steps      more actions than max_steps (or the 16 that v1 allows)
 trailing_text       anything after the closing ']'
 bad_quote           a subtask that is not a double-quoted string, or a quote that never closes
@@ -57,7 +58,7 @@ from typing import Mapping
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedEOF, UnexpectedToken
 
-from vlm2vla_edge.grammars import GRAMMAR_VERSION, LARK_START_RULES, load_lark
+from vlm2vla_edge.grammars import LARK_START_RULES, SUPPORTED_GRAMMAR_VERSIONS, load_lark
 from vlm2vla_edge.runtime.action_text import gripper_texts
 from vlm2vla_edge.runtime.actions import Action, ActionChunk, MotionPlan, SubtaskList
 from vlm2vla_edge.runtime.config import ActionLanguage
@@ -147,7 +148,7 @@ def _syntax_error(exc: LarkError, stripped: str, offset: int, what: str) -> Pars
     if at_end or not isinstance(pos, int) or pos < 0:
         pos = len(stripped)  # Lark's end-of-input token borrows the last real token's position
     where = "at the end of the text" if pos >= len(stripped) else f"at character {pos + offset} ({stripped[pos]!r})"
-    return ParseError("syntax", f"the {what} is not valid action language v1 {where}", pos + offset)
+    return ParseError("syntax", f"the {what} is not valid action language {where}", pos + offset)
 
 
 def _describe_char(c: str) -> str:
@@ -156,10 +157,10 @@ def _describe_char(c: str) -> str:
 
 
 def _check_language(language: ActionLanguage) -> Mapping[str, float]:
-    if language.grammar_version != GRAMMAR_VERSION:
+    if language.grammar_version not in SUPPORTED_GRAMMAR_VERSIONS:
         raise ConfigError(
             f"the bundle's action language is version {language.grammar_version}, "
-            f"but this runtime parses version {GRAMMAR_VERSION}"
+            f"but this runtime parses versions {', '.join(SUPPORTED_GRAMMAR_VERSIONS)}"
         )
     return gripper_texts(language)
 
@@ -183,6 +184,7 @@ def parse_action_chunk(text: str, language: ActionLanguage | None = None) -> Act
             _syntax_error(exc, stripped, offset, "action chunk")
         )
     actions: list[Action] = []
+    per_metre = 100.0 if language.units == "cm" else 1.0  # text units per metre; the chunk holds metres
     for action_tree in tree.children:
         if not isinstance(action_tree, Tree):
             continue  # separators
@@ -201,12 +203,12 @@ def parse_action_chunk(text: str, language: ActionLanguage | None = None) -> Act
             if item.data == "gripper":
                 values.append(grippers[str(token)])
                 continue
-            value = float(token) + 0.0  # + 0.0 turns -0.0 into 0.0
+            value = float(token) / per_metre + 0.0  # + 0.0 turns -0.0 into 0.0
             if abs(value) > language.max_abs_value_m:
                 at = (token.start_pos or 0) + offset  # lark sets start_pos on every token it parsed
                 raise ParseError(
                     "out_of_range",
-                    f"the value {token} at character {at} is larger in magnitude than "
+                    f"the value {token} ({language.units}) at character {at} is larger in magnitude than "
                     f"max_abs_value_m = {language.max_abs_value_m}",
                     at,
                 )
@@ -221,7 +223,7 @@ def _tree_start(tree: Tree) -> int:
     return 0
 
 
-_V1_NUMBER = re.compile(r"0|-?0\.[0-9]{1,3}")
+_NUMBER = re.compile(r"0|-?0\.[0-9]{1,3}|-?[1-9][0-9]?")  # metres (v1) or centimetre integers (v2)
 _VALUE = re.compile(r"[^\s,\[\]]+")
 # Characters that must never reach a number: ASCII controls other than whitespace, and all non-ASCII.
 _SUSPECT_CHAR = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]|[^\x00-\x7f]")
@@ -386,7 +388,7 @@ class _ChunkDiagnosis:
         return pos + 1
 
     def number(self, raw: str, at: int) -> None:
-        if _V1_NUMBER.fullmatch(raw):
+        if _NUMBER.fullmatch(raw):
             return
         if raw[0] in "'\"":
             reason = "a quoted string where a number belongs"
@@ -403,10 +405,12 @@ class _ChunkDiagnosis:
         elif re.fullmatch(r"-?0\.", raw):
             reason = "a decimal point needs 1-3 digits after it"
         elif re.fullmatch(r"-?[0-9]+(\.[0-9]*)?", raw):
-            reason = "values must be below 1 in magnitude (metres)"
+            reason = "a number is '0', a decimal below 1 (metres) or an integer of 1-2 digits (centimetres)"
         else:
             reason = "it is not a number"
-        raise self.error("bad_number", f"the value {raw!r} at character {AT} is not a v1 number: {reason}", at)
+        raise self.error(
+            "bad_number", f"the value {raw!r} at character {AT} is not an action-language number: {reason}", at
+        )
 
 
 # --- subtasks --------------------------------------------------------------------------------------

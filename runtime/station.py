@@ -60,7 +60,9 @@ def episode_meta(
         robot_name=robot.name,
         robot_model=robot.model,
         camera=station.camera_name,
-        action_units=policy.action_language.units,
+        # The parser turns every action into metres, whatever units the model writes them in (cm in v2):
+        # the episode records what was commanded, so its values are metres.
+        action_units="m",
         grammar_version=policy.action_language.grammar_version,
         bundle_id=policy.bundle_id,
         # Only the engine's policy has run-time adapters; fakes and merged-model policies may lack the attribute.

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from vlm2vla_edge.grammars import SUPPORTED_GRAMMAR_VERSIONS
 from vlm2vla_edge.runtime.config import ActionLanguage
 from vlm2vla_edge.runtime.files import sha256_file
 from vlm2vla_edge.runtime.policy import bundle as bundle_module
@@ -164,7 +165,9 @@ def test_write_then_load_round_trip(bundle_dir: Path, sources: tuple[Path, Path]
     assert bundle.is_vision and manifest.format_version == 1
     assert manifest.files["model-f32.gguf"].sha256 == sha256_file(sources[0])
     assert manifest.files["mmproj-f16.gguf"].size == sources[1].stat().st_size
-    assert manifest.grammar_version == runtime_grammar_version() == manifest.action_language.grammar_version
+    # A metre bundle says version 1 (what it needs), so a runtime that only speaks v1 still loads it.
+    assert manifest.grammar_version == "1" == manifest.action_language.grammar_version
+    assert manifest.grammar_version in SUPPORTED_GRAMMAR_VERSIONS and runtime_grammar_version() == "2"
     assert bundle.prompts == PromptTemplates()
     assert manifest.created.tzinfo is not None
     assert sources[0].exists() and sources[1].exists()  # copied, not moved
@@ -298,7 +301,7 @@ def test_write_refuses_bad_inputs_before_copying(tmp_path: Path, sources: tuple[
         )
     with pytest.raises(BundleError, match="field 'adapter_sha256'"):
         write_bundle(dest, text_model=sources[0], name="t", base_model="m", quant_type="F32", adapter_sha256="xyz")
-    with pytest.raises(BundleError, match=r"action_language.grammar_version \(99\) differs from grammar_version"):
+    with pytest.raises(BundleError, match=r"bundle b was trained with grammar version 99, but this runtime speaks"):
         write_bundle(
             dest, text_model=sources[0], name="t", base_model="m", quant_type="F32",
             action_language=ActionLanguage(grammar_version="99"),
@@ -346,12 +349,12 @@ def test_manifest_that_is_not_json(bundle_dir: Path) -> None:
 
 def test_grammar_version_mismatch(bundle_dir: Path) -> None:
     data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
-    edit_manifest(bundle_dir, grammar_version="2", action_language={**data["action_language"], "grammar_version": "2"})
-    with pytest.raises(
-        BundleError,
-        match=f"trained with grammar version 2, but this runtime speaks grammar version {runtime_grammar_version()}",
-    ):
+    edit_manifest(bundle_dir, grammar_version="3", action_language={**data["action_language"], "grammar_version": "3"})
+    with pytest.raises(BundleError, match="grammar version 3, but this runtime speaks grammar versions 1, 2"):
         load_bundle(bundle_dir)
+    # Version 2 (integers in centimetres) extends version 1: this runtime loads both.
+    edit_manifest(bundle_dir, grammar_version="2", action_language={**data["action_language"], "grammar_version": "2"})
+    assert load_bundle(bundle_dir).action_language.grammar_version == "2"
 
 
 def test_listed_file_missing(bundle_dir: Path) -> None:

@@ -9,6 +9,7 @@ answer from both. Everything is seeded.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from lark import Lark
@@ -46,7 +47,7 @@ def grammar(request: pytest.FixtureRequest, lark_parser: Lark):  # type: ignore[
 
 
 def test_resources_load() -> None:
-    assert grammars.GRAMMAR_VERSION == "1"
+    assert grammars.GRAMMAR_VERSION == "2" and grammars.SUPPORTED_GRAMMAR_VERSIONS == ("1", "2")
     for name in GBNF_NAMES:
         assert "root" in load_gbnf(name)
     assert "action_chunk" in load_lark()
@@ -80,6 +81,12 @@ def test_examples_agree(grammar) -> None:  # type: ignore[no-untyped-def]
         "action_chunk": {
             "[[0.025, -0.01, 0, 1], [0, 0, 0.05, 0]]": True,
             "[[0.0, -0.0, 0.999, 0]]": True,
+            "[[-24, -2, 5, 1]]": True,  # v2: integers (centimetres)
+            "[[99, -1, 0.5, 0]]": True,
+            "[[100, 0, 0, 1]]": False,
+            "[[05, 0, 0, 1]]": False,
+            "[[-0.24, 1.5, 0, 1]]": False,
+            "[[0, 0, 0, 2]]": False,
             "[" + ", ".join(["[0, 0, 0, 1]"] * 16) + "]": True,
             "[" + ", ".join(["[0, 0, 0, 1]"] * 17) + "]": False,
             "[[-0, 0, 0, 1]]": False,
@@ -157,19 +164,28 @@ def test_fast_acceptance_matches_decoder_path(grammar, lark_parser: Lark) -> Non
 
 # --- the action grammar narrowed to a bundle's bounds ------------------------------------------------
 
-NARROWINGS = [(0.2, 3, 16), (0.05, 2, 4), (0.123, 3, 10), (0.2, 1, 1), (0.999, 3, 16)]
+NARROWINGS = [
+    (0.2, 3, 16, "m"), (0.05, 2, 4, "m"), (0.123, 3, 10, "m"), (0.2, 1, 1, "m"), (0.999, 3, 16, "m"),
+    (0.5, 2, 4, "cm"), (0.2, 2, 16, "cm"), (0.055, 2, 3, "cm"), (0.35, 1, 2, "cm"), (0.999, 2, 16, "cm"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("max_abs", "decimals", "steps"), NARROWINGS)
-def test_narrowed_action_grammar_only_admits_what_parses(max_abs: float, decimals: int, steps: int) -> None:
+def _language(max_abs: float, decimals: int, steps: int, units: str):  # type: ignore[no-untyped-def]
+    from vlm2vla_edge.runtime.config import ActionLanguage
+
+    return ActionLanguage(grammar_version="2" if units == "cm" else "1", units=units, max_abs_value_m=max_abs,
+                          decimals=decimals, max_steps=steps)  # fmt: skip
+
+
+@pytest.mark.parametrize(("max_abs", "decimals", "steps", "units"), NARROWINGS)
+def test_narrowed_action_grammar_only_admits_what_parses(max_abs: float, decimals: int, steps: int, units: str) -> None:
     """Whatever the decoder can write under the narrowed grammar, the parser accepts with the same
     bounds: no out_of_range or too_many_steps retries are possible."""
     from vlm2vla_edge.grammars import action_chunk_gbnf
-    from vlm2vla_edge.runtime.config import ActionLanguage
     from vlm2vla_edge.runtime.parser import parse_action_chunk
 
-    language = ActionLanguage(max_abs_value_m=max_abs, decimals=decimals, max_steps=steps)
-    text = action_chunk_gbnf(max_abs, decimals, steps)
+    language = _language(max_abs, decimals, steps, units)
+    text = action_chunk_gbnf(max_abs, decimals, steps, units)
     rules = GbnfReader(text).read()
     generic = LlgAcceptor(load_gbnf("action_chunk"))
     rng = random.Random(11)
@@ -177,31 +193,45 @@ def test_narrowed_action_grammar_only_admits_what_parses(max_abs: float, decimal
         sample = derive_gbnf(rules, rng)
         chunk = parse_action_chunk(sample, language)  # raises on any violation
         assert len(chunk) <= steps
-        assert generic.accepts(sample), sample  # still a sentence of v1
+        assert generic.accepts(sample), sample  # still a sentence of the generic grammar
+        number = r"0|-?0\.[0-9]{1,3}" if units == "m" else r"0|-?[1-9][0-9]?"  # each unit writes one form only
+        for action in re.findall(r"\[([^\[\]]*)\]", sample):
+            assert all(re.fullmatch(number, v) for v in action.split(", ")[:3]), sample
 
 
-@pytest.mark.parametrize(("max_abs", "decimals", "steps"), NARROWINGS)
-def test_narrowed_action_grammar_admits_every_in_bounds_chunk(max_abs: float, decimals: int, steps: int) -> None:
+@pytest.mark.parametrize(("max_abs", "decimals", "steps", "units"), NARROWINGS)
+def test_narrowed_action_grammar_admits_every_in_bounds_chunk(
+    max_abs: float, decimals: int, steps: int, units: str
+) -> None:
     from vlm2vla_edge.grammars import action_chunk_gbnf
-    from vlm2vla_edge.runtime.action_text import format_action_chunk
+    from vlm2vla_edge.runtime.action_text import format_action_chunk, format_number
     from vlm2vla_edge.runtime.actions import Action, ActionChunk
-    from vlm2vla_edge.runtime.config import ActionLanguage
 
-    language = ActionLanguage(max_abs_value_m=max_abs, decimals=decimals, max_steps=steps)
-    acceptor = LlgAcceptor(action_chunk_gbnf(max_abs, decimals, steps))
+    language = _language(max_abs, decimals, steps, units)
+    acceptor = LlgAcceptor(action_chunk_gbnf(max_abs, decimals, steps, units))
     rng = random.Random(5)
-    units = int(max_abs * 10**decimals + 1e-9)
+    top = int(max_abs * 10**decimals + 1e-9)  # the largest value, in steps of 10^-decimals m
     for _ in range(300):
         n = rng.randint(1, steps)
-        values = [[rng.choice([-1, 1]) * rng.randint(0, units) / 10**decimals for _ in range(3)] for _ in range(n)]
+        values = [[rng.choice([-1, 1]) * rng.randint(0, top) / 10**decimals for _ in range(3)] for _ in range(n)]
         chunk = ActionChunk(tuple(Action(*v, float(rng.randint(0, 1))) for v in values))
         text = format_action_chunk(chunk, language)
         assert acceptor.accepts(text), text
     # and the bounds themselves are enforced
-    over = (units + 1) / 10**decimals
+    over = (top + 1) / 10**decimals
     if over < 1:
-        assert not acceptor.accepts(f"[[{over:.{decimals}f}, 0, 0, 1]]")
+        assert not acceptor.accepts(f"[[{format_number(over, decimals, units)}, 0, 0, 1]]")
     assert not acceptor.accepts("[" + ", ".join(["[0, 0, 0, 1]"] * (steps + 1)) + "]")
+
+
+def test_narrowed_action_grammar_refuses_what_its_units_cannot_write() -> None:
+    from vlm2vla_edge.grammars import action_chunk_gbnf
+
+    with pytest.raises(GrammarError, match="decimals 1-2"):
+        action_chunk_gbnf(0.2, 3, 4, "cm")  # centimetres are integers: millimetres cannot be written
+    with pytest.raises(GrammarError, match="unknown action units 'mm'"):
+        action_chunk_gbnf(0.2, 2, 4, "mm")
+    assert 'num    ::= "0" | "-"? ([1-9] | "1" [0-9] | "2" "0")' in action_chunk_gbnf(0.2, 2, 4, "cm")
 
 
 # --- the subtask grammar narrowed to one scene's objects ---------------------------------------------

@@ -22,6 +22,7 @@ from vlm2vla_edge.runtime.action_text import (
     format_number,
     format_subtasks,
     gripper_texts,
+    metres_text_in_cm,
 )
 from vlm2vla_edge.runtime.actions import Action, ActionChunk, MotionPlan, SubtaskList
 from vlm2vla_edge.runtime.config import ActionLanguage, GripperValues
@@ -91,8 +92,8 @@ def test_gripper_texts_follow_the_language() -> None:
 def test_language_v1_cannot_write_other_gripper_values() -> None:
     with pytest.raises(ConfigError, match="0 or 1"):
         parse_action_chunk("[[0, 0, 0, 1]]", ActionLanguage(gripper=GripperValues(open=2.0, closed=0.0)))
-    with pytest.raises(ConfigError, match="version 2"):
-        parse_action_chunk("[[0, 0, 0, 1]]", ActionLanguage(grammar_version="2"))
+    with pytest.raises(ConfigError, match="version 3"):
+        parse_action_chunk("[[0, 0, 0, 1]]", ActionLanguage(grammar_version="3"))
 
 
 def test_limits_of_the_language() -> None:
@@ -257,7 +258,9 @@ def test_arbitrary_text_only_raises_parse_error(text: str) -> None:
 
 
 _LARK = Lark(load_lark(), parser="lalr", lexer="contextual", start=list(LARK_START_RULES.values()))
-_WIDE = ActionLanguage(max_abs_value_m=0.999, max_steps=16)
+# Centimetres with the widest bound admit every number the grammar writes: decimals (read as fractions of a
+# centimetre) and 1-2 digit integers alike.
+_WIDE = ActionLanguage(grammar_version="2", units="cm", decimals=2, max_abs_value_m=0.999, max_steps=16)
 
 
 @settings(max_examples=600, deadline=None)
@@ -293,6 +296,63 @@ def test_parser_accepts_exactly_what_the_grammar_accepts(text: str) -> None:
 )  # fmt: skip
 def test_format_number(value: float, decimals: int, text: str) -> None:
     assert format_number(value, decimals) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "decimals", "text"),
+    [(0.0, 2, "0"), (-0.004, 2, "0"), (-0.24, 2, "-24"), (-0.02, 2, "-2"), (0.1, 2, "10"), (0.994, 2, "99"),
+     (0.05, 1, "10"), (-0.16, 1, "-20"), (0.125, 2, "12")],
+)  # fmt: skip
+def test_format_number_in_centimetres(value: float, decimals: int, text: str) -> None:
+    """Centimetres write the rounded metre value with its point moved two places: the same digits."""
+    assert format_number(value, decimals, "cm") == text
+    assert text == metres_text_in_cm(format_number(value, decimals))
+
+
+def test_metres_text_in_cm_is_exact() -> None:
+    assert [metres_text_in_cm(t) for t in ("0", "-0.24", "0.1", "0.125", "-0.05", "0.0")] == [
+        "0", "-24", "10", "12.5", "-5", "0"]
+    with pytest.raises(ValueError, match="decimals must be 1 or 2"):
+        format_number(0.1, 3, "cm")
+    with pytest.raises(ValueError, match="units"):
+        format_number(0.1, 2, "mm")
+    with pytest.raises(ValueError, match="below 1 in magnitude"):
+        format_number(0.999, 2, "cm")  # 100 cm: two digits cannot say it
+
+
+CM = ActionLanguage(grammar_version="2", units="cm", decimals=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunk=chunks, decimals=st.sampled_from([1, 2]))
+def test_centimetre_chunks_round_trip(chunk: ActionChunk, decimals: int) -> None:
+    """Written as integer centimetres, a chunk parses back to the same metres as the metre language's text."""
+    language = CM.model_copy(update={"decimals": decimals})
+    metres = ActionLanguage(decimals=decimals)
+    text = format_action_chunk(chunk, language)
+    assert "." not in text
+    assert parse_action_chunk(text, language) == parse_action_chunk(format_action_chunk(chunk, metres), metres)
+
+
+def test_centimetre_limits() -> None:
+    assert parse_action_chunk("[[-24, 0, 5, 1]]", CM.model_copy(update={"max_abs_value_m": 0.5}))[0].dx == -0.24
+    assert parse_action_chunk("[[20, -20, 0, 0]]", CM)[0].dy == -0.2  # max_abs is inclusive in cm too
+    error = _code(parse_action_chunk, "[[21, 0, 0, 1]]", CM)
+    assert error.code == "out_of_range" and "(cm)" in str(error)
+    assert _code(parse_action_chunk, "[[100, 0, 0, 1]]", CM).code == "bad_number"
+    assert _code(parse_action_chunk, "[[05, 0, 0, 1]]", CM).code == "bad_number"
+    # The same text in a metre language is 24 m: refused by the bound, never read as centimetres.
+    assert _code(parse_action_chunk, "[[-24, 0, 5, 1]]").code == "out_of_range"
+
+
+def test_centimetres_need_grammar_version_2() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="units 'cm' need grammar_version 2"):
+        ActionLanguage(units="cm", decimals=2)
+    with pytest.raises(ValidationError, match="decimals must be 1 or 2"):
+        ActionLanguage(grammar_version="2", units="cm", decimals=3)
+    assert ActionLanguage(grammar_version="2").units == "m"  # v2 still writes metres when asked to
 
 
 @pytest.mark.parametrize("value", [1.0, -1.0, 0.9996, 1.5, math.inf, -math.inf, math.nan])

@@ -77,7 +77,8 @@ def demo_grammars(decoder: LlamaDecoder):
     """(motion plan, waypoint action chunk) grammars of the demo's action language, compiled once."""
     language = load_policy_config("policy_waypoints").action_language
     action = decoder.compile_grammar(
-        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps), "action_chunk"
+        action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps, language.units),
+        "action_chunk",
     )
     return decoder.compile_grammar(load_gbnf("motion_plan"), "motion_plan"), action
 
@@ -94,6 +95,7 @@ def demo_cases() -> list[tuple[str, str, str]]:
 
     robot = load_robot_config("widowx250s")
     language = load_policy_config("policy_waypoints").action_language
+    prompts = DEFAULT_PROMPTS.model_copy(update={"scene_units": language.units})  # the scene as the demo states it
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         results = record_demonstrations(Path(tmp), range(2_500_000, 2_500_003), robot, languages=("en",), frames=False)
@@ -103,8 +105,8 @@ def demo_cases() -> list[tuple[str, str, str]]:
             for sample in build_samples(annotator.label(EpisodeReader(result.path)), aux=False):
                 if sample.stage == "action":
                     cases.append((
-                        DEFAULT_PROMPTS.render_step_prefix(sample.instruction, sample.subtask, sample.scene),
-                        DEFAULT_PROMPTS.render_action_suffix(sample.motion_plan),
+                        prompts.render_step_prefix(sample.instruction, sample.subtask, sample.scene),
+                        prompts.render_action_suffix(sample.motion_plan),
                         sample.target,
                     ))
     assert len(cases) >= 12

@@ -13,6 +13,7 @@ from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
 from vlm2vla_edge.runtime.episode import EpisodeReader
 from vlm2vla_edge.runtime.evaluation import HELD_OUT_SEED
 from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
+from vlm2vla_edge.runtime.scene_text import scene_in_units
 from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, record_demonstrations
 from vlm2vla_edge.runtime.sim.session import make_sim_session
 from vlm2vla_edge.runtime.subtask_eval import run_subtask_eval
@@ -47,7 +48,8 @@ def test_waypoint_labels_copy_the_scene_offsets_exactly(tmp_path: Path) -> None:
                 else None
             )
             if key:
-                assert f"{key} ({offset})" in sample.scene  # ... and copies the scene
+                # ... and copies the scene, as the model reads it (in the language's units)
+                assert f"{key} ({offset})" in scene_in_units(sample.scene, WAYPOINTS.units)
                 checked += 1
         segments = {(w.segment, w.end) for w in labels.windows}
         assert len([s for s in samples if s.stage == "aux"]) <= len(segments)

@@ -592,12 +592,16 @@ def load_bundle(path: Path | str, verify: Literal["full", "size"] = "full") -> B
 
 
 def check_grammar_version(version: str, what: str) -> None:
-    """Refuse a model trained with a grammar version this runtime does not speak (one place to widen)."""
-    ours = runtime_grammar_version()
-    if version != ours:
+    """Refuse a model trained with a grammar version this runtime does not speak (one place to widen).
+
+    Each version extends the one before, so every version up to grammars/VERSION is spoken."""
+    from vlm2vla_edge.grammars import SUPPORTED_GRAMMAR_VERSIONS
+
+    if version not in SUPPORTED_GRAMMAR_VERSIONS:
         raise BundleError(
             f"{what} was trained with grammar version {version}, but this runtime "
-            f"speaks grammar version {ours}; use a matching vlm2vla-edge release or rebuild the bundle"
+            f"speaks grammar versions {', '.join(SUPPORTED_GRAMMAR_VERSIONS)}; use a matching vlm2vla-edge "
+            "release or rebuild the bundle"
         )
 
 
@@ -807,10 +811,10 @@ def write_bundle(
         "quant_type": quant_type,
         "text_model": text_name,
         "mmproj": names.get("mmproj"),
-        "grammar_version": runtime_grammar_version(),
-        "action_language": (action_language or ActionLanguage(grammar_version=runtime_grammar_version())).model_dump(
-            mode="json"
-        ),
+        # The version the model speaks, not the newest this runtime knows: an m bundle stays readable by
+        # a runtime that only speaks v1.
+        "grammar_version": (action_language or ActionLanguage()).grammar_version,
+        "action_language": (action_language or ActionLanguage()).model_dump(mode="json"),
         "prompts": (prompts or PromptTemplates()).model_dump(mode="json"),
         "validation": dict(validation or {}),
         "sampling": sampling.model_dump(mode="json") if sampling is not None else None,
@@ -821,6 +825,9 @@ def write_bundle(
         return {spec.name: spec.entry(base_sha256) for spec in adapters}
 
     # Validate everything but the hashes before touching the disk: a bad field must not cost a copy.
+    check_grammar_version(manifest_base["grammar_version"], f"bundle {dest.name}")
+    for spec in adapters:
+        check_grammar_version(spec.action_language.grammar_version, f"adapter '{spec.name}'")
     placeholder = {n: {"sha256": "0" * 64, "size": 0} for n in names.values()}
     try:
         BundleManifest.model_validate({**manifest_base, "files": placeholder, "adapters": adapter_entries("0" * 64)})

@@ -147,7 +147,9 @@ class LlamaPolicy:
         sources = {
             "subtasks": load_gbnf("subtasks"),
             "motion_plan": load_gbnf("motion_plan"),
-            "action_chunk": action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps),
+            "action_chunk": action_chunk_gbnf(
+                language.max_abs_value_m, language.decimals, language.max_steps, language.units
+            ),
         }
         grammars = {}
         for name, text in sources.items():

@@ -20,6 +20,7 @@ from vlm2vla_edge.runtime.policy.interface import StageOutput, StepResult, Subta
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS
 from vlm2vla_edge.runtime.recording import EpisodeRecorder
 from vlm2vla_edge.runtime.runner import EpisodeRunner, RunnerConfig
+from vlm2vla_edge.runtime.scene_text import scene_in_units
 from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, record_demonstrations
 from vlm2vla_edge.runtime.sim.tasks import sample_episode
 from vlm2vla_edge.runtime.station import episode_meta, open_station
@@ -39,6 +40,8 @@ from vlm2vla_edge.train.data.local_annotator import LocalAnnotator, build_sample
 
 ROBOT = load_robot_config("widowx250s")
 WAYPOINTS = load_policy_config("policy_waypoints").action_language
+# The demo's templates: the scene in the action language's units (DAgger reads it back out of the prompts).
+PROMPTS = DEFAULT_PROMPTS.model_copy(update={"scene_units": WAYPOINTS.units})
 EXPERT = ScriptedExpert(ROBOT)
 
 
@@ -59,7 +62,7 @@ class Prompting:
 
     def subtasks(self, observation, instruction, *, cancel=None) -> SubtasksResult:
         result = self.inner.subtasks(observation, instruction, cancel=cancel)
-        prompt = DEFAULT_PROMPTS.render_subtasks_prompt(instruction, observation.scene)
+        prompt = PROMPTS.render_subtasks_prompt(instruction, observation.scene)
         output = result.output
         return SubtasksResult(result.subtasks, StageOutput(output.stage, prompt, output.raw_text, {}))
 
@@ -68,8 +71,8 @@ class Prompting:
         chunk_text = step.action_output.raw_text
         if self.wrong_gripper and subtask.startswith("Move to"):
             chunk_text = re.sub(r", [01]\]\]$", ", 0]]", chunk_text)
-        motion_prompt = DEFAULT_PROMPTS.render_motion_prompt(instruction, subtask, observation.scene)
-        action_prompt = DEFAULT_PROMPTS.render_action_prompt(instruction, subtask, step.motion.text, observation.scene)
+        motion_prompt = PROMPTS.render_motion_prompt(instruction, subtask, observation.scene)
+        action_prompt = PROMPTS.render_action_prompt(instruction, subtask, step.motion.text, observation.scene)
         return StepResult(
             motion=step.motion, chunk=parse_action_chunk(chunk_text, WAYPOINTS),
             motion_output=StageOutput("motion", motion_prompt, step.motion_output.raw_text, {}),
@@ -139,11 +142,12 @@ def test_a_policy_that_does_what_the_expert_does_gets_the_expert_labels_and_no_d
                 parse_motion_plan(sample.target)
             # The expert goes to the key points the scene states: the label copies them digit for digit.
             name = sample.subtask.rsplit(" ", 1)[-1]
-            line = re.search(rf"\b{name} (?:on|in) the [a-z]+: above \(([^)]*)\)(?:, grasp \(([^)]*)\))?", sample.scene)
+            scene = scene_in_units(sample.scene, WAYPOINTS.units)  # the scene as the model reads it
+            line = re.search(rf"\b{name} (?:on|in) the [a-z]+: above \(([^)]*)\)(?:, grasp \(([^)]*)\))?", scene)
             if sample.subtask.startswith("Move to"):
-                assert line and offset == line[1], (sample.scene, offset)
+                assert line and offset == line[1], (scene, offset)
             elif sample.subtask.startswith("Grasp"):
-                assert line and offset == line[2], (sample.scene, offset)
+                assert line and offset == line[2], (scene, offset)
     kinds = {s.subtask.split(" ")[0] for p in [*pick_episodes, place_episode] for s in _label(p)[0] if s.subtask}
     assert kinds == {"Move", "Grasp", "Lift", "Release"}
 
@@ -198,6 +202,8 @@ def test_do_local_sim_episodes_are_rebuilt_from_the_table_their_instruction_laid
         writer = EpisodeWriter.create(tmp_path / "eps", episode_meta(instruction, ROBOT, station, policy, seed=7))
         EpisodeRunner(policy, station.arm, station.camera, HeuristicVerifier(), station.limiter, hooks=station.hooks,
                       subscribers=[EpisodeRecorder(writer)]).run(instruction)
+    meta = EpisodeReader(writer.path).meta
+    assert (meta.action_units, meta.grammar_version) == ("m", WAYPOINTS.grammar_version)  # recorded in metres
     samples, outcome = _label(writer.path)
     assert outcome.rebuilt_from.startswith("table for the instruction") and not outcome.skipped
     assert outcome.labelled == outcome.states >= 5 and outcome.disagreement.current_subtask == 0

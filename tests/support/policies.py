@@ -148,6 +148,7 @@ class SceneCopyPolicy:
         self, observation: Observation, instruction: str, subtask: str, *, retry: bool = False,
         cancel: threading.Event | None = None,
     ) -> StepResult:
+        from vlm2vla_edge.runtime.scene_text import scene_in_units
         from vlm2vla_edge.train.data.chunks import waypoint_plan_text
 
         self.steps += 1
@@ -164,9 +165,11 @@ class SceneCopyPolicy:
             offset, gripper = "(0, 0, 0.1)", "0"
         elif verb == "Release":
             offset, gripper, event = "(0, 0, -0.03)", "1", "open"
-        values = [float(v) for v in offset.strip("()").split(", ")]
-        plan = waypoint_plan_text(subtask, values, event, self._language.decimals, gripper_open=gripper == "1")
-        text = f"[[{offset.strip('()')}, {gripper}]]"
+        values = [float(v) for v in offset.strip("()").split(", ")]  # metres, as the scene source states them
+        units = self._language.units
+        plan = waypoint_plan_text(subtask, values, event, self._language.decimals, gripper_open=gripper == "1",
+                                  units=units)
+        text = f"[[{scene_in_units(offset, units).strip('()')}, {gripper}]]"  # the numbers a model would copy
         return StepResult(
             motion=parse_motion_plan(plan),
             chunk=parse_action_chunk(text, self._language),

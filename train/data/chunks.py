@@ -146,10 +146,11 @@ def windows(
 
 def waypoint_plan_text(
     name: str | None, displacement: Sequence[float], event: GripperEvent | None, decimals: int,
-    rules: WordingRules = WordingRules(), *, gripper_open: bool | None = None,
+    rules: WordingRules = WordingRules(), *, gripper_open: bool | None = None, units: str = "m",
 ) -> str:
     """The motion plan of a waypoint window: the subtask (which names its object) and the offset to reach,
-    in the numbers the action chunk will copy, e.g. "Move to the lemon: (-0.18, -0.16, -0.06)." or
+    in the numbers the action chunk will copy (in `units`, as the chunk), e.g. "Move to the lemon: (-0.18, -0.16,
+    -0.06)." or
     "Grasp the lemon: (0, 0, -0.08), then close the gripper." Naming the object before its numbers is
     what lets a small model find the right object's line in the scene (a December 2026 probe: 40/40 held-out
     states right within ~25 steps; numbers alone were not bound to their object). A move without a
@@ -157,7 +158,7 @@ def waypoint_plan_text(
     first words: without it the action stage had to infer the gripper value, and after a release it often
     closed on arrival, so every later grasp closed on nothing. A subtask the plan grammar cannot hold
     (non-ASCII, too long) is replaced by the direction phrase."""
-    offset = "(" + ", ".join(format_number(float(v), decimals) for v in displacement) + ")"
+    offset = "(" + ", ".join(format_number(float(v), decimals, units) for v in displacement) + ")"
     gripper = {"close": ", then close the gripper", "open": ", then open the gripper", None: ""}[event]
     if event is None and gripper_open is not None:
         gripper = ", gripper open" if gripper_open else ", gripper closed"
@@ -207,7 +208,7 @@ def waypoint_windows(
             window_event = event if before != end_gripper else None
             text = format_action_chunk(chunk, language)
             plan = waypoint_plan_text(segment_names[k], rounded, window_event, language.decimals,
-                                      gripper_open=end_gripper == 1.0)
+                                      gripper_open=end_gripper == 1.0, units=language.units)
             out.append(Window(row, seg.end, k, chunk, text, rounded, window_event, plan))
     return out
 

@@ -47,6 +47,7 @@ from vlm2vla_edge.runtime.config import ActionLanguage, RobotConfig
 from vlm2vla_edge.runtime.episode import EpisodeFormatError, EpisodeMeta, EpisodeReader, StepRecord
 from vlm2vla_edge.runtime.errors import UserError
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
+from vlm2vla_edge.runtime.scene_text import scene_in_units
 from vlm2vla_edge.runtime.sim.expert import ScriptedExpert, Waypoint
 from vlm2vla_edge.runtime.sim.render import SCENE_DECIMALS
 from vlm2vla_edge.runtime.sim.scene import CATALOGUE, Scene
@@ -199,7 +200,8 @@ def label_move(move: ExpertMove, position: Vec3, gripper_open: bool, language: A
         offset = rounded_offset(position, move.goal, language.decimals)
         chunk = ActionChunk((Action(offset[0], offset[1], offset[2], after),))
         event = None if before == after else ("open" if move.gripper_open else "close")
-        plan = waypoint_plan_text(move.subtask, offset, event, language.decimals, gripper_open=move.gripper_open)
+        plan = waypoint_plan_text(move.subtask, offset, event, language.decimals, gripper_open=move.gripper_open,
+                                  units=language.units)
         return ExpertLabel(move, plan, chunk, format_action_chunk(chunk, language))
     steps = expert.first_chunk(position, gripper_open, Waypoint(move.goal, move.gripper_open))
     deltas = np.array([(a.dx, a.dy, a.dz) for a in steps], dtype=float)
@@ -357,7 +359,9 @@ class Replay:
             return "gripper position differs from the recording"
         if record.gripper_open is not None and record.gripper_open != world.gripper_open:
             return "gripper open/closed differs from the recording"
-        if scene_text is not None and scene_text != world.describe():
+        # The prompt states the scene in the model's units (PromptTemplates.scene_units): metres or centimetres.
+        described = world.describe()
+        if scene_text is not None and scene_text not in (described, scene_in_units(described, "cm")):
             return "scene text differs from the recorded observation"
         return None
 
@@ -441,10 +445,12 @@ class Disagreement(BaseModel):
 _OFFSET = re.compile(r"\((-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\)")
 
 
-def plan_offset(plan: str | None) -> Vec3 | None:
-    """The "(dx, dy, dz)" a waypoint plan states, if it states one."""
+def plan_offset(plan: str | None, units: str = "m") -> Vec3 | None:
+    """The "(dx, dy, dz)" a waypoint plan states, in metres (the plan writes `units`), if it states one."""
     found = _OFFSET.search(plan or "")
-    return None if found is None else (float(found[1]), float(found[2]), float(found[3]))
+    per_metre = 100.0 if units == "cm" else 1.0
+    return None if found is None else (float(found[1]) / per_metre, float(found[2]) / per_metre,
+                                       float(found[3]) / per_metre)
 
 
 def subtask_kind(subtask: str) -> str:
@@ -455,17 +461,17 @@ def subtask_kind(subtask: str) -> str:
     return verb
 
 
-def compare(state: PolicyState, label: ExpertLabel, tally: Disagreement) -> None:
-    """Count where the policy's answer in `state` differs from the expert's `label`."""
+def compare(state: PolicyState, label: ExpertLabel, tally: Disagreement, units: str = "m") -> None:
+    """Count where the policy's answer in `state` differs from the expert's `label` (plans written in `units`)."""
     before = (tally.current_subtask, tally.unusable, tally.plan_offset, tally.chunk_move, tally.gripper)
-    _compare(state, label, tally)
+    _compare(state, label, tally, units)
     after = (tally.current_subtask, tally.unusable, tally.plan_offset, tally.chunk_move, tally.gripper)
     counts = tally.by_subtask.setdefault(subtask_kind(label.move.subtask), [0, 0])
     counts[0] += 1
     counts[1] += int(after != before)
 
 
-def _compare(state: PolicyState, label: ExpertLabel, tally: Disagreement) -> None:
+def _compare(state: PolicyState, label: ExpertLabel, tally: Disagreement, units: str) -> None:
     tally.states += 1
     if state.subtask != label.move.subtask:
         tally.current_subtask += 1
@@ -473,8 +479,8 @@ def _compare(state: PolicyState, label: ExpertLabel, tally: Disagreement) -> Non
         tally.unusable += 1
         return
     limit = tally.offset_cm / 100
-    theirs = plan_offset(state.plan)
-    ours = plan_offset(label.plan)
+    theirs = plan_offset(state.plan, units)
+    ours = plan_offset(label.plan, units)
     if theirs is not None and ours is not None:
         tally.plans_compared += 1
         tally.plan_offset += int(math.dist(theirs, ours) > limit)
@@ -578,7 +584,7 @@ def label_policy_episode(
                 except ValueError as exc:  # the language cannot write this move (e.g. beyond its value range)
                     reason = f"the expert's move cannot be written in the action language: {exc}"
                 else:
-                    compare(state, label, tally)
+                    compare(state, label, tally, language.units)
                     common = dict(
                         episode=episode_id, step=record.index, instruction=meta.instruction, subtask=label.move.subtask,
                         subtask_index=label.move.index, subtasks=list(names), image=image(record),
