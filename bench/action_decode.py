@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlm2vla_edge.grammars import action_chunk_gbnf
+from vlm2vla_edge.runtime.action_text import gripper_texts, plan_gripper_text
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, load_policy_config
 from vlm2vla_edge.runtime.policy.decoder import Generation, Grammar, LlamaDecoder
 from vlm2vla_edge.runtime.policy.prompts import DEFAULT_PROMPTS, PromptTemplates
@@ -87,6 +88,8 @@ class Path_:
 class Case:
     prefix: str
     suffix: str
+    plan: str = ""  # the step's motion plan (a `chunk_gripper: from_plan` language narrows the chunk with it)
+    grammar: Grammar | None = None  # this case's action grammar, where it differs from the run's
 
 
 @dataclass
@@ -152,6 +155,7 @@ def waypoint_cases(
                     cases.append(Case(
                         prompts.render_step_prefix(sample.instruction, sample.subtask, sample.scene),
                         prompts.render_action_suffix(sample.motion_plan),
+                        sample.motion_plan or "",
                     ))
     return cases[:n]
 
@@ -193,7 +197,7 @@ def run(
                     case.suffix, None, sampling.model_copy(update={"max_tokens": budget}), prefix=prefix
                 )
             else:
-                gen = decoder.generate(case.suffix, grammar, sampling, prefix=prefix)
+                gen = decoder.generate(case.suffix, case.grammar or grammar, sampling, prefix=prefix)
                 texts[name] = gen.tokens
             paths[name].add(gen)
         if sampling.temperature == 0.0:
@@ -246,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         action_chunk_gbnf(language.max_abs_value_m, language.decimals, language.max_steps, language.units),
         "action_chunk",
     )
+    if language.chunk_gripper == "from_plan":  # as the runtime decodes: the gripper the plan states
+        by_gripper = {
+            text: decoder.compile_grammar(action_chunk_gbnf(
+                language.max_abs_value_m, language.decimals, language.max_steps, language.units, gripper=text
+            ), f"action_chunk_gripper_{text}")
+            for text in gripper_texts(language)
+        }
+        for case in cases:
+            text = plan_gripper_text(case.plan, language)
+            case.grammar = by_gripper[text] if text is not None else None
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=128)
     waypoints = run(decoder, f"waypoint language ({language.decimals} decimals, demo prompts, greedy)", cases,
                     waypoint_grammar, greedy, base)

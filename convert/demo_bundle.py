@@ -67,7 +67,7 @@ def default_cache_dir() -> Path:
 
 
 def adapter_key(adapter: Path) -> str:
-    """What the cached bundle depends on: the adapter's files (the base is pinned by its package)."""
+    """What the cached bundle depends on: the adapter's files and its card (the base is pinned by its package)."""
     digest = hashlib.sha256()
     for name in ADAPTER_FILES:
         path = adapter / name
@@ -75,6 +75,10 @@ def adapter_key(adapter: Path) -> str:
             raise UserError(f"the demo adapter is incomplete: {path} is missing (re-run python train/demo_recipe.py)")
         digest.update(name.encode())
         digest.update(path.read_bytes())
+    # The card gives the bundle its prompts, action language and sampling: a changed card is a new bundle.
+    card = adapter / "training_card.json"
+    if card.is_file():
+        digest.update(card.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -123,6 +123,33 @@ def format_action_chunk(chunk: ActionChunk, language: ActionLanguage) -> str:
     return "[" + SEPARATOR.join(_format_action(a, language, by_value) for a in chunk) + "]"
 
 
+#: How a waypoint plan ends, stating the gripper its chunk leaves (train/data/chunks.waypoint_plan_text
+#: writes them): True open, False closed.
+PLAN_GRIPPER_ENDINGS: dict[str, bool] = {
+    ", then close the gripper.": False,
+    ", then open the gripper.": True,
+    ", gripper open.": True,
+    ", gripper closed.": False,
+}
+
+
+def plan_gripper(plan: str) -> bool | None:
+    """The gripper a waypoint plan says its chunk leaves (True open, False closed), or None if it does not
+    end with one of `PLAN_GRIPPER_ENDINGS`."""
+    for ending, is_open in PLAN_GRIPPER_ENDINGS.items():
+        if plan.endswith(ending):
+            return is_open
+    return None
+
+
+def plan_gripper_text(plan: str, language: ActionLanguage) -> str | None:
+    """The gripper text ("0", "1") the language writes for the gripper the plan states, or None."""
+    is_open = plan_gripper(plan)
+    if is_open is None:
+        return None
+    return next(text for text, canonical in gripper_texts(language).items() if canonical == float(is_open))
+
+
 def format_subtasks(subtasks: Sequence[str]) -> str:
     """A subtask list as `["Move to the carrot", "Grasp the carrot"]` (v1: 1-8 items of 1-96 characters,
     no double quote, backslash or control character; no escaping exists, so such text is refused)."""

@@ -314,6 +314,16 @@ class ActionLanguage(StrictModel):
     )
 
 
+    chunk_gripper: Literal["free", "from_plan"] = Field(
+        "free",
+        description="What gripper values the action chunk may write. free: 0 or 1. from_plan: for waypoint languages "
+        "whose plans end by stating the gripper the chunk leaves (the local annotator's ', gripper open.', ', then "
+        "close the gripper.'; runtime.action_text.PLAN_GRIPPER_ENDINGS), only that value: the chunk cannot "
+        "contradict its own plan (measured on the demo model: a chunk that closed the gripper on its way to an "
+        "object after a plan that said 'gripper open' made every later grasp close on nothing). A plan without "
+        "such an ending leaves the chunk free.",
+    )
+
     @model_validator(mode="after")
     def _units_fit_version(self) -> "ActionLanguage":
         from vlm2vla_edge.grammars import FIRST_VERSION_FOR_UNITS, SUPPORTED_GRAMMAR_VERSIONS

@@ -35,6 +35,9 @@ def test_adapter_key_follows_the_adapter_content(tmp_path: Path) -> None:
     one = demo.adapter_key(_fake_adapter(tmp_path / "a"))
     assert one == demo.adapter_key(_fake_adapter(tmp_path / "b"))
     assert one != demo.adapter_key(_fake_adapter(tmp_path / "c", b"w2"))
+    # the card gives the bundle its prompts, language and sampling: editing it makes a new bundle
+    (tmp_path / "b" / "training_card.json").write_text('{"dataset": {"action_language": {"chunk_gripper": "free"}}}')
+    assert one != demo.adapter_key(tmp_path / "b")
     (tmp_path / "c" / "adapter_config.json").unlink()
     with pytest.raises(UserError, match="adapter_config.json is missing"):
         demo.adapter_key(tmp_path / "c")

@@ -206,3 +206,29 @@ def test_scene_objects_subtasks_name_only_what_the_scene_text_holds(gemma270m_bu
         # a text the runtime cannot read as a scene keeps the free grammar
         free = policy.subtasks("A carrot lies left of a plate.", "put the carrot on the plate")
         assert free.subtasks
+
+
+@pytest.mark.slow
+def test_chunk_gripper_from_plan_writes_the_gripper_the_plan_states(gemma270m_bundle) -> None:
+    """Action language `chunk_gripper: from_plan`: the chunk's gripper is the one its plan ends by stating, for
+    the untrained base too, in metres and in centimetres; a plan that states none leaves it free."""
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+    from vlm2vla_edge.runtime.sim.world import SimWorld
+
+    greedy = Sampling(temperature=0.0, max_tokens=64)
+    sampling = StageSampling(subtasks=greedy, motion=greedy, action=greedy, retry=greedy)
+    scene = SimWorld(load_robot_config(), sample_episode(1_000_003).scene).describe()
+    cm = ActionLanguage(grammar_version="2", units="cm", decimals=2, max_abs_value_m=0.5, max_steps=2,
+                        actions="waypoints", chunk_gripper="from_plan")  # fmt: skip
+    metres = cm.model_copy(update={"units": "m", "grammar_version": "1"})
+    for language in (cm, metres):
+        decoder = LlamaDecoder(gemma270m_bundle.text_model, _config())
+        with LlamaPolicy(decoder, gemma270m_bundle.prompts, language, sampling, vision=False) as policy:
+            for plan, gripper in (("Move to the lemon: (3, -2, 5), gripper open.", 1.0),
+                                  ("Grasp the lemon: (0, 0, -8), then close the gripper.", 0.0),
+                                  ("Lift the lemon: (0, 0, 10), gripper closed.", 0.0),
+                                  ("Release the lemon: (0, 0, -3), then open the gripper.", 1.0)):  # fmt: skip
+                chunk, text = policy.act(scene, "pick up the lemon", plan.split(":")[0], plan)
+                assert {a.gripper for a in chunk} == {gripper}, (plan, text)
+            assert policy._plan_action_grammar("Move the gripper down.") is None  # no stated gripper: free

@@ -270,3 +270,14 @@ def test_scene_subtask_grammar_refuses_bad_names(objects: list[str], pattern: st
 
     with pytest.raises(GrammarError, match=pattern):
         scene_subtasks_gbnf(objects)
+
+
+def test_narrowed_action_grammar_with_one_gripper_value() -> None:
+    from vlm2vla_edge.grammars import action_chunk_gbnf
+
+    open_only = LlgAcceptor(action_chunk_gbnf(0.5, 2, 4, "cm", gripper="1"))
+    assert open_only.accepts("[[-24, 0, 5, 1], [0, 0, 1, 1]]")
+    assert not open_only.accepts("[[-24, 0, 5, 1], [0, 0, 1, 0]]")
+    assert LlgAcceptor(action_chunk_gbnf(0.5, 2, 4, "m", gripper="0")).accepts("[[-0.24, 0, 0.05, 0]]")
+    with pytest.raises(GrammarError, match="gripper value"):
+        action_chunk_gbnf(0.5, 2, 4, "cm", gripper="2")

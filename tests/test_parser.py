@@ -376,3 +376,18 @@ def test_format_refuses_what_v1_cannot_say() -> None:
         format_subtasks("Move")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="one line"):
         format_motion_plan("Move\ndown")
+
+
+def test_plan_gripper_reads_what_the_annotator_writes() -> None:
+    """Every ending `waypoint_plan_text` writes is read back as the gripper the chunk leaves."""
+    from vlm2vla_edge.runtime.action_text import plan_gripper
+    from vlm2vla_edge.train.data.chunks import waypoint_plan_text
+
+    for event, gripper_open, expected in (("close", None, False), ("open", None, True), (None, True, True),
+                                          (None, False, False)):  # fmt: skip
+        for units in ("m", "cm"):
+            plan = waypoint_plan_text("Move to the lemon", (0.1, -0.02, 0.0), event, 2, gripper_open=gripper_open,
+                                      units=units)  # fmt: skip
+            assert plan_gripper(plan) is expected, plan
+    assert plan_gripper("Move the gripper down.") is None
+    assert plan_gripper("Move to the lemon: (1, 2, 3), gripper open") is None  # not the annotator's full ending

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf, scene_subtasks_gbnf
+from vlm2vla_edge.runtime.action_text import plan_gripper_text
 from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.errors import UserError
@@ -309,7 +310,8 @@ class LlamaPolicy:
             raise PolicyOutputError("motion", motion_gen.text, str(exc), timings) from exc
 
         action_suffix = self.prompts.render_action_suffix(motion.text)
-        action_gen = self._generate(action_suffix, "action_chunk", action_sampling, prefix, cancel)
+        action_gen = self._generate(action_suffix, "action_chunk", action_sampling, prefix, cancel,
+                                    grammar_override=self._plan_action_grammar(motion.text))
         timings = StageTimings(
             prefix=prefix.timings, motion=motion_gen.timings, action=action_gen.timings, wall_s=time.perf_counter() - t0
         )
@@ -341,7 +343,8 @@ class LlamaPolicy:
         image, scene = self._split(observation)
         prefix = self._prefix(self.prompts.render_step_prefix(instruction, subtask, scene), image, cancel)
         suffix = self.prompts.render_action_suffix(plan)
-        gen = self._generate(suffix, "action_chunk", self.sampling.action, prefix, cancel)
+        gen = self._generate(suffix, "action_chunk", self.sampling.action, prefix, cancel,
+                             grammar_override=self._plan_action_grammar(plan))
         timings = StageTimings(prefix=prefix.timings, action=gen.timings, wall_s=0.0)
         text = self._finished(gen, "action", timings)
         try:
@@ -387,6 +390,23 @@ class LlamaPolicy:
                 self._scene_grammars.pop(next(iter(self._scene_grammars)))
             self._scene_grammars[names] = self.decoder.compile_grammar(scene_subtasks_gbnf(names), "scene_subtasks")
         return self._scene_grammars[names]
+
+    def _plan_action_grammar(self, plan: str) -> Grammar | None:
+        """The action grammar whose gripper is the one the plan states, when the action language asks for it
+        (`chunk_gripper: from_plan`); None: the stage's own grammar (also for a plan that states none)."""
+        language = self.language
+        if language.chunk_gripper != "from_plan" or not self.constrained:
+            return None
+        text = plan_gripper_text(plan, language)
+        if text is None:
+            return None
+        source = action_chunk_gbnf(
+            language.max_abs_value_m, language.decimals, language.max_steps, language.units, gripper=text
+        )
+        key = ("action_chunk", source)
+        if key not in self._grammar_cache:
+            self._grammar_cache[key] = self.decoder.compile_grammar(source, f"action_chunk_gripper_{text}")
+        return self._grammar_cache[key]
 
     def _generate(
         self,

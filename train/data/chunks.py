@@ -159,6 +159,7 @@ def waypoint_plan_text(
     closed on arrival, so every later grasp closed on nothing. A subtask the plan grammar cannot hold
     (non-ASCII, too long) is replaced by the direction phrase."""
     offset = "(" + ", ".join(format_number(float(v), decimals, units) for v in displacement) + ")"
+    # The endings the runtime reads back (runtime.action_text.PLAN_GRIPPER_ENDINGS), without the full stop.
     gripper = {"close": ", then close the gripper", "open": ", then open the gripper", None: ""}[event]
     if event is None and gripper_open is not None:
         gripper = ", gripper open" if gripper_open else ", gripper closed"

@@ -367,6 +367,12 @@ def train(
     loaded = load_base(base, dtype=dtype, model_id=config.base_model_id)
     report(f"loaded {loaded.identity.kind} base {loaded.identity.id} in {time.monotonic() - started:.1f} s")
 
+    units = dataset.info.language().units
+    if units != config.prompts.scene_units:
+        # Legal (the scene is an observation, not the action language), but a model that must convert units
+        # between the scene and its answers learns a harder task than copying: say so where it is decided.
+        report(f"note: the dataset's actions are in {units} but the prompts state the scene in "
+               f"{config.prompts.scene_units} (prompts.scene_units in the training config)")
     chats = chat_samples(dataset, vision=loaded.vision, stages=config.stages, templates=config.prompts)
     chats = [chat for chat in chats for _ in range(config.stage_repeats.get(chat.stage, 1))]
     encoded, too_long = encode_all(chats, loaded.tokenizer, loaded.image_tokens, config.max_length)
