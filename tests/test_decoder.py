@@ -29,6 +29,9 @@ ACTION_PROMPT = (
 )
 # The grammar admits any magnitude below 1; range limits are the parser's semantic check, not syntax.
 WIDE = ActionLanguage(max_abs_value_m=0.999)
+# The generic grammar admits metre decimals and centimetre integers (v2); read as centimetres with the widest
+# bound, every number it admits parses (decimals as fractions of a centimetre).
+WIDE_ANY = ActionLanguage(grammar_version="2", units="cm", decimals=2, max_abs_value_m=0.999)
 
 
 def _config(**overrides) -> PolicyConfig:
@@ -98,7 +101,7 @@ def test_sampled_action_chunks_always_parse(decoder: LlamaDecoder, action_gramma
             sampling = Sampling(temperature=temperature, top_p=0.95, max_tokens=420, seed=seed)
             gen = decoder.generate(ACTION_PROMPT, action_grammar, sampling)
             assert gen.stop_reason == "grammar_end", (temperature, seed, gen.text)
-            chunk = parse_action_chunk(gen.text, WIDE)
+            chunk = parse_action_chunk(gen.text, WIDE_ANY)
             assert 1 <= len(chunk) <= 16
             assert decoder.detokenize(gen.tokens) == gen.text
             assert gen.timings.generated_tokens == len(gen.tokens)
