@@ -128,12 +128,7 @@ def _digits_after(prefix: str, max_units: int, width: int) -> str:
                 groups.setdefault(_digits_after(candidate, max_units, width), []).append(digit)
     options = []
     for continuation, digits in groups.items():
-        cls = (
-            f"[{digits[0]}-{digits[-1]}]"
-            if len(digits) > 1 and int(digits[-1]) - int(digits[0]) == len(digits) - 1
-            else (f'"{digits[0]}"' if len(digits) == 1 else "[" + "".join(digits) + "]")
-        )
-        options.append(f"{cls} {continuation}".strip())
+        options.append(f"{_digit_class(digits)} {continuation}".strip())
     if not options:
         return ""
     body = options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
@@ -159,6 +154,7 @@ def _integers_upto(max_value: int, step: int) -> str:
 
 
 def _digit_class(digits: list[str]) -> str:
+    """One GBNF item for ascending digits: a literal, a range where they are consecutive, else a class."""
     if len(digits) == 1:
         return f'"{digits[0]}"'
     if int(digits[-1]) - int(digits[0]) == len(digits) - 1:

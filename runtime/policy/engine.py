@@ -152,13 +152,14 @@ class LlamaPolicy:
                 language.max_abs_value_m, language.decimals, language.max_steps, language.units
             ),
         }
-        grammars = {}
-        for name, text in sources.items():
-            key = (name, text)
-            if key not in self._grammar_cache:
-                self._grammar_cache[key] = self.decoder.compile_grammar(text, name)
-            grammars[name] = self._grammar_cache[key]
-        return grammars
+        return {name: self._compiled(name, text) for name, text in sources.items()}
+
+    def _compiled(self, name: str, source: str) -> Grammar:
+        """`source` compiled once per distinct text (adapters sharing a language share its grammars)."""
+        key = (name, source)
+        if key not in self._grammar_cache:
+            self._grammar_cache[key] = self.decoder.compile_grammar(source, name)
+        return self._grammar_cache[key]
 
     @classmethod
     def from_bundle(
@@ -403,10 +404,7 @@ class LlamaPolicy:
         source = action_chunk_gbnf(
             language.max_abs_value_m, language.decimals, language.max_steps, language.units, gripper=text
         )
-        key = ("action_chunk", source)
-        if key not in self._grammar_cache:
-            self._grammar_cache[key] = self.decoder.compile_grammar(source, f"action_chunk_gripper_{text}")
-        return self._grammar_cache[key]
+        return self._compiled(f"action_chunk_gripper_{text}", source)
 
     def _generate(
         self,
