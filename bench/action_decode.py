@@ -1,4 +1,6 @@
-"""Milliseconds per action: free decoding, today's constrained decoder, and speculative decoding (issue 19).
+"""Milliseconds per action: free decoding, the constrained decoder (with and without sparse logits), speculation.
+
+Issue 19.
 
     python bench/action_decode.py [--prompts 24] [--threads 2] [--bundle DEMO_BUNDLE | --base-only]
 
@@ -7,9 +9,13 @@ falls on every path alike), decode time only (after the prompt is evaluated):
 
 - free:        llama.cpp's native chain, no grammar, one token per llama_decode (the yardstick); its
                time per action is its time per token x the constrained path's tokens per action
-- today:       the action grammar, mask mode, grammar-forced tokens evaluated in one batch with the
-               sampled token (PolicyConfig speculative: false)
-- speculative: the same plus drafts looked up in the prompt and the output (and the previous chunk),
+- masked:      the action grammar, mask mode, grammar-forced tokens evaluated in one batch with the
+               sampled token, llama.cpp's logits over the whole vocabulary (the decoder before sparse
+               logits: PolicyConfig speculative: false, sparse_logits: false)
+- sparse:      the same, but where the grammar allows few tokens the forward pass ends at the hidden state
+               and only those tokens' logits are computed (runtime/policy/output_head.py; sparse_logits: true,
+               the default)
+- speculative: sparse plus drafts looked up in the prompt and the output (and the previous chunk),
                grammar-checked, verified in the same batch (PolicyConfig speculative: true)
 
 Languages:
@@ -24,7 +30,10 @@ Languages:
   top-p 0.95 (the paper's action sampling) and greedy.
 
 Also printed: acceptance rate (accepted / drafted tokens), tokens evaluated per forward pass
-(llama_decode call), and whether the speculative text equals today's under greedy (it must).
+(llama_decode call), and under greedy whether the speculative text equals plain (sparse) decoding's (it
+must: the same logits decide every token) and whether the sparse text equals the masked path's (it may differ
+where two tokens' logits are within ~0.05 of each other: llama.cpp rounds the hidden state to 8 bits before
+its output layer, sparse logits do not).
 Last line: `action_decode_ratio: X` = speculative ms per action / free ms per action, waypoint language.
 """
 
@@ -51,7 +60,7 @@ V1_PROMPT = (  # bench/grammar_overhead.py's prompt
 )
 _ACTION = re.compile(r"\[-?[0-9.]+, -?[0-9.]+, -?[0-9.]+, [0-9.]+\]")
 HELD_OUT_SEED = 2_500_000  # disjoint from training (0..N-1), evaluation (1,000,000 on), demo validation (2,000,000)
-PATHS = ("free", "today", "speculative")
+PATHS = ("free", "masked", "sparse", "speculative")
 
 
 @dataclass
@@ -96,21 +105,22 @@ class Case:
 class Result:
     label: str
     paths: dict[str, Path_]
-    identical: int
+    identical: int  # speculative == sparse (greedy)
     compared: int
+    same_as_masked: int  # sparse == masked (greedy)
 
     def ms_per_action(self, name: str) -> float:
-        today = self.paths["today"]
-        tokens_per_action = today.tokens / max(1, today.actions)
+        masked = self.paths["masked"]
+        tokens_per_action = masked.tokens / max(1, masked.actions)
         if name == "free":
             return self.paths["free"].ms_per_token * tokens_per_action
         p = self.paths[name]
         return 1000 * p.decode_s / max(1, p.actions)
 
     def print(self) -> None:
-        today = self.paths["today"]
-        print(f"\n{self.label}: {today.chunks} chunks, {today.actions} actions, "
-              f"{today.tokens / max(1, today.actions):.1f} tokens per action")
+        masked = self.paths["masked"]
+        print(f"\n{self.label}: {masked.chunks} chunks, {masked.actions} actions, "
+              f"{masked.tokens / max(1, masked.actions):.1f} tokens per action")
         print(f"{'path':<13}{'ms/action':>10}{'ms/chunk':>10}{'ms/token':>10}{'forwards':>10}"
               f"{'tok/forward':>12}{'accepted':>10}")
         for name in PATHS:
@@ -118,15 +128,18 @@ class Result:
             per_chunk = (
                 1000 * p.decode_s / max(1, p.chunks)
                 if name != "free"
-                else self.ms_per_action("free") * today.actions / max(1, today.chunks)
+                else self.ms_per_action("free") * masked.actions / max(1, masked.chunks)
             )
             rate = f"{p.accepted / p.drafted:.2f}" if p.drafted else "-"
             print(f"{name:<13}{self.ms_per_action(name):>10.1f}{per_chunk:>10.1f}{p.ms_per_token:>10.2f}"
                   f"{p.batches:>10d}{p.evaluated / max(1, p.batches):>12.2f}{rate:>10}")
         spec = self.paths["speculative"]
-        print(f"speculative / free {self.ms_per_action('speculative') / self.ms_per_action('free'):.3f}, "
-              f"today / free {self.ms_per_action('today') / self.ms_per_action('free'):.3f}; drafted {spec.drafted}, "
-              f"accepted {spec.accepted}; greedy text identical to today's: {self.identical}/{self.compared}")
+        free = self.ms_per_action("free")
+        print(f"speculative / free {self.ms_per_action('speculative') / free:.3f}, "
+              f"sparse / free {self.ms_per_action('sparse') / free:.3f}, "
+              f"masked / free {self.ms_per_action('masked') / free:.3f}; drafted {spec.drafted}, "
+              f"accepted {spec.accepted}; greedy text identical, speculative to sparse: "
+              f"{self.identical}/{self.compared}, sparse to masked: {self.same_as_masked}/{self.compared}")
 
 
 def waypoint_cases(
@@ -179,20 +192,22 @@ def run(
     decoder: LlamaDecoder, label: str, cases: list[Case], grammar: Grammar | None, sampling: Sampling, base: dict
 ) -> Result:
     configs = {
-        "today": PolicyConfig(**base, speculative=False),
-        "speculative": PolicyConfig(**base, speculative=True),
+        "masked": PolicyConfig(**base, speculative=False, sparse_logits=False),
+        "sparse": PolicyConfig(**base, speculative=False, sparse_logits=True),
+        "speculative": PolicyConfig(**base, speculative=True, sparse_logits=True),
     }
     paths = {name: Path_(name) for name in PATHS}
-    identical = compared = 0
+    identical = compared = same_as_masked = 0
     for i, case in enumerate(cases):
         texts: dict[str, tuple[int, ...]] = {}
-        # today first (free decoding gets as many tokens as it wrote), the other two alternate
-        order = ("today", "speculative", "free") if i % 2 == 0 else ("today", "free", "speculative")
+        # masked first (free decoding gets as many tokens as it wrote), the other three in turn
+        rest = ("free", "sparse", "speculative")
+        order = ("masked",) + rest[i % 3 :] + rest[: i % 3]
         for name in order:
-            decoder.config = configs.get(name, configs["today"])
+            decoder.config = configs.get(name, configs["masked"])
             prefix = decoder.eval_prefix(case.prefix)
             if name == "free":
-                budget = max(1, len(texts["today"]))
+                budget = max(1, len(texts["masked"]))
                 gen = decoder.generate(
                     case.suffix, None, sampling.model_copy(update={"max_tokens": budget}), prefix=prefix
                 )
@@ -202,8 +217,9 @@ def run(
             paths[name].add(gen)
         if sampling.temperature == 0.0:
             compared += 1
-            identical += texts["today"] == texts["speculative"]
-    return Result(label, paths, identical, compared)
+            identical += texts["sparse"] == texts["speculative"]
+            same_as_masked += texts["sparse"] == texts["masked"]
+    return Result(label, paths, identical, compared, same_as_masked)
 
 
 def main(argv: list[str] | None = None) -> int:

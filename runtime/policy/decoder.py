@@ -59,6 +59,7 @@ from vlm2vla_edge.runtime.policy.llama_handles import (
     check_gguf,
     ensure_backend,
 )
+from vlm2vla_edge.runtime.policy.output_head import HIDDEN_NODE, HiddenStateTap, OutputMatrix, adapter_changes_output
 from vlm2vla_edge.runtime.policy.speculation import SEP, SPARSE_MAX_WORDS, Draft, Drafter, Speculation, StageKey
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ StopReason = Literal["grammar_end", "eos", "max_tokens", "cancelled"]
 
 _ARANGE32 = np.arange(32, dtype=np.int64)
 _CANDIDATE_DTYPE = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
+# Up to this many allowed tokens a row's logits are computed here from the hidden state (output_head.py);
+# above it llama.cpp's whole output layer is cheaper than gathering that many rows in numpy.
+_HEAD_MAX_TOKENS = 1024
 
 
 class _Aborted(Exception):
@@ -197,6 +201,14 @@ class LlamaDecoder:
         self._mtmd: Any = None
         self._batch: Any = None
         self._adapters: dict[str, LoraAdapter] = {}
+        self._adapter_changes_output: dict[str, bool] = {}
+        # The output layer for few allowed tokens (output_head.py): `_tap` ends a batch's graph at the hidden
+        # state, `_head` computes the allowed tokens' logits from it. Both None when sparse logits are off.
+        self._tap: HiddenStateTap | None = None
+        self._head: OutputMatrix | None = None
+        self._logits_ok = True  # False after a batch that skipped the output layer: llama.cpp's logits are stale
+        self._out_index: dict[int, int] = {}  # batch position -> row of the tap's hidden state (last batch)
+        self._dense_starts: set[str] = set()  # grammars whose first token may be any of many: no head skipping there
         import llama_cpp  # the `llm` extra: imported here so the module imports without it
         from llguidance.llamacpp import lltokenizer_from_vocab
         from llguidance.numpy import fill_next_token_bitmask
@@ -242,6 +254,9 @@ class LlamaDecoder:
             cparams.n_threads_batch = n_threads
             cparams.swa_full = True  # prefix reuse needs the full cache on sliding-window layers
             cparams.no_perf = True
+            if cfg.sparse_logits and cfg.n_gpu_layers == 0:  # on a GPU the output layer is cheap, a split graph not
+                self._tap = HiddenStateTap(int(llama_cpp.llama_model_n_embd(self._model)))
+                cparams.cb_eval = self._tap.callback
             self._ctx = self._handles.enter_context(
                 LlamaContext(model, cparams, self.model_path, self._llama_log)
             ).ptr
@@ -256,6 +271,7 @@ class LlamaDecoder:
             self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
             self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
             self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
+            self.n_ubatch = int(llama_cpp.llama_n_ubatch(self._ctx))
             eog = [int(llama_cpp.llama_vocab_eos(vocab)), int(llama_cpp.llama_vocab_eot(vocab))]
             self.eog_tokens: tuple[int, ...] = tuple(dict.fromkeys(t for t in eog if t >= 0))
             self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
@@ -273,6 +289,7 @@ class LlamaDecoder:
             self._lltok_cache: LLTokenizer | None = None  # built on the first grammar (1.2 s on Gemma's vocabulary)
             self._drafter = Drafter(self.token_bytes, self.eog_tokens, self._fill_bitmask, self._bitmask)
             self._warm_up()
+            self._check_output_head()
             if mmproj_path is not None:
                 self._init_mtmd(Path(mmproj_path), n_threads)
             self.mmproj_path = Path(mmproj_path) if mmproj_path is not None else None
@@ -306,6 +323,41 @@ class LlamaDecoder:
         bos = int(self._ll.llama_vocab_bos(self._vocab))
         self._decode([bos if bos >= 0 else 0])
         self._clear()
+
+    def _check_output_head(self) -> None:
+        """Turn on sparse logits (output_head.py) if the output matrix read here gives llama.cpp's logits on a
+        real prompt; otherwise keep llama.cpp's output layer for every batch and say why in the log."""
+        tap = self._tap
+        if tap is None:
+            return
+        try:
+            head = OutputMatrix(self.model_path, tap.n_embd, self.n_vocab)
+            tap.capture = True
+            try:
+                self._decode(self.tokenize("Move the gripper 5 cm to the left, then close it.", add_bos=True))
+            finally:
+                tap.capture = False
+            if tap.hidden is None or len(tap.hidden) != 1:
+                raise DecoderError(f"no hidden state node '{HIDDEN_NODE.decode()}' in this model's graph")
+            agrees, diff = head.agrees_with(tap.hidden[-1], self._logits())
+            if not agrees:
+                raise DecoderError(f"its logits differ from llama.cpp's by up to {diff:.3f}")
+        except DecoderError as exc:
+            log.info("event=sparse_logits_off model=%s reason=%s", self.model_path.name, exc)
+            return  # `_tap` stays: llama.cpp holds its callback (it only ever passes nodes through now)
+        finally:
+            self._clear()
+        self._head = head
+        log.debug("event=sparse_logits_on tensor=%s max_diff=%.4f", head.tensor_name, diff)
+
+    @property
+    def sparse_logits(self) -> bool:
+        """Whether batches whose next tokens are few skip llama.cpp's output layer now (output_head.py): the
+        model passed the check at load and the active adapter (if any) leaves the output layer alone."""
+        return (
+            self._head is not None and self.config.sparse_logits
+            and not self._adapter_changes_output.get(self._active_adapter or "", False)
+        )
 
     def _init_mtmd(self, mmproj_path: Path, n_threads: int) -> None:
         from llama_cpp import mtmd_cpp
@@ -382,6 +434,8 @@ class LlamaDecoder:
         check_gguf(path, "LoRA adapter")
         # freed by close() through `_free_adapters`, after the context that may have applied it
         self._adapters[name] = LoraAdapter(self._model_handle, path, self.model_path.name, self._llama_log)
+        if self._head is not None:
+            self._adapter_changes_output[name] = adapter_changes_output(path)
         log.info("event=adapter_loaded name=%s path=%s", name, path)
 
     @property
@@ -499,15 +553,26 @@ class LlamaDecoder:
         self._clear()
 
     def _decode(
-        self, tokens: Sequence[int], *, logits_last: bool = True, logits_all: bool = False, outputs: Sequence[int] = ()
+        self,
+        tokens: Sequence[int],
+        *,
+        logits_last: bool = True,
+        logits_all: bool = False,
+        outputs: Sequence[int] = (),
+        head: bool = True,
     ) -> None:
         """Evaluate tokens at the end of sequence 0 in one llama_decode call (len <= n_batch); logits for the
-        last token, for all, and for the batch positions in `outputs` (the rows a speculative draft needs)."""
+        last token, for all, and for the batch positions in `outputs` (the rows a speculative draft needs).
+
+        `head=False` (only with `sparse_logits`, one micro-batch): the graph ends at the hidden state of those
+        positions (`_hidden_row`); the caller computes the logits of the tokens it allows (`_head`)."""
         n = len(tokens)
         if n == 0:
             return
         if self._n_pos + n > self.n_ctx:
             raise DecoderError(f"context full: {self._n_pos} + {n} tokens exceed n_ctx={self.n_ctx}")
+        if not head and (not self.sparse_logits or n > self.n_ubatch):
+            raise DecoderError("internal: only a one-micro-batch batch with sparse logits may skip the output layer")
         batch = self._batch
         batch.n_tokens = n
         pos0 = self._n_pos
@@ -521,7 +586,15 @@ class LlamaDecoder:
             batch.logits[i] = 1
         if logits_last:
             batch.logits[n - 1] = 1
-        rc = self._ll.llama_decode(self._ctx, batch)
+        tap = self._tap
+        if tap is not None:
+            tap.skip_output = not head
+            tap.hidden = tap.error = None
+        try:
+            rc = self._ll.llama_decode(self._ctx, batch)
+        finally:
+            if tap is not None:
+                tap.skip_output = False
         if rc == 2 and self._abort_event is not None and self._abort_event.is_set():
             self._invalidate()  # an aborted batch may be partly in the cache
             raise _Aborted()
@@ -531,6 +604,14 @@ class LlamaDecoder:
             raise DecoderError(f"llama_decode failed with code {rc}: {what}")
         self._n_pos = pos0 + n
         self._tail.extend(tokens)
+        self._logits_ok = head
+        if not head:
+            rows = [i for i in range(n) if batch.logits[i]]
+            if tap is None or tap.error is not None or tap.hidden is None or len(tap.hidden) != len(rows):
+                self._invalidate()
+                raise DecoderError(f"the hidden state was not captured: {tap.error if tap is not None else 'no tap'}")
+            self._out_index = {pos: k for k, pos in enumerate(rows)}
+            self._out_index[-1] = len(rows) - 1
 
     def _should_abort(self, _data: ctypes.c_void_p) -> bool:
         """llama.cpp's abort callback (called after every graph node while prefilling). `wait(0)` reads
@@ -538,9 +619,10 @@ class LlamaDecoder:
         event = self._abort_event
         return event is not None and event.wait(0)
 
-    def _prefill(self, tokens: Sequence[int], cancel: threading.Event | None) -> bool:
-        """Evaluate tokens in n_batch slices, logits for the last one; False if cancelled, also mid-batch
-        (the cache is then cleared: the prefix must be evaluated again)."""
+    def _prefill(self, tokens: Sequence[int], cancel: threading.Event | None, *, head: bool = True) -> bool:
+        """Evaluate tokens in n_batch slices, logits for the last one (`head=False`: its hidden state, see
+        `_decode`; the last slice must fit one micro-batch); False if cancelled, also mid-batch (the cache is
+        then cleared: the prefix must be evaluated again)."""
         if cancel is not None:
             self._abort_event = cancel
             self._ll.llama_set_abort_callback(self._ctx, self._abort_cb, None)
@@ -549,7 +631,8 @@ class LlamaDecoder:
                 if cancel is not None and cancel.is_set():
                     return False
                 piece = tokens[start : start + self.n_batch]
-                self._decode(piece, logits_last=start + len(piece) == len(tokens))
+                last = start + len(piece) == len(tokens)
+                self._decode(piece, logits_last=last, head=head or not last)
             return True
         except _Aborted:
             return False
@@ -561,10 +644,39 @@ class LlamaDecoder:
     def _logits(self, row: int = -1) -> np.ndarray:
         """A writable view of one output row of logits (n_vocab floats, owned by llama.cpp): the last one,
         or batch position `row` of the last batch (it must have been evaluated with its logits flag)."""
+        if not self._logits_ok:
+            raise DecoderError("internal: the last batch skipped the output layer, llama.cpp holds no logits for it")
         ptr = self._ll.llama_get_logits_ith(self._ctx, row)
         if not ptr:
             raise DecoderError(f"llama.cpp returned no logits for batch row {row}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _head_logits(self, row: int, ids: np.ndarray) -> np.ndarray:
+        """Logits of tokens `ids` at batch position `row` of the last batch, which skipped the output layer."""
+        tap, head = self._tap, self._head
+        if self._logits_ok or tap is None or tap.hidden is None or head is None or row not in self._out_index:
+            raise DecoderError(f"internal: no hidden state for batch row {row} (the last batch had its logits)")
+        return head.logits(tap.hidden[self._out_index[row]], ids)
+
+    def _allowed_ids(self, matcher: Any) -> np.ndarray | None:
+        """The tokens the grammar allows next, ascending, or None when they are many (more than SPARSE_MAX_WORDS
+        words of the bitmask: free text); a dead end raises."""
+        self._fill_bitmask(matcher, self._bitmask)
+        words = self._bitmask[0]
+        nonzero = np.flatnonzero(words)
+        if len(nonzero) == 0:
+            raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
+        if len(nonzero) > SPARSE_MAX_WORDS:
+            return None
+        bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
+        ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
+        return ids[ids < self.n_vocab]
+
+    def _head_ids(self, matcher: Any) -> np.ndarray | None:
+        """The allowed tokens when they are few enough for `_head_logits` (the next batch may skip the output
+        layer), else None."""
+        ids = self._allowed_ids(matcher)
+        return ids if ids is not None and len(ids) <= _HEAD_MAX_TOKENS else None
 
     def teacher_forced_logits(self, tokens: Sequence[int], prefix: Prefix) -> np.ndarray:
         """Logits after each of `tokens` appended to `prefix`, evaluated as ONE batch (len x n_vocab).
@@ -589,8 +701,15 @@ class LlamaDecoder:
         return rows
 
     def last_logits(self) -> np.ndarray:
-        """A copy of the logits of the last evaluated token (for diagnostics and tests)."""
+        """A copy of the logits of the last evaluated token (for diagnostics and tests). After a batch that
+        skipped the output layer (sparse logits), that token is evaluated again alone, with it."""
         self._require_open()
+        if not self._logits_ok:
+            if not self._tail:
+                raise DecoderError("internal: no token after the prefix to evaluate again")
+            last = self._tail[-1]
+            self._truncate(self._n_pos - 1)
+            self._decode([last])
         return self._logits().copy()
 
     # --- prefix (text or text + image) --------------------------------------------------------------
@@ -721,8 +840,13 @@ class LlamaDecoder:
             on_error.pop_all()
         return chain
 
-    def _sample_allowed(self, chain: Any, matcher: Any, row: int = -1, *, greedy: bool = False) -> int:
+    def _sample_allowed(
+        self, chain: Any, matcher: Any, row: int = -1, *, greedy: bool = False, ids: np.ndarray | None = None
+    ) -> int:
         """Sample from the chain restricted to the tokens the grammar allows.
+
+        `ids`: the allowed tokens, computed before a batch that skipped the output layer (`_head_ids`); their
+        logits come from the hidden state, and the choice is made among them as below.
 
         Greedy first asks the grammar about the unmasked argmax alone: when it is allowed, it is the
         argmax over the allowed tokens too (a mask only removes tokens; ties go to the lowest id either
@@ -738,25 +862,24 @@ class LlamaDecoder:
         then top-p over the allowed tokens, then the seeded draw.
         """
         ll = self._ll
-        if greedy and self._greedy_fast_path:
-            favourite = int(np.argmax(self._logits(row)))
-            if matcher.validate_tokens([favourite]) == 1:
-                return favourite
-        self._fill_bitmask(matcher, self._bitmask)
-        words = self._bitmask[0]
-        nonzero = np.flatnonzero(words)
-        if len(nonzero) == 0:
-            raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
-        if len(nonzero) > SPARSE_MAX_WORDS:
-            allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
-            self._logits(row)[allowed == 0] = self._neg_inf
-            return int(ll.llama_sampler_sample(chain, self._ctx, row))
-        bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
-        ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
-        ids = ids[ids < self.n_vocab]
+        if ids is not None:
+            logits = self._head_logits(row, ids)
+            if greedy:  # the greedy chain's choice: the first (lowest) id of the highest logit
+                return int(ids[int(np.argmax(logits))])
+        else:
+            if greedy and self._greedy_fast_path:
+                favourite = int(np.argmax(self._logits(row)))
+                if matcher.validate_tokens([favourite]) == 1:
+                    return favourite
+            ids = self._allowed_ids(matcher)
+            if ids is None:
+                allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
+                self._logits(row)[allowed == 0] = self._neg_inf
+                return int(ll.llama_sampler_sample(chain, self._ctx, row))
+            logits = self._logits(row)[ids]
         candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
         candidates["id"] = ids
-        candidates["logit"] = self._logits(row)[ids]
+        candidates["logit"] = logits
         array = ll.llama_token_data_array(
             candidates.ctypes.data_as(ll.llama_token_data_p), len(ids), -1, False
         )
@@ -815,8 +938,20 @@ class LlamaDecoder:
             if matcher.is_error():
                 raise GrammarError(f"grammar '{grammar.name}' failed to start: {matcher.get_error()}")
 
+        # Sparse logits (output_head.py) from the first token on when the grammar starts with few choices; a
+        # grammar that started with many last time (free text) is not asked again (its mask costs ~4 ms).
+        first_ids = None
+        sparse = (
+            matcher is not None and self.config.constraint == "mask" and self.sparse_logits
+            and grammar is not None and grammar.compiled not in self._dense_starts
+        )
+        if sparse and ((len(tokens_in) - 1) % self.n_batch) + 1 <= self.n_ubatch:
+            first_ids = self._head_ids(matcher)
+            if first_ids is None:
+                self._dense_starts.add(grammar.compiled)  # type: ignore[union-attr]  # `sparse` says it is set
+                sparse = False
         t0 = time.perf_counter()
-        if not self._prefill(tokens_in, cancel):
+        if not self._prefill(tokens_in, cancel, head=first_ids is None):
             prefill_s = time.perf_counter() - t0
             return Generation(
                 "", (), "cancelled", Timings(prefill_tokens=len(tokens_in), prefill_s=prefill_s, reused_tokens=reused)
@@ -829,12 +964,13 @@ class LlamaDecoder:
                 context = (self._prefix_tokens + suffix) if prefix is not None else list(tokens_in)
                 stage: StageKey = (grammar.compiled if grammar is not None else None, self._active_adapter)
                 spec = self._drafter.start(stage, context)
-                result = self._speculative_loop(chain.ptr, matcher, sampling, spec, cancel)
+                result = self._speculative_loop(chain.ptr, matcher, sampling, spec, cancel, first_ids, sparse)
                 if result.stop != "cancelled":
                     self._drafter.remember(stage, result.tokens)
             else:
                 result = self._decode_loop(
-                    chain.ptr, matcher, sampling.max_tokens, cancel, greedy=sampling.temperature == 0.0
+                    chain.ptr, matcher, sampling.max_tokens, cancel, greedy=sampling.temperature == 0.0,
+                    first_ids=first_ids, sparse=sparse,
                 )
         t2 = time.perf_counter()
         out, stop = result.tokens, result.stop
@@ -875,10 +1011,23 @@ class LlamaDecoder:
         return ff
 
     def _decode_loop(
-        self, chain: Any, matcher: Any, max_tokens: int, cancel: threading.Event | None, *, greedy: bool = False
+        self,
+        chain: Any,
+        matcher: Any,
+        max_tokens: int,
+        cancel: threading.Event | None,
+        *,
+        greedy: bool = False,
+        first_ids: np.ndarray | None = None,
+        sparse: bool = False,
     ) -> _LoopResult:
         """Plain decoding: sample (within the grammar), append the forced tokens that follow, evaluate
-        them as one batch; the cancel event is checked once per step."""
+        them as one batch; the cancel event is checked once per step.
+
+        With `sparse` (mask mode), the grammar's next allowed tokens are computed before each batch; when
+        they are few the batch skips the output layer and the choice is made from their logits alone
+        (`first_ids`: those of the first choice, after the prompt). The first time they are many, the loop
+        goes back to llama.cpp's logits for the rest of the output (free text: its mask costs ~4 ms)."""
         ll = self._ll
         ctx = self._ctx
         eog = set(self.eog_tokens)
@@ -887,12 +1036,13 @@ class LlamaDecoder:
         out: list[int] = []
         sampled = forced = resamples = batches = evaluated = 0
         stop: StopReason = "max_tokens"
+        ids = first_ids  # the allowed tokens of the next choice when the last batch skipped the output layer
         while True:
             if cancel is not None and cancel.is_set():
                 stop = "cancelled"
                 break
             if matcher is not None and not check:
-                token = self._sample_allowed(chain, matcher, greedy=greedy)
+                token = self._sample_allowed(chain, matcher, greedy=greedy, ids=ids)
             else:
                 token = ll.llama_sampler_sample(chain, ctx, -1)
                 if matcher is not None and matcher.validate_tokens([token]) != 1:
@@ -912,7 +1062,9 @@ class LlamaDecoder:
                 break
             if len(out) >= max_tokens:
                 break
-            self._decode(new)
+            ids = self._head_ids(matcher) if sparse and len(new) <= self.n_ubatch else None
+            sparse = ids is not None
+            self._decode(new, head=ids is None)
             batches += 1
             evaluated += len(new)
         return _LoopResult(out, stop, sampled, forced, resamples, batches, evaluated)
@@ -929,7 +1081,14 @@ class LlamaDecoder:
     # chain's distribution after the grammar mask, so the output distribution is unchanged.
 
     def _speculative_loop(
-        self, chain: Any, matcher: Any, sampling: Sampling, spec: Speculation, cancel: threading.Event | None
+        self,
+        chain: Any,
+        matcher: Any,
+        sampling: Sampling,
+        spec: Speculation,
+        cancel: threading.Event | None,
+        first_ids: np.ndarray | None = None,
+        sparse: bool = False,
     ) -> _LoopResult:
         """The decode loop with drafts; returns what `_decode_loop` returns. The cancel event is checked
         once per batch, as in the plain loop (a batch is one forward pass: tens of ms on a CPU).
@@ -938,6 +1097,10 @@ class LlamaDecoder:
         whose grammar forces what follows (fast-forward) takes the forced tokens, without looking at
         the model, so forced draft rows need no logits; every other position is the model's choice from
         its row (verification), so greedy output is plain decoding's.
+
+        Sparse logits as in `_decode_loop`: before a batch, the grammar is walked through the draft to find
+        the allowed tokens of every row verification will read (`_draft_row_ids`); when all are few, the
+        batch skips the output layer.
         """
         ll = self._ll
         eog = set(self.eog_tokens)
@@ -951,6 +1114,7 @@ class LlamaDecoder:
         token: int | None = None  # the next token when verification has already chosen it
         pending: list[int] = []  # forced tokens that follow the last accepted draft token (not consumed yet)
         budget = self.config.draft_max_tokens  # halved after a draft fails at once, doubled after a full accept
+        row_ids: dict[int, np.ndarray] = {-1: first_ids} if first_ids is not None else {}  # rows without logits
         with contextlib.ExitStack() as owned:  # frees the probability chain (sampling only)
             probs_chain = None
             if sampling.temperature != 0.0:
@@ -967,7 +1131,9 @@ class LlamaDecoder:
                 else:
                     if token is None:
                         if matcher is not None:
-                            token = self._sample_allowed(chain, matcher, row, greedy=probs_chain is None)
+                            token = self._sample_allowed(
+                                chain, matcher, row, greedy=probs_chain is None, ids=row_ids.get(row)
+                            )
                         else:
                             token = int(ll.llama_sampler_sample(chain, self._ctx, row))
                     if token in eog:
@@ -990,7 +1156,12 @@ class LlamaDecoder:
                 planned = self._drafter.draft(spec, matcher, room, fast_forward) if room > 0 else Draft()
                 draft, is_forced = planned.tokens, planned.forced
                 rows = [len(new) - 1 + i for i, f in enumerate(is_forced) if not f]
-                self._decode(new + draft, outputs=rows)
+                row_ids = {}
+                if sparse and len(new) + len(draft) <= self.n_ubatch:
+                    planned_ids = self._draft_row_ids(matcher, len(new), draft, is_forced, fast_forward)
+                    sparse = planned_ids is not None
+                    row_ids = planned_ids or {}
+                self._decode(new + draft, outputs=rows, head=not row_ids)
                 batches += 1
                 evaluated += len(new) + len(draft)
                 spec.drafted += len(rows)
@@ -1004,7 +1175,10 @@ class LlamaDecoder:
                         del forced_next[:1]
                         forced += 1
                     else:
-                        choice = self._verify(chain, probs_chain, rng, matcher, len(new) - 1 + i, drafted)
+                        verified = len(new) - 1 + i
+                        choice = self._verify(
+                            chain, probs_chain, rng, matcher, verified, drafted, row_ids.get(verified)
+                        )
                         if choice != drafted:
                             self._truncate(kept)  # the rejected rows leave the KV cache
                             token = choice  # drawn from the right distribution already: the next step takes it
@@ -1036,16 +1210,59 @@ class LlamaDecoder:
                         budget = min(self.config.draft_max_tokens, budget * 2)
         return _LoopResult(out, stop, sampled, forced, 0, batches, evaluated)
 
+    def _draft_row_ids(
+        self, matcher: Any, n_new: int, draft: list[int], is_forced: list[bool], fast_forward: bool
+    ) -> dict[int, np.ndarray] | None:
+        """The allowed tokens at each row of the coming batch whose logits verification reads: the row before
+        each drafted token plain decoding would choose, and the last row unless a forced token or the grammar's
+        end follows. The grammar is walked through the draft and rolled back. None when a row allows many."""
+        row_ids: dict[int, np.ndarray] = {}
+        consumed = 0
+        queue: list[int] = []  # forced tokens still to come (plain decoding appends them unseen)
+        try:
+            for i, token in enumerate(draft):
+                if is_forced[i]:
+                    del queue[:1]
+                else:
+                    ids = self._head_ids(matcher)
+                    if ids is None:
+                        return None
+                    row_ids[n_new - 1 + i] = ids
+                if not matcher.consume_token(token):
+                    raise DecoderError(f"grammar matcher rejected a validated draft token: {matcher.get_error()}")
+                consumed += 1
+                if matcher.is_stopped():
+                    return row_ids
+                if not is_forced[i] and fast_forward:
+                    queue = list(matcher.compute_ff_tokens())
+            if not queue:
+                ids = self._head_ids(matcher)
+                if ids is None:
+                    return None
+                row_ids[n_new + len(draft) - 1] = ids
+            return row_ids
+        finally:
+            if consumed and not matcher.rollback(consumed):
+                raise DecoderError(f"grammar matcher could not roll back a draft: {matcher.get_error()}")
+
     def _verify(
-        self, chain: Any, probs_chain: Any, rng: np.random.Generator, matcher: Any, row: int, drafted: int
+        self,
+        chain: Any,
+        probs_chain: Any,
+        rng: np.random.Generator,
+        matcher: Any,
+        row: int,
+        drafted: int,
+        ids: np.ndarray | None = None,
     ) -> int:
         """The token at batch row `row` given that the draft proposes `drafted` there: `drafted` itself
-        when accepted, else the replacement drawn from the residual distribution."""
+        when accepted, else the replacement drawn from the residual distribution. `ids`: the row's allowed
+        tokens when the batch skipped the output layer."""
         if probs_chain is None:  # greedy: exactly the choice plain decoding makes from these logits
             if matcher is not None:
-                return self._sample_allowed(chain, matcher, row, greedy=True)
+                return self._sample_allowed(chain, matcher, row, greedy=True, ids=ids)
             return int(self._ll.llama_sampler_sample(chain, self._ctx, row))
-        ids, p = self._target_probs(probs_chain, matcher, row)
+        ids, p = self._target_probs(probs_chain, matcher, row, ids)
         hit = np.flatnonzero(ids == drafted)
         p_drafted = float(p[hit[0]]) if len(hit) else 0.0
         if rng.random() < p_drafted:
@@ -1055,24 +1272,26 @@ class LlamaDecoder:
             p[hit[0]] = 0.0
         return int(ids[rng.choice(len(ids), p=p / p.sum())])
 
-    def _target_probs(self, probs_chain: Any, matcher: Any, row: int) -> tuple[np.ndarray, np.ndarray]:
+    def _target_probs(
+        self, probs_chain: Any, matcher: Any, row: int, ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, probabilities) that plain decoding samples from at batch row `row`: the grammar's
-        allowed tokens (all without a grammar) through the chain's temperature, top-k and top-p."""
+        allowed tokens (all without a grammar) through the chain's temperature, top-k and top-p. `ids`: as in
+        `_sample_allowed` (the batch skipped the output layer)."""
         ll = self._ll
-        if matcher is not None:
-            self._fill_bitmask(matcher, self._bitmask)
-            words = self._bitmask[0]
-            nonzero = np.flatnonzero(words)
-            if len(nonzero) == 0:
-                raise DecoderError(f"the grammar allows no token here: {matcher.get_error() or 'dead end'}")
-            bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
-            ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
-            ids = ids[ids < self.n_vocab]
+        if ids is not None:
+            logits = self._head_logits(row, ids)
         else:
-            ids = np.arange(self.n_vocab)
+            if matcher is None:
+                ids = np.arange(self.n_vocab)
+            else:
+                ids = self._allowed_ids(matcher)
+                if ids is None:  # many: every set bit of the mask `_allowed_ids` filled
+                    ids = np.flatnonzero(np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab])
+            logits = self._logits(row)[ids]
         candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
         candidates["id"] = ids
-        candidates["logit"] = self._logits(row)[ids]
+        candidates["logit"] = logits
         array = ll.llama_token_data_array(candidates.ctypes.data_as(ll.llama_token_data_p), len(ids), -1, False)
         ll.llama_sampler_apply(probs_chain, ctypes.byref(array))
         n = int(array.size)
@@ -1083,6 +1302,6 @@ class LlamaDecoder:
             raise DecoderError("the sampler chain left no candidate array")
         raw = (ctypes.c_char * (n * _CANDIDATE_DTYPE.itemsize)).from_address(address)
         kept = np.frombuffer(raw, dtype=_CANDIDATE_DTYPE)  # type: ignore[call-overload]  # a ctypes array is a buffer
-        logits = kept["logit"].astype(np.float64)
-        p = np.exp(logits - logits.max())
+        kept_logits = kept["logit"].astype(np.float64)
+        p = np.exp(kept_logits - kept_logits.max())
         return kept["id"].astype(np.int64), p / p.sum()
