@@ -13,7 +13,9 @@ tests (image through mtmd; its numbers are tiny-model numbers: overhead-dominate
 Demo step (issue 19): the demo policy (the cached demo bundle, base + LoRA at run time, its waypoint
 language and greedy sampling; the bare base with the same prompts if no bundle is cached) on
 simulator steps labelled as its training data, step wall time (prefix + motion plan + action chunk)
-with speculative decoding off and on, interleaved step by step: `demo step p50`.
+three ways, interleaved step by step: llama.cpp's logits over the whole vocabulary (masked), sparse logits
+(the default: where the grammar allows few tokens only theirs are computed), sparse + speculative decoding:
+`demo step p50`.
 Last line: `step_overhead: RATIO` (Gemma-3-270M, speculative decoding as configured: on by default).
 """
 
@@ -113,7 +115,7 @@ def run(policy: LlamaPolicy, observation: str | np.ndarray, rounds: int, label: 
 
 
 def demo_steps(args: argparse.Namespace) -> None:
-    """Step p50 of the demo policy with speculative decoding off and on (same steps, interleaved)."""
+    """Step p50 of the demo policy: llama.cpp's logits, sparse logits, sparse + speculative (same steps, interleaved)."""
     from action_decode import HELD_OUT_SEED, find_demo_bundle  # sibling bench script
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
     from vlm2vla_edge.runtime.episode import EpisodeReader
@@ -146,14 +148,23 @@ def demo_steps(args: argparse.Namespace) -> None:
                 steps += [s for s in build_samples(annotator.label(EpisodeReader(result.path)), aux=False)
                           if s.stage == "action"]
     steps = steps[: args.demo_steps]
-    walls: dict[bool, list[float]] = {False: [], True: []}
-    batches: dict[bool, int] = {False: 0, True: 0}
+    settings = {  # name -> (speculative, sparse_logits)
+        "masked": (False, False),  # llama.cpp's logits over the whole vocabulary, no drafts
+        "sparse": (False, True),  # the few allowed tokens' logits only, where the grammar allows few
+        "speculative": (True, True),  # sparse logits and drafts verified in one batch
+    }
+    names = list(settings)
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    batches: dict[str, int] = dict.fromkeys(names, 0)
     same = failures = 0
     with policy:
         for i, sample in enumerate(steps):
             texts = {}
-            for speculative in ((False, True) if i % 2 == 0 else (True, False)):
-                policy.decoder.config = policy.decoder.config.model_copy(update={"speculative": speculative})
+            for name in names[i % 3 :] + names[: i % 3]:  # each setting first in turn
+                speculative, sparse = settings[name]
+                policy.decoder.config = policy.decoder.config.model_copy(
+                    update={"speculative": speculative, "sparse_logits": sparse}
+                )
                 try:
                     result = policy.step(sample.scene, sample.instruction, sample.subtask)
                     timings, text = (
@@ -163,21 +174,19 @@ def demo_steps(args: argparse.Namespace) -> None:
                 except PolicyOutputError as exc:  # the time was spent all the same
                     timings, text = exc.timings, exc.text
                     failures += 1
-                walls[speculative].append(timings.wall_s)
-                batches[speculative] += sum(t.decode_batches for t in (timings.motion, timings.action) if t is not None)
-                texts[speculative] = text
-            same += texts[False] == texts[True]
+                walls[name].append(timings.wall_s)
+                batches[name] += sum(t.decode_batches for t in (timings.motion, timings.action) if t is not None)
+                texts[name] = text
+            same += len(set(texts.values())) == 1
     p50 = {k: statistics.median(v) for k, v in walls.items()}
     print(f"\ndemo step: {what}; {len(steps)} simulator steps, {args.threads} threads, greedy, "
           f"{failures} unusable outputs (timed all the same)")
-    print(f"{'speculative':<13}{'p50 ms':>9}{'mean ms':>9}{'forwards':>10}")
-    for key in (False, True):
-        print(
-            f"{'on' if key else 'off':<13}{p50[key] * 1000:>9.0f}"
-            f"{statistics.mean(walls[key]) * 1000:>9.0f}{batches[key]:>10d}"
-        )
-    print(f"identical outputs: {same}/{len(steps)}")
-    print(f"demo step p50: {p50[True]:.3f} s with speculative decoding ({p50[False]:.3f} s without)")
+    print(f"{'decoding':<13}{'p50 ms':>9}{'mean ms':>9}{'forwards':>10}")
+    for name in names:
+        print(f"{name:<13}{p50[name] * 1000:>9.0f}{statistics.mean(walls[name]) * 1000:>9.0f}{batches[name]:>10d}")
+    print(f"identical outputs (all three): {same}/{len(steps)}")
+    print(f"demo step p50: {p50['speculative']:.3f} s with speculative decoding ({p50['sparse']:.3f} s without, "
+          f"{p50['masked']:.3f} s without sparse logits either)")
 
 
 def main(argv: list[str] | None = None) -> int:

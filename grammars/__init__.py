@@ -162,6 +162,32 @@ def _digit_class(digits: list[str]) -> str:
     return "[" + "".join(digits) + "]"
 
 
+def _number_gbnf(max_abs_value_m: float, decimals: int, units: str) -> tuple[str, str, str]:
+    """(GBNF of one action value, the bound in words, the grammar version that writes it); bounds checked by
+    the caller."""
+    max_units = int(max_abs_value_m * 10**decimals + 1e-9)
+    if max_units == 0:
+        raise GrammarError(f"max_abs_value_m={max_abs_value_m} is below the smallest step of {decimals} decimals")
+    if units == "cm":
+        step = 10 ** (2 - decimals)
+        number = f'"0" | "-"? {_integers_upto(max_units * step, step)}'
+        return number, f"|value| <= {round(max_abs_value_m * 100, 6):g} cm in steps of {step} cm", "2"
+    number = f'"0" | "-"? "0." {_digits_after("", max_units, decimals)}'
+    return number, f"|value| <= {max_abs_value_m} m with at most {decimals} decimals", "1"
+
+
+def _check_bounds(max_abs_value_m: float, decimals: int, max_steps: int, units: str) -> None:
+    if units not in FIRST_VERSION_FOR_UNITS:
+        raise GrammarError(f"unknown action units '{units}'; known: {', '.join(FIRST_VERSION_FOR_UNITS)}")
+    max_decimals = 2 if units == "cm" else 3
+    if not (0 < max_abs_value_m < 1 and 1 <= decimals <= max_decimals and 1 <= max_steps <= 16):
+        raise GrammarError(
+            f"cannot narrow the action grammar to max_abs_value_m={max_abs_value_m}, decimals={decimals}, "
+            f"max_steps={max_steps}, units={units} (allowed: 0 < max_abs < 1, decimals 1-{max_decimals}, "
+            "steps 1-16)"
+        )
+
+
 def action_chunk_gbnf(
     max_abs_value_m: float, decimals: int, max_steps: int, units: str = "m", gripper: str | None = None
 ) -> str:
@@ -178,27 +204,8 @@ def action_chunk_gbnf(
     """
     if gripper not in (None, "0", "1"):
         raise GrammarError(f"the gripper value must be '0' or '1', not {gripper!r}")
-    if units not in FIRST_VERSION_FOR_UNITS:
-        raise GrammarError(f"unknown action units '{units}'; known: {', '.join(FIRST_VERSION_FOR_UNITS)}")
-    max_decimals = 2 if units == "cm" else 3
-    if not (0 < max_abs_value_m < 1 and 1 <= decimals <= max_decimals and 1 <= max_steps <= 16):
-        raise GrammarError(
-            f"cannot narrow the action grammar to max_abs_value_m={max_abs_value_m}, decimals={decimals}, "
-            f"max_steps={max_steps}, units={units} (allowed: 0 < max_abs < 1, decimals 1-{max_decimals}, "
-            "steps 1-16)"
-        )
-    max_units = int(max_abs_value_m * 10**decimals + 1e-9)
-    if max_units == 0:
-        raise GrammarError(f"max_abs_value_m={max_abs_value_m} is below the smallest step of {decimals} decimals")
-    if units == "cm":
-        step = 10 ** (2 - decimals)
-        number = f'"0" | "-"? {_integers_upto(max_units * step, step)}'
-        bound = f"|value| <= {round(max_abs_value_m * 100, 6):g} cm in steps of {step} cm"
-        version = "2"
-    else:
-        number = f'"0" | "-"? "0." {_digits_after("", max_units, decimals)}'
-        bound = f"|value| <= {max_abs_value_m} m with at most {decimals} decimals"
-        version = "1"
+    _check_bounds(max_abs_value_m, decimals, max_steps, units)
+    number, bound, version = _number_gbnf(max_abs_value_m, decimals, units)
     more = f' (", " action){{0,{max_steps - 1}}}' if max_steps > 1 else ""
     return (
         f"# Action chunk, action language version {version}, narrowed to {bound} and\n"
@@ -247,4 +254,41 @@ def scene_subtasks_gbnf(objects: list[str] | tuple[str, ...], max_subtasks: int 
         f'root    ::= "[" subtask{more} "]"\n'
         f'subtask ::= "\\"" ({phrases}) "\\""\n'
         "object  ::= " + " | ".join(f'"{n}"' for n in names) + "\n"
+    )
+
+
+# A motion plan (grammars/motion_plan.gbnf): 1-160 characters, a letter first, then this class.
+_PLAN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9 ,.;:'()/%+-]*")
+_PLAN_MAX_CHARS = 160
+
+
+def waypoint_plan_gbnf(
+    lead: str, endings: tuple[str, ...], max_abs_value_m: float, decimals: int, units: str = "m"
+) -> str:
+    """The motion-plan grammar narrowed to a waypoint plan about one subtask: `lead` (the current subtask, as
+    the prompt states it), a colon, the offset its chunk will copy (three action values, bounded and written
+    as the chunk writes them), then one of `endings` (each ends with its full stop: "." and the gripper
+    endings the runtime reads back): "Move to the lemon: (-18, -16, -6), gripper open.".
+
+    That is the local annotator's waypoint plan (train/data/chunks.waypoint_plan_text); a model trained on its
+    labels writes it word for word, so its words are all forced and only the numbers and the ending are
+    chosen (a handful of tokens each: the decoder's sparse logits). A sublanguage of motion_plan.gbnf: a lead
+    the plan grammar cannot hold, or a plan that could outgrow its 160 characters, is refused here.
+    """
+    _check_bounds(max_abs_value_m, decimals, 1, units)
+    if not _PLAN_TEXT.fullmatch(lead):
+        raise GrammarError(f"a plan cannot start with {lead!r}: a letter, then letters, digits, spaces and ,.;:'()/%+-")
+    if not endings or any(not e.endswith(".") or not _PLAN_TEXT.fullmatch("A" + e) for e in endings):
+        raise GrammarError(f"plan endings must be plan text ending with a full stop, not {endings!r}")
+    number, bound, version = _number_gbnf(max_abs_value_m, decimals, units)
+    longest_number = 1 + (len(str(int(max_abs_value_m * 100 + 1e-9))) if units == "cm" else 2 + decimals)
+    longest = len(lead) + len(": (, , )") + 3 * longest_number + max(len(e) for e in endings)
+    if longest > _PLAN_MAX_CHARS:
+        raise GrammarError(f"a plan about {lead!r} could take {longest} characters, more than {_PLAN_MAX_CHARS}")
+    return (
+        f"# Waypoint motion plan, action language version {version}, about one subtask, numbers {bound}\n"
+        "# (generated by vlm2vla_edge.grammars.waypoint_plan_gbnf).\n"
+        f'root ::= "{lead}: (" num ", " num ", " num ")" end\n'
+        f"num  ::= {number}\n"
+        "end  ::= " + " | ".join(f'"{e}"' for e in endings) + "\n"
     )

@@ -133,6 +133,10 @@ PLAN_GRIPPER_ENDINGS: dict[str, bool] = {
 }
 
 
+#: Every way a waypoint plan ends: a full stop alone (no gripper stated), or a gripper ending.
+WAYPOINT_PLAN_ENDINGS: tuple[str, ...] = (".", *PLAN_GRIPPER_ENDINGS)
+
+
 def plan_gripper(plan: str) -> bool | None:
     """The gripper a waypoint plan says its chunk leaves (True open, False closed), or None if it does not
     end with one of `PLAN_GRIPPER_ENDINGS`."""

@@ -323,6 +323,15 @@ class ActionLanguage(StrictModel):
         "object after a plan that said 'gripper open' made every later grasp close on nothing). A plan without "
         "such an ending leaves the chunk free.",
     )
+    motion_plan: Literal["free", "subtask_offset"] = Field(
+        "free",
+        description="What a motion plan may say. free: one line of plan text (grammars/motion_plan.gbnf). "
+        "subtask_offset: for waypoint languages trained on the local annotator's labels: the current subtask as "
+        "the prompt states it, the offset the chunk will copy and the plan's ending ('Move to the lemon: (-18, "
+        "-16, -6), gripper open.'; grammars.waypoint_plan_gbnf), so the plan's words are forced and only its "
+        "numbers and ending are chosen: a handful of tokens each, which the decoder's sparse logits make cheap "
+        "(bench/step_latency.py). A subtask a plan cannot hold (non-ASCII, too long) leaves that plan free.",
+    )
 
     @model_validator(mode="after")
     def _units_fit_version(self) -> "ActionLanguage":
@@ -336,6 +345,8 @@ class ActionLanguage(StrictModel):
             raise ValueError(f"units '{self.units}' need grammar_version {first} or later, not {self.grammar_version}")
         if self.units == "cm" and self.decimals > 2:
             raise ValueError("units 'cm' write integers: decimals must be 1 or 2 (2 is centimetre resolution)")
+        if self.motion_plan == "subtask_offset" and self.actions != "waypoints":
+            raise ValueError("motion_plan 'subtask_offset' states a waypoint's offset: it needs actions 'waypoints'")
         return self
 
 

@@ -209,6 +209,37 @@ def test_scene_objects_subtasks_name_only_what_the_scene_text_holds(gemma270m_bu
 
 
 @pytest.mark.slow
+def test_subtask_offset_plans_state_the_subtask_and_an_offset(gemma270m_bundle) -> None:
+    """Action language `motion_plan: subtask_offset`: even the untrained base writes the plan the annotator would
+    (the subtask as given, an offset in the action's units and bounds, an ending the runtime reads); a subtask
+    no plan can hold leaves that plan free."""
+    import re
+
+    from vlm2vla_edge.runtime.config import load_robot_config
+    from vlm2vla_edge.runtime.sim.tasks import sample_episode
+    from vlm2vla_edge.runtime.sim.world import SimWorld
+
+    greedy = Sampling(temperature=0.0, max_tokens=64)
+    sampling = StageSampling(subtasks=greedy, motion=greedy, action=greedy, retry=greedy)
+    scene = SimWorld(load_robot_config(), sample_episode(1_000_004).scene).describe()
+    language = ActionLanguage(grammar_version="2", units="cm", decimals=2, max_abs_value_m=0.5, max_steps=1,
+                              actions="waypoints", chunk_gripper="from_plan", motion_plan="subtask_offset")  # fmt: skip
+    plan = re.compile(r"(Move to the lemon|Grasp the lemon): \((0|-?[1-9][0-9]?), (0|-?[1-9][0-9]?), "
+                      r"(0|-?[1-9][0-9]?)\)(\.|, then close the gripper\.|, then open the gripper\.|"
+                      r", gripper open\.|, gripper closed\.)")  # fmt: skip
+    decoder = LlamaDecoder(gemma270m_bundle.text_model, _config())
+    with LlamaPolicy(decoder, gemma270m_bundle.prompts, language, sampling, vision=False) as policy:
+        for subtask in ("Move to the lemon", "Grasp the lemon", "Move to the lemon."):
+            result = policy.step(scene, "pick up the lemon", subtask)
+            assert plan.fullmatch(result.motion.text), result.motion.text
+            assert result.motion.text.startswith(subtask.rstrip("."))
+        assert policy._motion_grammar("Move to the champiñón") is None  # no plan can hold it: free
+        assert policy._motion_grammar("Grasp the lemon") is policy._motion_grammar("Grasp the lemon")  # compiled once
+        free = policy.step(scene, "pick up the lemon", "Move to the champiñón")
+        assert free.motion.text
+
+
+@pytest.mark.slow
 def test_chunk_gripper_from_plan_writes_the_gripper_the_plan_states(gemma270m_bundle) -> None:
     """Action language `chunk_gripper: from_plan`: the chunk's gripper is the one its plan ends by stating, for
     the untrained base too, in metres and in centimetres; a plan that states none leaves it free."""

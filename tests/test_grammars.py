@@ -281,3 +281,49 @@ def test_narrowed_action_grammar_with_one_gripper_value() -> None:
     assert LlgAcceptor(action_chunk_gbnf(0.5, 2, 4, "m", gripper="0")).accepts("[[-0.24, 0, 0.05, 0]]")
     with pytest.raises(GrammarError, match="gripper value"):
         action_chunk_gbnf(0.5, 2, 4, "cm", gripper="2")
+
+
+# --- the motion-plan grammar narrowed to a waypoint plan about one subtask ---------------------------
+
+
+@pytest.mark.parametrize(("units", "decimals"), [("cm", 2), ("m", 2), ("m", 3)])
+def test_waypoint_plan_grammar_admits_the_annotators_plans_about_its_subtask(units: str, decimals: int) -> None:
+    from vlm2vla_edge.grammars import waypoint_plan_gbnf
+    from vlm2vla_edge.runtime.action_text import WAYPOINT_PLAN_ENDINGS
+    from vlm2vla_edge.runtime.parser import parse_motion_plan
+    from vlm2vla_edge.train.data.chunks import waypoint_plan_text
+
+    text = waypoint_plan_gbnf("Move to the lemon", WAYPOINT_PLAN_ENDINGS, 0.5, decimals, units)
+    validate_gbnf(text, "waypoint_plan")
+    acceptor = LlgAcceptor(text)
+    generic = LlgAcceptor(load_gbnf("motion_plan"))
+    rng = random.Random(5)
+    rules = GbnfReader(text).read()
+    for _ in range(200):
+        sample = derive_gbnf(rules, rng)
+        assert generic.accepts(sample), sample  # a sublanguage of the plan grammar: the parser is unchanged
+        parse_motion_plan(sample)
+        assert sample.startswith("Move to the lemon: (")
+    for _ in range(200):  # every plan the annotator writes about this subtask, in this language
+        offset = [round(rng.uniform(-0.5, 0.5), decimals) for _ in range(3)]
+        event = rng.choice(["close", "open", None])
+        plan = waypoint_plan_text("Move to the lemon", offset, event, decimals, units=units,
+                                  gripper_open=rng.choice([True, False, None]))  # fmt: skip
+        assert acceptor.accepts(plan), plan
+    for refused in ("Move to the pot: (1, 2, 3).", "Move to the lemon: (1, 2).", "Move to the lemon: (1, 2, 3)",
+                    "Move to the lemon: (1, 2, 3), grasp.", "Move to the lemon: (99, 2, 3)."):  # fmt: skip
+        assert not acceptor.accepts(refused), refused
+
+
+@pytest.mark.parametrize(
+    ("lead", "pattern"),
+    [("Move to the champiñón", "cannot start"), ("1 step left", "cannot start"), ('Say "hi"', "cannot start"),
+     ("Move to the " + "x" * 140, "characters")],
+)
+def test_waypoint_plan_grammar_refuses_a_lead_no_plan_can_hold(lead: str, pattern: str) -> None:
+    from vlm2vla_edge.grammars import waypoint_plan_gbnf
+
+    with pytest.raises(GrammarError, match=pattern):
+        waypoint_plan_gbnf(lead, (".",), 0.5, 2, "cm")
+    with pytest.raises(GrammarError, match="endings"):
+        waypoint_plan_gbnf("Lift the cup", (", gripper open",), 0.5, 2, "cm")  # no full stop

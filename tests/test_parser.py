@@ -355,6 +355,14 @@ def test_centimetres_need_grammar_version_2() -> None:
     assert ActionLanguage(grammar_version="2").units == "m"  # v2 still writes metres when asked to
 
 
+def test_subtask_offset_plans_need_waypoint_actions() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs actions 'waypoints'"):
+        ActionLanguage(motion_plan="subtask_offset")
+    assert ActionLanguage(actions="waypoints", motion_plan="subtask_offset").motion_plan == "subtask_offset"
+
+
 @pytest.mark.parametrize("value", [1.0, -1.0, 0.9996, 1.5, math.inf, -math.inf, math.nan])
 def test_format_number_refuses(value: float) -> None:
     with pytest.raises(ValueError):

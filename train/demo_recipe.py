@@ -122,11 +122,12 @@ def export_adapter(adapter_dir: Path, out: Path, recipe: dict[str, Any]) -> None
     preset = load_policy_config(POLICY_PRESET)
     card["sampling"] = preset.sampling.model_dump(mode="json")
     # The action language is the preset's by construction (the dataset was labelled with it); a dataset
-    # labelled before the preset said how subtasks and the chunk's gripper are decoded gets those settings
+    # labelled before the preset said how subtasks, plans and the chunk's gripper are decoded gets those settings
     # from the preset (decoding constraints, not labels: the labels already obey them).
     dataset_language = card["dataset"]["action_language"]
     dataset_language.setdefault("subtasks", preset.action_language.subtasks)
     dataset_language.setdefault("chunk_gripper", preset.action_language.chunk_gripper)
+    dataset_language.setdefault("motion_plan", preset.action_language.motion_plan)
     card["policy_preset"] = POLICY_PRESET
     (staging / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (staging / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")

@@ -937,6 +937,16 @@ class LlamaDecoder:
             matcher = llguidance.LLMatcher(self._lltok, grammar.compiled, log_level=0)
             if matcher.is_error():
                 raise GrammarError(f"grammar '{grammar.name}' failed to start: {matcher.get_error()}")
+        # Tokens the grammar forces before any choice (a waypoint plan's subtask, a chunk's "[[") go in with the
+        # prompt: fast-forward as after a chosen token, one batch fewer.
+        lead: list[int] = []
+        n_prompt = len(tokens_in)
+        if matcher is not None and self.config.fast_forward:
+            lead = list(matcher.compute_ff_tokens()[: sampling.max_tokens - 1])
+            if lead and not matcher.consume_tokens(lead):
+                raise DecoderError(f"grammar matcher rejected its own forced tokens: {matcher.get_error()}")
+            tokens_in = list(tokens_in) + lead
+            sampling = sampling.model_copy(update={"max_tokens": sampling.max_tokens - len(lead)})
 
         # Sparse logits (output_head.py) from the first token on when the grammar starts with few choices; a
         # grammar that started with many last time (free text) is not asked again (its mask costs ~4 ms).
@@ -954,33 +964,35 @@ class LlamaDecoder:
         if not self._prefill(tokens_in, cancel, head=first_ids is None):
             prefill_s = time.perf_counter() - t0
             return Generation(
-                "", (), "cancelled", Timings(prefill_tokens=len(tokens_in), prefill_s=prefill_s, reused_tokens=reused)
+                "", (), "cancelled", Timings(prefill_tokens=n_prompt, prefill_s=prefill_s, reused_tokens=reused)
             )
         t1 = time.perf_counter()
 
         spec = None
         with self._make_chain(sampling) as chain:
-            if self.config.speculative and (matcher is None or self.config.constraint != "check"):
-                context = (self._prefix_tokens + suffix) if prefix is not None else list(tokens_in)
+            if matcher is not None and matcher.is_stopped():  # the grammar was one forced text
+                result = _LoopResult([], "grammar_end", 0, 0, 0, 0, 0)
+            elif self.config.speculative and (matcher is None or self.config.constraint != "check"):
+                context = (self._prefix_tokens + suffix + lead) if prefix is not None else list(tokens_in)
                 stage: StageKey = (grammar.compiled if grammar is not None else None, self._active_adapter)
                 spec = self._drafter.start(stage, context)
                 result = self._speculative_loop(chain.ptr, matcher, sampling, spec, cancel, first_ids, sparse)
                 if result.stop != "cancelled":
-                    self._drafter.remember(stage, result.tokens)
+                    self._drafter.remember(stage, lead + result.tokens)
             else:
                 result = self._decode_loop(
                     chain.ptr, matcher, sampling.max_tokens, cancel, greedy=sampling.temperature == 0.0,
                     first_ids=first_ids, sparse=sparse,
                 )
         t2 = time.perf_counter()
-        out, stop = result.tokens, result.stop
+        out, stop = lead + result.tokens, result.stop
         timings = Timings(
-            prefill_tokens=len(tokens_in),
+            prefill_tokens=n_prompt,  # the forced lead is evaluated with the prompt but counted as output
             reused_tokens=reused,
             prefill_s=t1 - t0,
             decode_s=t2 - t1,
             sampled_tokens=result.sampled,
-            forced_tokens=result.forced,
+            forced_tokens=len(lead) + result.forced,
             masked_resamples=result.resamples,
             decode_batches=result.batches,
             evaluated_tokens=result.evaluated,
@@ -990,7 +1002,7 @@ class LlamaDecoder:
         text = self.detokenize(out)
         log.debug(
             "event=generation stop=%s tokens=%d forced=%d resamples=%d drafted=%d accepted=%d batches=%d decode_s=%.4f",
-            stop, len(out), result.forced, result.resamples, timings.drafted_tokens, timings.accepted_tokens,
+            stop, len(out), timings.forced_tokens, result.resamples, timings.drafted_tokens, timings.accepted_tokens,
             result.batches, t2 - t1,
         )
         return Generation(text=text, tokens=tuple(out), stop_reason=stop, timings=timings)

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf, scene_subtasks_gbnf
-from vlm2vla_edge.runtime.action_text import plan_gripper_text
+from vlm2vla_edge.grammars import GrammarError as LanguageGrammarError
+from vlm2vla_edge.grammars import action_chunk_gbnf, load_gbnf, scene_subtasks_gbnf, waypoint_plan_gbnf
+from vlm2vla_edge.runtime.action_text import WAYPOINT_PLAN_ENDINGS, plan_gripper_text
 from vlm2vla_edge.runtime.actions import ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage, PolicyConfig, Sampling, StageSampling
 from vlm2vla_edge.runtime.errors import UserError
@@ -134,6 +135,7 @@ class LlamaPolicy:
             raise UserError("a vision policy needs a decoder loaded with a vision projector (mmproj)")
         self._grammar_cache: dict[tuple[str, str], Grammar] = {}
         self._scene_grammars: dict[tuple[str, ...], Grammar] = {}  # by object names; small, see _subtask_grammar
+        self._plan_grammars: dict[str, Grammar] = {}  # by GBNF text (a subtask in a language); see _motion_grammar
         self._skills: dict[str, Skill] = {}
         self._adapter: str | None = None
         self.default_adapter: str | None = None  # a task that names no adapter gets this one
@@ -302,7 +304,8 @@ class LlamaPolicy:
         prefix = self._prefix(prefix_text, image, cancel)
 
         motion_suffix = self.prompts.render_motion_suffix()
-        motion_gen = self._generate(motion_suffix, "motion_plan", motion_sampling, prefix, cancel)
+        motion_gen = self._generate(motion_suffix, "motion_plan", motion_sampling, prefix, cancel,
+                                    grammar_override=self._motion_grammar(subtask))
         t_motion = time.perf_counter() - t0
         timings = StageTimings(prefix=prefix.timings, motion=motion_gen.timings, wall_s=t_motion)
         try:
@@ -391,6 +394,26 @@ class LlamaPolicy:
                 self._scene_grammars.pop(next(iter(self._scene_grammars)))
             self._scene_grammars[names] = self.decoder.compile_grammar(scene_subtasks_gbnf(names), "scene_subtasks")
         return self._scene_grammars[names]
+
+    def _motion_grammar(self, subtask: str) -> Grammar | None:
+        """The plan grammar about this subtask when the action language asks for it (`motion_plan:
+        subtask_offset`); None: the stage's own grammar (also for a subtask a plan cannot hold)."""
+        language = self.language
+        if language.motion_plan != "subtask_offset" or not self.constrained:
+            return None
+        lead = " ".join(subtask.split()).rstrip(".")  # as the annotator leads its plan with it
+        try:
+            source = waypoint_plan_gbnf(
+                lead, WAYPOINT_PLAN_ENDINGS, language.max_abs_value_m, language.decimals, language.units
+            )
+        except LanguageGrammarError as exc:
+            log.info("event=free_motion_plan subtask=%r reason=%s", subtask, exc)
+            return None
+        if source not in self._plan_grammars:
+            if len(self._plan_grammars) >= 64:  # one per subtask text; a long-running daemon sees many
+                self._plan_grammars.pop(next(iter(self._plan_grammars)))
+            self._plan_grammars[source] = self.decoder.compile_grammar(source, "waypoint_plan")
+        return self._plan_grammars[source]
 
     def _plan_action_grammar(self, plan: str) -> Grammar | None:
         """The action grammar whose gripper is the one the plan states, when the action language asks for it
