@@ -115,7 +115,7 @@ def run(policy: LlamaPolicy, observation: str | np.ndarray, rounds: int, label: 
 
 
 def demo_steps(args: argparse.Namespace) -> None:
-    """Step p50 of the demo policy: llama.cpp's logits, sparse logits, sparse + speculative (same steps, interleaved)."""
+    """Step p50 of the demo policy: llama.cpp logits, sparse logits, sparse + speculative (same steps, interleaved)."""
     from action_decode import HELD_OUT_SEED, find_demo_bundle  # sibling bench script
     from vlm2vla_edge.runtime.config import load_policy_config, load_robot_config
     from vlm2vla_edge.runtime.episode import EpisodeReader
