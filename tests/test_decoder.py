@@ -95,6 +95,26 @@ def test_broken_grammar_fails_at_load_naming_the_rule(decoder: LlamaDecoder) -> 
 
 
 @pytest.mark.slow
+def test_tokens_forced_before_the_first_choice_go_in_with_the_prompt(decoder: LlamaDecoder) -> None:
+    """A grammar that starts with a fixed text (a waypoint plan's subtask) has it evaluated with the prompt, one
+    batch fewer, and counted as forced output; a grammar that is one fixed text needs no batch at all."""
+    from vlm2vla_edge.grammars import waypoint_plan_gbnf
+
+    plan = decoder.compile_grammar(waypoint_plan_gbnf("Move to the lemon", (".",), 0.5, 2, "cm"), "plan")
+    fixed = decoder.compile_grammar('root ::= "Grasp the lemon now."\n', "fixed")
+    greedy = Sampling(temperature=0.0, max_tokens=40)
+    prefix = decoder.eval_prefix("Scene: lemon at (-18, 16, -6) cm.\n")
+    gen = decoder.generate("Plan: ", plan, greedy, prefix=prefix)
+    assert gen.text.startswith("Move to the lemon: (") and gen.stop_reason == "grammar_end"
+    assert gen.timings.prefill_tokens == len(decoder.tokenize("Plan: "))  # the prompt alone
+    assert gen.timings.forced_tokens >= len(decoder.tokenize("Move to the lemon")) - 1
+    assert gen.timings.generated_tokens == len(gen.tokens)
+    whole = decoder.generate("Plan: ", fixed, greedy, prefix=prefix)
+    assert (whole.text, whole.stop_reason, whole.timings.decode_batches) == ("Grasp the lemon now.", "grammar_end", 0)
+    assert whole.timings.generated_tokens == len(whole.tokens)
+
+
+@pytest.mark.slow
 def test_sampled_action_chunks_always_parse(decoder: LlamaDecoder, action_grammar) -> None:
     for temperature in (0.5, 1.0, 1.5):
         for seed in range(4):

@@ -17,7 +17,15 @@ from lark.exceptions import LarkError
 
 from grammar_tools import GbnfReader, LlgAcceptor, derive_gbnf, derive_lark, mutate
 from vlm2vla_edge import grammars
-from vlm2vla_edge.grammars import GBNF_NAMES, LARK_START_RULES, GrammarError, load_gbnf, load_lark, validate_gbnf
+from vlm2vla_edge.grammars import (
+    GBNF_NAMES,
+    LARK_START_RULES,
+    GbnfName,
+    GrammarError,
+    load_gbnf,
+    load_lark,
+    validate_gbnf,
+)
 
 pytest.importorskip("llguidance")
 
@@ -237,21 +245,28 @@ def test_narrowed_action_grammar_refuses_what_its_units_cannot_write() -> None:
 # --- the subtask grammar narrowed to one scene's objects ---------------------------------------------
 
 
+def _narrowed_samples(text: str, generic: GbnfName, seed: int, n: int = 200) -> list[str]:
+    """Strings derived from a narrowed grammar, each checked to be a sentence of the generic grammar it narrows
+    (so the parser, written for the generic one, is unchanged)."""
+    validate_gbnf(text, f"narrowed {generic}")
+    acceptor = LlgAcceptor(load_gbnf(generic))
+    rng = random.Random(seed)
+    rules = GbnfReader(text).read()
+    samples = [derive_gbnf(rules, rng) for _ in range(n)]
+    for sample in samples:
+        assert acceptor.accepts(sample), sample
+    return samples
+
+
 def test_scene_subtask_grammar_admits_the_phrases_over_the_scene_objects_only() -> None:
     from vlm2vla_edge.grammars import SUBTASK_PHRASES, scene_subtasks_gbnf
     from vlm2vla_edge.runtime.parser import parse_subtasks
 
     objects = ["carrot", "pot", "lemon", "corn"]
     text = scene_subtasks_gbnf(objects)
-    validate_gbnf(text, "scene_subtasks")
     acceptor = LlgAcceptor(text)
-    generic = LlgAcceptor(load_gbnf("subtasks"))
-    rng = random.Random(3)
-    rules = GbnfReader(text).read()
-    for _ in range(200):
-        sample = derive_gbnf(rules, rng)
+    for sample in _narrowed_samples(text, "subtasks", seed=3):
         subtasks = parse_subtasks(sample).subtasks  # raises on any violation
-        assert generic.accepts(sample), sample  # still a sentence of v1
         for subtask in subtasks:
             assert any(subtask == p.format(object=o) for p in SUBTASK_PHRASES for o in objects), subtask
     assert acceptor.accepts('["Move to the carrot", "Grasp the carrot", "Lift the carrot", "Move to the pot", '
@@ -294,14 +309,9 @@ def test_waypoint_plan_grammar_admits_the_annotators_plans_about_its_subtask(uni
     from vlm2vla_edge.train.data.chunks import waypoint_plan_text
 
     text = waypoint_plan_gbnf("Move to the lemon", WAYPOINT_PLAN_ENDINGS, 0.5, decimals, units)
-    validate_gbnf(text, "waypoint_plan")
     acceptor = LlgAcceptor(text)
-    generic = LlgAcceptor(load_gbnf("motion_plan"))
     rng = random.Random(5)
-    rules = GbnfReader(text).read()
-    for _ in range(200):
-        sample = derive_gbnf(rules, rng)
-        assert generic.accepts(sample), sample  # a sublanguage of the plan grammar: the parser is unchanged
+    for sample in _narrowed_samples(text, "motion_plan", seed=5):
         parse_motion_plan(sample)
         assert sample.startswith("Move to the lemon: (")
     for _ in range(200):  # every plan the annotator writes about this subtask, in this language
