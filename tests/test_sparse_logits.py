@@ -197,3 +197,19 @@ def test_the_tap_reports_a_failure_instead_of_raising_into_c(decoder: LlamaDecod
     decoder._clear()
     decoder._decode(decoder.tokenize("Move left.", add_bos=True), head=False)  # the decoder recovered
     assert decoder._tap is not None and decoder._tap.hidden is not None
+
+
+@pytest.mark.slow
+def test_a_vision_model_after_an_image_prefix(tiny_vision_gguf) -> None:
+    """The tests' tiny vision model passes the load check (its output matrix is not quantized: within 1e-3) and
+    decodes the same chunk after an image prefix with sparse logits as with llama.cpp's."""
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    outputs = {}
+    for sparse in (False, True):
+        config = _config(sparse_logits=sparse)
+        with LlamaDecoder(tiny_vision_gguf.text_model, config, mmproj_path=tiny_vision_gguf.mmproj) as dec:
+            assert dec.sparse_logits is sparse
+            grammar = dec.compile_grammar(action_chunk_gbnf(0.5, 2, 2, "cm"), "chunk")
+            prefix = dec.eval_prefix(f"Look: {dec.media_marker} Act:", image)
+            outputs[sparse] = dec.generate(" ", grammar, GREEDY, prefix=prefix).tokens
+    assert outputs[True] == outputs[False]
