@@ -12,6 +12,9 @@ llama.cpp's native sampler chain through the low-level API and constrain it with
   restrict and resample only on rejection.
 - *fast-forward*: tokens the grammar forces (`compute_ff_tokens`) are appended without sampling
   and evaluated in ONE batch together with the sampled token, which costs little more than one.
+- *sparse logits*: where the grammar allows few tokens next, a batch ends at the final hidden state
+  and only those tokens' logits are computed (output_head.py): the output layer over Gemma's 262k
+  tokens is most of a small model's work on a CPU.
 - a shared prefix (text, or text + image through mtmd) is evaluated once; each stage drops what
   follows the prefix from the KV cache and appends its own suffix (`swa_full` makes that possible
   for Gemma 3's sliding-window layers).
