@@ -292,7 +292,6 @@ class LlamaDecoder:
             self._lltok_cache: LLTokenizer | None = None  # built on the first grammar (1.2 s on Gemma's vocabulary)
             self._drafter = Drafter(self.token_bytes, self.eog_tokens, self._fill_bitmask, self._bitmask)
             self._warm_up()
-            self._check_output_head()
             if mmproj_path is not None:
                 self._init_mtmd(Path(mmproj_path), n_threads)
             self.mmproj_path = Path(mmproj_path) if mmproj_path is not None else None
@@ -321,25 +320,32 @@ class LlamaDecoder:
 
     def _warm_up(self) -> None:
         """Run one token through the model so the first real step does not pay for page-ins and
-        graph allocation (over a second on the 270M model), then forget it."""
+        graph allocation (over a second on the 270M model), then forget it. With the sparse-logits tap
+        installed, a short real prompt instead, whose last position also checks the output matrix
+        (`_check_output_head`): one batch serves both."""
         self._n_pos = 0
-        bos = int(self._ll.llama_vocab_bos(self._vocab))
-        self._decode([bos if bos >= 0 else 0])
-        self._clear()
-
-    def _check_output_head(self) -> None:
-        """Turn on sparse logits (output_head.py) if the output matrix read here gives llama.cpp's logits on a
-        real prompt; otherwise keep llama.cpp's output layer for every batch and say why in the log."""
         tap = self._tap
         if tap is None:
-            return
+            bos = int(self._ll.llama_vocab_bos(self._vocab))
+            tokens = [bos if bos >= 0 else 0]
+        else:
+            tokens = self.tokenize("Move the gripper 5 cm to the left, then close it.", add_bos=True)
+            tap.capture = True
+        try:
+            self._decode(tokens)
+            if tap is not None:
+                self._check_output_head(tap)
+        finally:
+            if tap is not None:
+                tap.capture = False
+            self._clear()
+
+    def _check_output_head(self, tap: HiddenStateTap) -> None:
+        """Turn on sparse logits (output_head.py) if the output matrix read here gives llama.cpp's logits at the
+        last position of the batch just evaluated (with `tap.capture`); otherwise keep llama.cpp's output layer
+        for every batch and say why in the log."""
         try:
             head = OutputMatrix(self.model_path, tap.n_embd, self.n_vocab)
-            tap.capture = True
-            try:
-                self._decode(self.tokenize("Move the gripper 5 cm to the left, then close it.", add_bos=True))
-            finally:
-                tap.capture = False
             if tap.hidden is None or len(tap.hidden) != 1:
                 raise DecoderError(f"no hidden state node '{HIDDEN_NODE.decode()}' in this model's graph")
             agrees, diff = head.agrees_with(tap.hidden[-1], self._logits())
@@ -348,8 +354,6 @@ class LlamaDecoder:
         except DecoderError as exc:
             log.info("event=sparse_logits_off model=%s reason=%s", self.model_path.name, exc)
             return  # `_tap` stays: llama.cpp holds its callback (it only ever passes nodes through now)
-        finally:
-            self._clear()
         self._head = head
         log.debug("event=sparse_logits_on tensor=%s max_diff=%.4f", head.tensor_name, diff)
 
@@ -675,6 +679,10 @@ class LlamaDecoder:
         ids = (nonzero[:, None] * 32 + _ARANGE32)[bits]
         return ids[ids < self.n_vocab]
 
+    def _mask_bits(self) -> np.ndarray:
+        """The bitmask `_allowed_ids` last filled as one bool per token (for many allowed tokens)."""
+        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab].astype(bool)
+
     def _head_ids(self, matcher: Any) -> np.ndarray | None:
         """The allowed tokens when they are few enough for `_head_logits` (the next batch may skip the output
         layer), else None."""
@@ -876,8 +884,7 @@ class LlamaDecoder:
                     return favourite
             ids = self._allowed_ids(matcher)
             if ids is None:
-                allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab]
-                self._logits(row)[allowed == 0] = self._neg_inf
+                self._logits(row)[~self._mask_bits()] = self._neg_inf
                 return int(ll.llama_sampler_sample(chain, self._ctx, row))
             logits = self._logits(row)[ids]
         candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
@@ -1301,8 +1308,8 @@ class LlamaDecoder:
                 ids = np.arange(self.n_vocab)
             else:
                 ids = self._allowed_ids(matcher)
-                if ids is None:  # many: every set bit of the mask `_allowed_ids` filled
-                    ids = np.flatnonzero(np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.n_vocab])
+                if ids is None:  # many: every token of the mask `_allowed_ids` filled
+                    ids = np.flatnonzero(self._mask_bits())
             logits = self._logits(row)[ids]
         candidates = np.zeros(len(ids), dtype=_CANDIDATE_DTYPE)
         candidates["id"] = ids

@@ -134,8 +134,7 @@ class LlamaPolicy:
         if vision and not decoder.has_vision:
             raise UserError("a vision policy needs a decoder loaded with a vision projector (mmproj)")
         self._grammar_cache: dict[tuple[str, str], Grammar] = {}
-        self._scene_grammars: dict[tuple[str, ...], Grammar] = {}  # by object names; small, see _subtask_grammar
-        self._plan_grammars: dict[str, Grammar] = {}  # by GBNF text (a subtask in a language); see _motion_grammar
+        self._recent_grammars: dict[str, dict[str, Grammar]] = {}  # by name, then GBNF text: see _compiled_recent
         self._skills: dict[str, Skill] = {}
         self._adapter: str | None = None
         self.default_adapter: str | None = None  # a task that names no adapter gets this one
@@ -162,6 +161,16 @@ class LlamaPolicy:
         if key not in self._grammar_cache:
             self._grammar_cache[key] = self.decoder.compile_grammar(source, name)
         return self._grammar_cache[key]
+
+    def _compiled_recent(self, name: str, source: str) -> Grammar:
+        """`source` compiled once while it is among the last 64 distinct texts of grammar `name`: for grammars
+        built per scene or per subtask, of which a long-running daemon sees many."""
+        cache = self._recent_grammars.setdefault(name, {})
+        if source not in cache:
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)))
+            cache[source] = self.decoder.compile_grammar(source, name)
+        return cache[source]
 
     @classmethod
     def from_bundle(
@@ -389,11 +398,7 @@ class LlamaPolicy:
         if not names:
             log.warning("event=scene_objects_unread detail=%r", "no object names in the scene text; free subtasks")
             return None
-        if names not in self._scene_grammars:
-            if len(self._scene_grammars) >= 64:  # one per distinct set of objects; a long-running daemon sees many
-                self._scene_grammars.pop(next(iter(self._scene_grammars)))
-            self._scene_grammars[names] = self.decoder.compile_grammar(scene_subtasks_gbnf(names), "scene_subtasks")
-        return self._scene_grammars[names]
+        return self._compiled_recent("scene_subtasks", scene_subtasks_gbnf(names))
 
     def _motion_grammar(self, subtask: str) -> Grammar | None:
         """The plan grammar about this subtask when the action language asks for it (`motion_plan:
@@ -409,11 +414,7 @@ class LlamaPolicy:
         except LanguageGrammarError as exc:
             log.info("event=free_motion_plan subtask=%r reason=%s", subtask, exc)
             return None
-        if source not in self._plan_grammars:
-            if len(self._plan_grammars) >= 64:  # one per subtask text; a long-running daemon sees many
-                self._plan_grammars.pop(next(iter(self._plan_grammars)))
-            self._plan_grammars[source] = self.decoder.compile_grammar(source, "waypoint_plan")
-        return self._plan_grammars[source]
+        return self._compiled_recent("waypoint_plan", source)
 
     def _plan_action_grammar(self, plan: str) -> Grammar | None:
         """The action grammar whose gripper is the one the plan states, when the action language asks for it
