@@ -11,8 +11,8 @@ imatrix tools use): when the node that holds the final normed hidden state (`res
 `HiddenStateTap` copies its rows (one per output position of the batch) and, when asked to, ends the
 graph there: the KV cache is complete by then (every layer wrote it), only the output projection is
 left out. `OutputMatrix` then computes logits for just the allowed tokens: their rows of the output
-matrix, read from the GGUF file (memory-mapped, the same pages llama.cpp maps) and dequantized by
-ggml's own routine, times the hidden state.
+matrix, found through the project's GGUF header reader (`bundle.read_gguf_header`), read from the file
+memory-mapped (the same pages llama.cpp maps) and dequantized by ggml's own routine, times the hidden state.
 
 The logits are the same function as llama.cpp's, computed in float32 where llama.cpp first rounds the
 hidden state to 8 bits (measured: within 0.2 logit of llama.cpp's). `LlamaDecoder` checks that at load
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from vlm2vla_edge.runtime.policy.bundle import GgufFormatError, GgufHeader, read_gguf_header
 from vlm2vla_edge.runtime.policy.llama_handles import DecoderError
 
 __all__ = ["HiddenStateTap", "OutputMatrix", "adapter_changes_output", "ggml_api"]
@@ -39,10 +40,6 @@ log = logging.getLogger(__name__)
 HIDDEN_NODE = b"result_norm"  # llama.cpp's name for the final normed hidden state (llm_graph_context: every text model)
 OUTPUT_TENSORS = ("output.weight", "token_embd.weight")  # the output matrix; tied models have only the embedding
 _CACHE_BYTES = 64 << 20  # dequantized rows kept (the allowed sets of a few grammars recur: digits, signs, brackets)
-
-
-class _GgufInitParams(ctypes.Structure):
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
 class _TypeTraits(ctypes.Structure):  # ggml.h: struct ggml_type_traits (its leading fields)
@@ -74,21 +71,11 @@ def ggml_api() -> Any:
         for name, restype, argtypes in (
             ("ggml_get_name", c.c_char_p, [c.c_void_p]),
             ("ggml_nbytes", c.c_size_t, [c.c_void_p]),
-            ("ggml_nelements", c.c_int64, [c.c_void_p]),
             ("ggml_backend_tensor_get", None, [c.c_void_p, c.c_void_p, c.c_size_t, c.c_size_t]),
             ("ggml_row_size", c.c_size_t, [c.c_int, c.c_int64]),
             ("ggml_blck_size", c.c_int64, [c.c_int]),
             ("ggml_type_name", c.c_char_p, [c.c_int]),
             ("ggml_get_type_traits", c.POINTER(_TypeTraits), [c.c_int]),
-            ("gguf_init_from_file", c.c_void_p, [c.c_char_p, _GgufInitParams]),
-            ("gguf_free", None, [c.c_void_p]),
-            ("gguf_find_tensor", c.c_int64, [c.c_void_p, c.c_char_p]),
-            ("gguf_get_n_tensors", c.c_int64, [c.c_void_p]),
-            ("gguf_get_tensor_name", c.c_char_p, [c.c_void_p, c.c_int64]),
-            ("gguf_get_data_offset", c.c_size_t, [c.c_void_p]),
-            ("gguf_get_tensor_offset", c.c_size_t, [c.c_void_p, c.c_int64]),
-            ("gguf_get_tensor_type", c.c_int, [c.c_void_p, c.c_int64]),
-            ("gguf_get_tensor_size", c.c_size_t, [c.c_void_p, c.c_int64]),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
@@ -96,36 +83,16 @@ def ggml_api() -> Any:
     return _api
 
 
-class _GgufFile:
-    """A GGUF file's header read by ggml's own reader (metadata only: milliseconds, where a Python reader
-    parses Gemma's 262k-entry vocabulary for seconds)."""
-
-    def __init__(self, path: Path) -> None:
-        self.api = ggml_api()
-        self.ptr = self.api.gguf_init_from_file(str(path).encode(), _GgufInitParams(True, None))
-        if not self.ptr:
-            raise DecoderError(f"ggml could not read the GGUF header of {path}")
-
-    def tensor_names(self) -> list[str]:
-        api = self.api
-        return [api.gguf_get_tensor_name(self.ptr, i).decode() for i in range(api.gguf_get_n_tensors(self.ptr))]
-
-    def close(self) -> None:
-        if self.ptr:
-            self.api.gguf_free(self.ptr)
-            self.ptr = None
-
-    def __enter__(self) -> "_GgufFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _header(path: Path) -> GgufHeader:
+    try:
+        return read_gguf_header(path)
+    except (GgufFormatError, OSError) as exc:
+        raise DecoderError(f"cannot read the GGUF header of {path}: {exc}") from exc
 
 
 def adapter_changes_output(path: Path) -> bool:
     """Whether a LoRA adapter GGUF adapts the output layer (then its logits are not the base matrix's)."""
-    with _GgufFile(path) as gguf:
-        return any(name.split(".weight")[0] in ("output", "token_embd") for name in gguf.tensor_names())
+    return any(t.name.split(".weight")[0] in ("output", "token_embd") for t in _header(path).tensors)
 
 
 class OutputMatrix:
@@ -135,23 +102,23 @@ class OutputMatrix:
         api = ggml_api()
         self.n_embd = n_embd
         self.n_vocab = n_vocab
-        with _GgufFile(model_path) as gguf:
-            for name in OUTPUT_TENSORS:
-                tensor = api.gguf_find_tensor(gguf.ptr, name.encode())
-                if tensor >= 0:
-                    break
-            else:
-                raise DecoderError(f"{model_path} has no output matrix ({' or '.join(OUTPUT_TENSORS)})")
-            self.tensor_name = name
-            self.ggml_type = int(api.gguf_get_tensor_type(gguf.ptr, tensor))
-            offset = int(api.gguf_get_data_offset(gguf.ptr)) + int(api.gguf_get_tensor_offset(gguf.ptr, tensor))
-            size = int(api.gguf_get_tensor_size(gguf.ptr, tensor))
+        header = _header(model_path)
+        tensors = {t.name: t for t in header.tensors}
+        name = next((n for n in OUTPUT_TENSORS if n in tensors), None)
+        if name is None:
+            raise DecoderError(f"{model_path} has no output matrix ({' or '.join(OUTPUT_TENSORS)})")
+        tensor = tensors[name]
+        self.tensor_name = name
+        self.ggml_type = tensor.ggml_type
+        offset = header.data_offset + tensor.offset
         self.row_bytes = int(api.ggml_row_size(self.ggml_type, n_embd))
-        if n_embd % int(api.ggml_blck_size(self.ggml_type)) or size != self.row_bytes * n_vocab:
+        if n_embd % int(api.ggml_blck_size(self.ggml_type)) or tensor.shape != (n_embd, n_vocab):
             raise DecoderError(
-                f"{name} of {model_path} is not {n_vocab} rows of {n_embd} values ({size} bytes, type "
+                f"{name} of {model_path} is not {n_vocab} rows of {n_embd} values (shape {tensor.shape}, type "
                 f"{api.ggml_type_name(self.ggml_type).decode()})"
             )
+        if offset + self.row_bytes * n_vocab > header.file_size:
+            raise DecoderError(f"{model_path} ends inside {name}")
         self._to_float: Any = None
         if self.ggml_type != _GGML_TYPE_F32:
             traits = api.ggml_get_type_traits(self.ggml_type).contents
