@@ -17,6 +17,7 @@ import re
 from decimal import Decimal
 from typing import Sequence
 
+from vlm2vla_edge.grammars import MOTION_PLAN_CHARS, MOTION_PLAN_MAX_CHARS
 from vlm2vla_edge.runtime.actions import Action, ActionChunk
 from vlm2vla_edge.runtime.config import ActionLanguage
 from vlm2vla_edge.runtime.errors import ConfigError
@@ -30,7 +31,7 @@ _MAX_DECIMALS = 3  # the v1 grammar admits 1-3 decimals
 _SUBTASK_FORBIDDEN = re.compile(r'["\\\x00-\x1f\x7f]')
 _MAX_SUBTASKS = 8
 _MAX_SUBTASK_CHARS = 96
-_MOTION_PLAN = re.compile(r"[A-Za-z][A-Za-z0-9 ,.;:'()/%+-]{0,159}")
+_MOTION_PLAN = re.compile(f"[A-Za-z][{MOTION_PLAN_CHARS}]{{0,{MOTION_PLAN_MAX_CHARS - 1}}}")
 
 
 def gripper_texts(language: ActionLanguage) -> dict[str, float]:

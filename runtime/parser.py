@@ -58,7 +58,7 @@ from typing import Mapping
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedEOF, UnexpectedToken
 
-from vlm2vla_edge.grammars import LARK_START_RULES, SUPPORTED_GRAMMAR_VERSIONS, load_lark
+from vlm2vla_edge.grammars import LARK_START_RULES, MOTION_PLAN_CHARS, SUPPORTED_GRAMMAR_VERSIONS, load_lark
 from vlm2vla_edge.runtime.action_text import gripper_texts
 from vlm2vla_edge.runtime.actions import Action, ActionChunk, MotionPlan, SubtaskList
 from vlm2vla_edge.runtime.config import ActionLanguage
@@ -498,7 +498,7 @@ def parse_motion_plan(text: str) -> MotionPlan:
     return MotionPlan(stripped)
 
 
-_MOTION_BAD_CHAR = re.compile(r"[^A-Za-z0-9 ,.;:'()/%+-]")
+_MOTION_BAD_CHAR = re.compile(f"[^{MOTION_PLAN_CHARS}]")
 
 
 def _diagnose_motion_plan(s: str, offset: int) -> ParseError | None:

@@ -63,6 +63,13 @@ def test_resources_load() -> None:
         load_gbnf("actions")  # type: ignore[arg-type]
 
 
+def test_the_plan_text_rule_in_python_is_the_shipped_grammars() -> None:
+    """runtime/action_text.py, runtime/parser.py and waypoint_plan_gbnf check plan text with MOTION_PLAN_CHARS and
+    MOTION_PLAN_MAX_CHARS: they must say what motion_plan.gbnf says."""
+    root = f"root ::= [A-Za-z] [{grammars.MOTION_PLAN_CHARS}]{{0,{grammars.MOTION_PLAN_MAX_CHARS - 1}}}"
+    assert root in load_gbnf("motion_plan").splitlines()
+
+
 def test_shipped_gbnf_compile() -> None:
     for name in GBNF_NAMES:
         validate_gbnf(load_gbnf(name), name)
